@@ -1,0 +1,7 @@
+"""``python -m pipeline``: run the lpips-pipe job (same as the ``lpips-pipe`` command)."""
+
+import sys
+
+from pipeline.run import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""Command-line options of lpips-pipe (a Beam ``PipelineOptions`` subclass).
+
+Beam's own flags (``--runner``, ``--direct_num_workers``, ``--setup_file``, ...)
+are Beam's; these are ours. Values are checked by argparse ``choices`` and by the
+config dataclasses built from them (:func:`record_config`, :func:`model_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms import score_math
+from transforms.model import DEVICES, NETS, PRECISIONS, ModelConfig
+from transforms.records import DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES, RecordConfig
+from transforms.scoring import DEFAULT_BATCH_PIXELS, DEFAULT_MAX_BATCH_PAIRS
+
+DEFAULT_ID_COLUMN = "id"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+class LpipsPipeOptions(PipelineOptions):
+    """Options of the lpips-pipe job."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("lpips-pipe")
+        group.add_argument("--input", help="Parquet file or glob (local, gs://, s3://, ...) of image pairs.")
+        group.add_argument("--output", help="Directory for scores-*.parquet and errors-*.parquet.")
+        group.add_argument("--overwrite", action="store_true",
+                           help="Replace scores-*/errors-* files already in --output (default: refuse).")
+        group.add_argument("--scope", choices=score_math.SCOPES, default="unedit_area",
+                           help="What to measure: unedit_area (outside the boxes), edit_area (inside), full.")
+        group.add_argument("--mask_mode", choices=score_math.MASK_MODES, default=None,
+                           help="outer / inner / none; overrides --scope and the scope column.")
+        group.add_argument("--scope_column", default=None,
+                           help="Optional column with a per-row scope overriding --scope.")
+        group.add_argument("--net", choices=NETS, default="alex", help="LPIPS backbone (default alex).")
+        group.add_argument("--weights", default=None,
+                           help="Weights file/URI made by lpips-pipe-export-weights (default: offline sources).")
+        group.add_argument("--allow_download", action="store_true",
+                           help="Let torchvision download the backbone when no local source has it.")
+        group.add_argument("--device", choices=DEVICES, default="auto", help="auto = cuda when available.")
+        group.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                           help="fp32 (exact), bf16 (CPU/GPU), fp16 (GPU only).")
+        group.add_argument("--torch_threads", type=_non_negative_int, default=0,
+                           help="Torch threads per worker process (0 = torch's default).")
+        group.add_argument("--max_side", type=_non_negative_int, default=2048,
+                           help="Downscale both images to fit max_side x max_side first (0 = off).")
+        group.add_argument("--size_mismatch", choices=SIZE_MISMATCH_POLICIES, default="resize",
+                           help="Edited size differs from the reference: resize it (seed) or send the row to errors.")
+        group.add_argument("--coords_scale", choices=score_math.COORDS_SCALES, default="pixel",
+                           help="pixel boxes, or qwen1000 boxes on a 0..1000 grid.")
+        group.add_argument("--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                           help="Images with more pixels are errors (decompression-bomb guard).")
+        group.add_argument("--id_column", default=None,
+                           help=f"Id column (default {DEFAULT_ID_COLUMN!r} if present, else <file>:<row> ids).")
+        group.add_argument("--ref_column", default="ref_image", help="Reference image column.")
+        group.add_argument("--edited_column", default="edited_image", help="Edited image column.")
+        group.add_argument("--coords_column", default="coords", help="Boxes column.")
+        group.add_argument("--batch_pixels", type=_positive_int, default=DEFAULT_BATCH_PIXELS,
+                           help="Pixel budget of one model batch (pairs x H x W); bounds memory.")
+        group.add_argument("--max_batch_pairs", type=_positive_int, default=DEFAULT_MAX_BATCH_PAIRS,
+                           help="Most pairs in one forward.")
+        group.add_argument("--num_shards", type=_non_negative_int, default=0,
+                           help="Output files per output (0 = let the runner decide).")
+
+
+def record_config(options: LpipsPipeOptions) -> RecordConfig:
+    """The decoding/masking settings of ``options``."""
+    return RecordConfig(
+        ref_column=options.ref_column,
+        edited_column=options.edited_column,
+        coords_column=options.coords_column,
+        scope_column=options.scope_column,
+        scope=options.scope,
+        mask_mode=options.mask_mode,
+        coords_scale=options.coords_scale,
+        max_side=options.max_side,
+        size_mismatch=options.size_mismatch,
+        max_image_pixels=options.max_image_pixels,
+    )
+
+
+def model_config(options: LpipsPipeOptions) -> ModelConfig:
+    """The model settings of ``options``."""
+    return ModelConfig(
+        net=options.net,
+        weights=options.weights,
+        allow_download=options.allow_download,
+        device=options.device,
+        precision=options.precision,
+        torch_threads=options.torch_threads,
+    )

@@ -1,0 +1,190 @@
+"""The lpips-pipe job: check the options and inputs, build the Beam graph, run it.
+
+``python -m pipeline --input GLOB --output DIR [options] [beam options]``
+
+Job-level mistakes (no file matches, a named column missing, a bad option value,
+no weights) stop the job before any scoring, with one message naming the problem.
+Bad rows never stop it: they go to ``DIR/errors-*.parquet`` with a reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+
+from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, model_config, record_config
+from transforms import model as lpips_model
+from transforms.metrics import NAMESPACE
+from transforms.parquet_io import ReadParquetRows, match_inputs, output_files, read_schema, write_parquet
+from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
+from transforms.scoring import LpipsModelHandler, ScorePairs
+
+_LOGGER = logging.getLogger("lpips_pipe")
+# Beam's DirectRunner would first try the Prism runner, which downloads a binary;
+# for this batch job it then falls back to this engine anyway.
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+class JobError(Exception):
+    """A job-level mistake, reported before any scoring."""
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a checked job will do."""
+
+    files: tuple[str, ...]
+    schemas: OutputSchemas
+    weights_source: str
+
+
+def _unknown_flags(argv: Sequence[str]) -> list[str]:
+    """Flags no PipelineOptions class (Beam's or ours) knows: typos, mostly.
+
+    Parses as Beam itself does (``PipelineOptions.get_all_options``), which would
+    only log and drop them.
+    """
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in classes.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    _, unknown = parser.parse_known_args(list(argv))
+    return [arg for arg in unknown if arg.startswith("-")]
+
+
+def help_text() -> str:
+    """``--help`` of our options (Beam's own options pass through unchanged)."""
+    parser = argparse.ArgumentParser(
+        prog="lpips-pipe",
+        description="Score (reference, edited) image pairs in Parquet with masked, area-normalised LPIPS.",
+        epilog="Beam's options (--runner, --direct_num_workers, --setup_file, ...) pass through to Beam.",
+    )
+    LpipsPipeOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser.format_help()
+
+
+def plan_job(options: LpipsPipeOptions) -> JobPlan:
+    """Check everything that can be checked before reading any row."""
+    if not options.input or not options.output:
+        raise JobError("--input GLOB and --output DIR are required")
+    try:
+        records = record_config(options)
+        model = model_config(options)
+    except ValueError as error:
+        raise JobError(str(error)) from error
+    files = match_inputs(options.input)
+    if not files:
+        raise JobError(f"no file matches --input {options.input}")
+    existing = output_files(options.output)
+    if existing and not options.overwrite:
+        raise JobError(
+            f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
+            f"(e.g. {existing[0]}); pass --overwrite to replace them or choose another directory"
+        )
+    first_schema = read_schema(files[0])
+    for path in files[1:]:
+        schema = read_schema(path)
+        if not schema.remove_metadata().equals(first_schema.remove_metadata()):
+            raise JobError(f"{path} has a different schema from {files[0]}: all input files must share one")
+    id_column = options.id_column
+    if id_column is None and DEFAULT_ID_COLUMN in first_schema.names:
+        id_column = DEFAULT_ID_COLUMN
+    try:
+        schemas = build_output_schemas(first_schema, records, id_column)
+    except InputSchemaError as error:
+        raise JobError(f"{files[0]}: {error}") from error
+    try:
+        source = lpips_model.weights_source(model)
+    except lpips_model.WeightsUnavailable as error:
+        raise JobError(str(error)) from error
+    if existing:
+        FileSystems.delete(existing)
+    return JobPlan(files=tuple(files), schemas=schemas, weights_source=source)
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: LpipsPipeOptions, plan: JobPlan) -> None:
+    """Wire read -> score -> write into ``pipeline``."""
+    handler = LpipsModelHandler(model_config(options), options.batch_pixels, options.max_batch_pairs)
+    rows = (
+        pipeline
+        | "InputFiles" >> beam.Create(list(plan.files))
+        | "ReadRows" >> beam.ParDo(ReadParquetRows(plan.schemas.id_column))
+        | "Spread" >> beam.Reshuffle()
+    )
+    outputs = rows | "Score" >> ScorePairs(record_config(options), handler, plan.schemas)
+    write_parquet(outputs["scores"], options.output, "scores", plan.schemas.scores, options.num_shards)
+    write_parquet(outputs["errors"], options.output, "errors", plan.schemas.errors, options.num_shards)
+
+
+def summarise(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """The lpips_pipe counters of a finished run (committed values)."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception as error:  # some runners cannot report metrics
+        _LOGGER.warning("could not read the run's counters: %s", error)
+        return {}
+    totals: dict[str, int] = {}
+    for item in counters:
+        value = item.committed if item.committed is not None else item.attempted
+        totals[item.key.metric.name] = totals.get(item.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def format_summary(totals: dict[str, int], output: str) -> str:
+    lines = [
+        f"lpips-pipe: read {totals.get('rows_read', 0)} rows, scored {totals.get('pairs_scored', 0)}, "
+        f"errors {totals.get('errors', 0)}; model loads {totals.get('model_loads', 0)}",
+    ]
+    for name in sorted(totals):
+        if name.startswith("errors."):
+            lines.append(f"  {name[len('errors.'):]}: {totals[name]}")
+    lines.append(f"  outputs: {FileSystems.join(output, 'scores-*.parquet')}, "
+                 f"{FileSystems.join(output, 'errors-*.parquet')}")
+    return "\n".join(lines)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> beam.runners.runner.PipelineResult:
+    """Run the job on ``argv`` (default ``sys.argv[1:]``); returns the finished result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_flags(argv)
+    if unknown:
+        raise JobError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+    pipeline_options = PipelineOptions(argv)
+    options = pipeline_options.view_as(LpipsPipeOptions)
+    standard = pipeline_options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = DEFAULT_RUNNER
+    plan = plan_job(options)
+    _LOGGER.info("scoring %d file(s) with LPIPS %s, weights from %s", len(plan.files), options.net,
+                 plan.weights_source)
+    pipeline = beam.Pipeline(options=pipeline_options)
+    build_pipeline(pipeline, options, plan)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point: exit 0 when the job ran (even with bad rows), 2 on a job-level error."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _LOGGER.setLevel(logging.INFO)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(help_text())
+        return 0
+    try:
+        result = run(args)
+    except JobError as error:
+        print(f"lpips-pipe: error: {error}", file=sys.stderr)
+        return 2
+    options = PipelineOptions(args).view_as(LpipsPipeOptions)
+    print(format_summary(summarise(result), options.output))
+    return 0

@@ -1,0 +1,31 @@
+"""lpips-pipe: masked, area-normalised LPIPS scoring of image-editing pairs as an Apache Beam stage.
+
+Also Beam's ``--setup_file``: workers install the ``pipeline`` and ``transforms`` packages from it.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lpips-pipe",
+    version="0.1.0",
+    description="Masked, area-normalised LPIPS over Parquet image pairs, as an Apache Beam pipeline stage.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    install_requires=[
+        "apache-beam>=2.77.0,<3",
+        "torch>=2.6",
+        "torchvision",
+        "lpips==0.1.4",
+        "pillow",
+        "numpy<2.5",
+        "pyarrow<26",
+    ],
+    entry_points={
+        "console_scripts": [
+            "lpips-pipe=pipeline.run:main",
+            "lpips-pipe-export-weights=pipeline.export_weights:main",
+        ]
+    },
+)

@@ -1,0 +1,160 @@
+"""Pure score math of lpips-pipe: boxes, masks, composite, area normalisation.
+
+No Beam, no torch, no Pillow here: only numpy and plain Python, so every rule of
+SPEC sections 1.4-1.8 and 2 can be property-tested in isolation.
+
+Conventions:
+- images are ``uint8`` arrays of shape ``(H, W, 3)`` with values in ``[0, 255]``;
+- a box is ``(x1, y1, x2, y2)`` in pixels of the image it applies to, start
+  inclusive and end exclusive, applied as ``mask[y1:y2, x1:x2]``;
+- a mask is a ``uint8`` array of shape ``(H, W)`` holding 0 or 1, where 1 marks a
+  measured pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+Box = tuple[int, int, int, int]
+
+MASK_MODES = ("outer", "inner", "none")
+SCOPES = ("unedit_area", "edit_area", "full")
+COORDS_SCALES = ("pixel", "qwen1000")
+
+_SCOPE_TO_MASK_MODE = {"unedit_area": "outer", "edit_area": "inner"}
+
+
+class BoxError(ValueError):
+    """A box that cannot be turned into pixels (wrong length, non-numeric, non-finite)."""
+
+
+def mask_mode_for_scope(scope: Optional[str]) -> str:
+    """Map a pipeline scope to a mask mode exactly as the seed does.
+
+    ``unedit_area -> outer``, ``edit_area -> inner``, anything else (including
+    ``None`` and ``full``) -> ``none``.
+    """
+    return _SCOPE_TO_MASK_MODE.get(scope, "none")  # type: ignore[arg-type]
+
+
+def _coordinate(value: object) -> float:
+    """Return one box coordinate as a finite number, or raise BoxError."""
+    if isinstance(value, bool) or not isinstance(value, (Real, np.integer, np.floating)):
+        raise BoxError(f"box coordinate {value!r} is not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise BoxError(f"box coordinate {value!r} is not finite")
+    return number
+
+
+def to_pixel_box(raw: Sequence[object], width: int, height: int, coords_scale: str = "pixel") -> Box:
+    """Turn one raw box into integer pixel coordinates of a ``width`` x ``height`` image.
+
+    - ``pixel``: each value is truncated with ``int()`` (as the seed's parser does);
+    - ``qwen1000``: values on a 0..1000 grid become ``int(v * W / 1000)`` for x and
+      ``int(v * H / 1000)`` for y (as the seed's Qwen3-VL parser does).
+    Reversed boxes are swapped so that ``x1 <= x2`` and ``y1 <= y2``. No clipping here.
+    """
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+        raise BoxError(f"box {raw!r} is not a list of 4 numbers")
+    if len(raw) != 4:
+        raise BoxError(f"box {list(raw)!r} has {len(raw)} numbers, expected 4 (x1, y1, x2, y2)")
+    x1, y1, x2, y2 = (_coordinate(v) for v in raw)
+    if coords_scale == "pixel":
+        x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
+    elif coords_scale == "qwen1000":
+        x1, x2 = int(x1 * width / 1000), int(x2 * width / 1000)
+        y1, y2 = int(y1 * height / 1000), int(y2 * height / 1000)
+    else:
+        raise ValueError(f"coords_scale must be one of {COORDS_SCALES}, got {coords_scale!r}")
+    if x1 > x2:
+        x1, x2 = x2, x1
+    if y1 > y2:
+        y1, y2 = y2, y1
+    return (x1, y1, x2, y2)
+
+
+def rescale_box(box: Box, old_size: tuple[int, int], new_size: tuple[int, int]) -> Box:
+    """Scale a pixel box from an image of ``old_size`` (W, H) to ``new_size`` (W, H).
+
+    Exactly the seed's ``make_resized_mask``: ``int(x * new_w / old_w)``,
+    ``int(y * new_h / old_h)`` (truncation). Identity when the sizes are equal.
+    """
+    if old_size == new_size:
+        return box
+    (old_w, old_h), (new_w, new_h) = old_size, new_size
+    x1, y1, x2, y2 = box
+    return (
+        int(x1 * new_w / old_w),
+        int(y1 * new_h / old_h),
+        int(x2 * new_w / old_w),
+        int(y2 * new_h / old_h),
+    )
+
+
+def clip_box(box: Box, width: int, height: int) -> Box:
+    """Clip a box to ``[0, width] x [0, height]`` (the seed let negatives wrap: a bug)."""
+    x1, y1, x2, y2 = box
+    return (
+        min(max(x1, 0), width),
+        min(max(y1, 0), height),
+        min(max(x2, 0), width),
+        min(max(y2, 0), height),
+    )
+
+
+def build_mask(boxes: Iterable[Box], width: int, height: int, mask_mode: str) -> Optional[np.ndarray]:
+    """Build the measured-pixel mask, ``uint8`` of shape ``(height, width)``, or ``None``.
+
+    ``outer``: starts at 1, each box sets 0 (measure outside the boxes);
+    ``inner``: starts at 0, each box sets 1 (measure inside the boxes);
+    ``none``: no mask (``None``). Several boxes form a union; boxes are clipped first.
+    """
+    if mask_mode == "none":
+        return None
+    if mask_mode not in ("outer", "inner"):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    fill, box_value = (1, 0) if mask_mode == "outer" else (0, 1)
+    mask = np.full((height, width), fill, dtype=np.uint8)
+    for box in boxes:
+        x1, y1, x2, y2 = clip_box(box, width, height)
+        mask[y1:y2, x1:x2] = box_value
+    return mask
+
+
+def composite(reference: np.ndarray, edited: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
+    """Return ``edited * mask + reference * (1 - mask)``: edited pixels where measured.
+
+    Both images are ``[0, 255] uint8 HWC`` of the same shape; the result is an exact
+    pixel copy of one or the other at every position. Without a mask, ``edited``.
+    """
+    if mask is None:
+        return edited
+    return np.where(mask[:, :, None].astype(bool), edited, reference)
+
+
+def mask_pixels(mask: Optional[np.ndarray]) -> Optional[int]:
+    """Number of measured pixels of ``mask``; ``None`` without a mask."""
+    return None if mask is None else int(mask.sum(dtype=np.int64))
+
+
+def measured_fraction(mask_pixels: Optional[int], width: int, height: int) -> float:
+    """Fraction of measured pixels in ``[0, 1]``; 1.0 without a mask (``mask_pixels is None``)."""
+    if mask_pixels is None:
+        return 1.0
+    return mask_pixels / (width * height)
+
+
+def normalise_score(raw_score: float, mask_pixels: Optional[int], width: int, height: int) -> float:
+    """Area-normalise a raw LPIPS score as the seed does.
+
+    ``raw / (mask_pixels / (width * height))`` when the mask selects at least one
+    pixel; the raw score otherwise (no mask, or an empty mask, where it is 0.0).
+    """
+    if mask_pixels is None or mask_pixels <= 0:
+        return float(raw_score)
+    return float(raw_score) / (mask_pixels / (width * height))

@@ -1,0 +1,191 @@
+"""Beam wiring of the scoring step: rows -> prepared pairs -> batched LPIPS -> output rows.
+
+Only glue lives here: decoding rules are in :mod:`transforms.records`, score math in
+:mod:`transforms.score_math`, the model in :mod:`transforms.model`, the output
+contract in :mod:`transforms.schemas`.
+
+- :class:`PreparePairs` turns ``(record_id, row)`` into a :class:`PreparedPair` or
+  an error row (tagged output ``errors``).
+- :class:`LpipsModelHandler` is a RunInference model handler: the model is loaded
+  once per worker process (Beam's ``shared.Shared``), batches are bounded by a
+  pixel budget, and pairs of one scored size share a forward.
+- :class:`ScorePairs` chains them and returns ``{"scores": ..., "errors": ...}``:
+  every input row lands in exactly one of the two.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from transforms import score_math
+from transforms.metrics import NAMESPACE, counter
+from transforms.model import LpipsScorer, ModelConfig
+from transforms.records import PreparedPair, RecordConfig, RecordError, prepare_pair
+from transforms.schemas import OutputSchemas
+
+ERRORS = "errors"
+DEFAULT_BATCH_PIXELS = 2048 * 2048
+DEFAULT_MAX_BATCH_PAIRS = 32
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoredPair:
+    """A prepared pair with its raw (not yet area-normalised) LPIPS and the model identity."""
+
+    pair: PreparedPair
+    raw_lpips: float
+    net: str
+    lpips_version: str
+    weights_sha256: str
+
+
+def _count_error(stage: str, error_type: str) -> None:
+    counter("errors").inc()
+    counter(f"errors.{stage}.{error_type}").inc()
+
+
+class PreparePairs(beam.DoFn):
+    """``(record_id, row)`` -> :class:`PreparedPair`, or an error row on the ``errors`` tag."""
+
+    def __init__(self, config: RecordConfig, schemas: OutputSchemas) -> None:
+        self._config = config
+        self._schemas = schemas
+
+    def process(self, element: tuple[Any, dict[str, Any]]) -> Iterator[Any]:
+        record_id, row = element
+        try:
+            yield prepare_pair(record_id, row, self._config)
+        except RecordError as error:
+            _count_error(error.stage, error.error_type)
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, self._schemas.error_row(record_id, row, error.stage, error.error_type, error.message)
+            )
+
+
+def pair_pixels(pair: PreparedPair) -> int:
+    """Batching weight of a pair: its scored pixel count."""
+    return pair.pixels
+
+
+class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
+    """RunInference handler scoring :class:`PreparedPair` batches with :class:`LpipsScorer`.
+
+    ``batch_pixels`` bounds the pixels of one batch (reference and edited count
+    once per pair): a 2048x2048 pair goes alone, 512x512 pairs go 16 at a time at
+    the default. ``max_batch_pairs`` bounds the pairs of one forward.
+    """
+
+    def __init__(self, model_config: ModelConfig, batch_pixels: int = DEFAULT_BATCH_PIXELS,
+                 max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS) -> None:
+        super().__init__()
+        if batch_pixels <= 0 or max_batch_pairs <= 0:
+            raise ValueError(f"batch_pixels and max_batch_pairs must be > 0, got {batch_pixels}, {max_batch_pairs}")
+        self._model_config = model_config
+        self._batch_pixels = batch_pixels
+        self._max_batch_pairs = max_batch_pairs
+
+    def load_model(self) -> LpipsScorer:
+        scorer = LpipsScorer(self._model_config)
+        _LOGGER.info("loaded LPIPS %s from %s (sha256 %s) on %s", scorer.net, scorer.weights_source,
+                     scorer.weights_sha256, scorer.device)
+        return scorer
+
+    def run_inference(self, batch: Sequence[PreparedPair], model: LpipsScorer,
+                      inference_args: Optional[dict[str, Any]] = None) -> Iterable[ScoredPair]:
+        if not model.load_counted:  # metrics are not recorded during setup(), so count on first use
+            model.load_counted = True
+            counter("model_loads").inc()
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, pair in enumerate(batch):
+            by_size[(pair.height, pair.width)].append(index)
+        results: list[Optional[ScoredPair]] = [None] * len(batch)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self._max_batch_pairs):
+                chunk = indices[start:start + self._max_batch_pairs]
+                raw = model.raw_scores(
+                    np.stack([batch[i].reference for i in chunk]), np.stack([batch[i].filled for i in chunk])
+                )
+                for index, value in zip(chunk, raw):
+                    results[index] = ScoredPair(batch[index], float(value), model.net, model.lpips_version,
+                                                model.weights_sha256)
+        return results  # type: ignore[return-value]
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        # A fixed target (min == max) in pixels, so batches do not depend on timing.
+        return {
+            "min_batch_size": self._batch_pixels,
+            "max_batch_size": self._batch_pixels,
+            "element_size_fn": pair_pixels,
+        }
+
+    def get_num_bytes(self, batch: Sequence[PreparedPair]) -> int:
+        return sum(pair.reference.nbytes + pair.filled.nbytes for pair in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+class ToScoreRow(beam.DoFn):
+    """:class:`ScoredPair` -> scores row (area normalisation happens here)."""
+
+    def __init__(self, schemas: OutputSchemas) -> None:
+        self._schemas = schemas
+
+    def process(self, scored: ScoredPair) -> Iterator[dict[str, Any]]:
+        pair = scored.pair
+        counter("pairs_scored").inc()
+        counter("pixels_scored").inc(pair.pixels)
+        yield self._schemas.score_row(pair.record_id, pair.row, {
+            "lpips": score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width, pair.height),
+            "measured_fraction": score_math.measured_fraction(pair.mask_pixels, pair.width, pair.height),
+            "mask_mode": pair.mask_mode,
+            "width": pair.width,
+            "height": pair.height,
+            "net": scored.net,
+            "lpips_version": scored.lpips_version,
+            "weights_sha256": scored.weights_sha256,
+        })
+
+
+class FailedBatchToErrors(beam.DoFn):
+    """A batch the model failed on -> one error row per pair (stage ``model``)."""
+
+    def __init__(self, schemas: OutputSchemas) -> None:
+        self._schemas = schemas
+
+    def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[dict[str, Any]]:
+        batch, info = failure
+        error_type = getattr(info[0], "__name__", str(info[0])) if isinstance(info, tuple) else type(info).__name__
+        message = str(info[1]) if isinstance(info, tuple) else str(info)
+        for pair in batch:
+            _count_error("model", error_type)
+            yield self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message)
+
+
+class ScorePairs(beam.PTransform):
+    """``(record_id, row)`` -> ``{"scores": score rows, "errors": error rows}``."""
+
+    def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, schemas: OutputSchemas) -> None:
+        super().__init__()
+        self._record_config = record_config
+        self._model_handler = model_handler
+        self._schemas = schemas
+
+    def expand(self, rows: beam.PCollection) -> dict[str, beam.PCollection]:
+        prepared = rows | "Decode" >> beam.ParDo(PreparePairs(self._record_config, self._schemas)).with_outputs(
+            ERRORS, main="pairs"
+        )
+        scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
+        scores = scored | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas))
+        model_errors = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToErrors(self._schemas))
+        errors = (prepared[ERRORS], model_errors) | "AllErrors" >> beam.Flatten()
+        return {"scores": scores, "errors": errors}
