@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import score_math
 from transforms.model import DEVICES, NETS, PRECISIONS, ModelConfig
 from transforms.records import DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES, RecordConfig
-from transforms.scoring import DEFAULT_BATCH_PIXELS, DEFAULT_MAX_BATCH_PAIRS
+from transforms.scoring import DEFAULT_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS
 
 DEFAULT_ID_COLUMN = "id"
 
@@ -76,6 +76,8 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Pixel budget of one model batch (pairs x H x W); bounds memory.")
         group.add_argument("--max_batch_pairs", type=_positive_int, default=DEFAULT_MAX_BATCH_PAIRS,
                            help="Most pairs in one forward.")
+        group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,
+                           help="Threads per worker decoding images ahead of the model (0 = decode inline).")
         group.add_argument("--num_shards", type=_non_negative_int, default=0,
                            help="Output files per output (0 = let the runner decide).")
 

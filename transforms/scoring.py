@@ -16,13 +16,15 @@ contract in :mod:`transforms.schemas`.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import score_math
 from transforms.metrics import NAMESPACE, counter
@@ -33,6 +35,7 @@ from transforms.schemas import OutputSchemas
 ERRORS = "errors"
 DEFAULT_BATCH_PIXELS = 2048 * 2048
 DEFAULT_MAX_BATCH_PAIRS = 32
+DEFAULT_DECODE_THREADS = 1
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,21 +57,65 @@ def _count_error(stage: str, error_type: str) -> None:
 
 
 class PreparePairs(beam.DoFn):
-    """``(record_id, row)`` -> :class:`PreparedPair`, or an error row on the ``errors`` tag."""
+    """``(record_id, row)`` -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
 
-    def __init__(self, config: RecordConfig, schemas: OutputSchemas) -> None:
+    With ``decode_threads > 0`` rows are decoded on a thread pool (Pillow and numpy
+    release the GIL), up to ``2 * decode_threads`` ahead, so decoding overlaps the
+    model's forward that runs downstream in the same fused stage. Each result keeps
+    its input's window and timestamp; order within a bundle is kept.
+    """
+
+    def __init__(self, config: RecordConfig, schemas: OutputSchemas, decode_threads: int = 0) -> None:
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
         self._config = config
         self._schemas = schemas
+        self._threads = decode_threads
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: deque = deque()
 
-    def process(self, element: tuple[Any, dict[str, Any]]) -> Iterator[Any]:
-        record_id, row = element
+    def setup(self) -> None:
+        if self._threads:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lpips-decode")
+
+    def start_bundle(self) -> None:
+        self._pending = deque()
+
+    def _prepare(self, record_id: Any, row: dict[str, Any]) -> Any:
         try:
-            yield prepare_pair(record_id, row, self._config)
+            return prepare_pair(record_id, row, self._config)
         except RecordError as error:
-            _count_error(error.stage, error.error_type)
-            yield beam.pvalue.TaggedOutput(
-                ERRORS, self._schemas.error_row(record_id, row, error.stage, error.error_type, error.message)
-            )
+            return self._schemas.error_row(record_id, row, error.stage, error.error_type, error.message)
+
+    def _output(self, result: Any, timestamp: Any = None, window: Any = None) -> Any:
+        # Runs on the bundle's thread: Beam metrics are only recorded there.
+        if timestamp is not None:
+            result_value = WindowedValue(result, timestamp, [window])
+        else:
+            result_value = result
+        if isinstance(result, PreparedPair):
+            return result_value
+        _count_error(result["error_stage"], result["error_type"])
+        return beam.pvalue.TaggedOutput(ERRORS, result_value)
+
+    def process(self, element: tuple[Any, dict[str, Any]], timestamp: Any = beam.DoFn.TimestampParam,
+                window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        if self._pool is None:
+            yield self._output(self._prepare(*element))
+            return
+        self._pending.append((self._pool.submit(self._prepare, *element), timestamp, window))
+        while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0][0].done()):
+            future, done_timestamp, done_window = self._pending.popleft()
+            yield self._output(future.result(), done_timestamp, done_window)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self._pending:
+            future, timestamp, window = self._pending.popleft()
+            yield self._output(future.result(), timestamp, window)
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def pair_pixels(pair: PreparedPair) -> int:
@@ -174,14 +221,17 @@ class FailedBatchToErrors(beam.DoFn):
 class ScorePairs(beam.PTransform):
     """``(record_id, row)`` -> ``{"scores": score rows, "errors": error rows}``."""
 
-    def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, schemas: OutputSchemas) -> None:
+    def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, schemas: OutputSchemas,
+                 decode_threads: int = DEFAULT_DECODE_THREADS) -> None:
         super().__init__()
+        self._decode_threads = decode_threads
         self._record_config = record_config
         self._model_handler = model_handler
         self._schemas = schemas
 
     def expand(self, rows: beam.PCollection) -> dict[str, beam.PCollection]:
-        prepared = rows | "Decode" >> beam.ParDo(PreparePairs(self._record_config, self._schemas)).with_outputs(
+        prepared = rows | "Decode" >> beam.ParDo(
+            PreparePairs(self._record_config, self._schemas, self._decode_threads)).with_outputs(
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
