@@ -396,9 +396,10 @@ class LpipsScorer:
 
         count = references.shape[0]
         model = self.model
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             both = self._to_input(np.concatenate([references, filled]))
-            features = model.net.forward(model.scaling_layer(both))
+            with self._autocast():  # lower precision, if asked, for the backbone only; the head stays fp32
+                features = model.net.forward(model.scaling_layer(both))
             total = 0
             for layer, feature in enumerate(features):
                 feature = lpips.normalize_tensor(feature.float())
