@@ -132,10 +132,13 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     """
 
     def __init__(self, model_config: ModelConfig, batch_pixels: int = DEFAULT_BATCH_PIXELS,
-                 max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS) -> None:
+                 max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS, max_batch_duration_secs: float = 0) -> None:
         super().__init__()
         if batch_pixels <= 0 or max_batch_pairs <= 0:
             raise ValueError(f"batch_pixels and max_batch_pairs must be > 0, got {batch_pixels}, {max_batch_pairs}")
+        if max_batch_duration_secs < 0:
+            raise ValueError(f"max_batch_duration_secs must be >= 0, got {max_batch_duration_secs}")
+        self._max_batch_duration_secs = max_batch_duration_secs
         self._model_config = model_config
         self._batch_pixels = batch_pixels
         self._max_batch_pairs = max_batch_pairs
@@ -168,11 +171,15 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # A fixed target (min == max) in pixels, so batches do not depend on timing.
-        return {
+        kwargs = {
             "min_batch_size": self._batch_pixels,
             "max_batch_size": self._batch_pixels,
             "element_size_fn": pair_pixels,
         }
+        if self._max_batch_duration_secs:
+            # Streaming: a partial batch is flushed after this long (Beam's stateful batching).
+            kwargs["max_batch_duration_secs"] = self._max_batch_duration_secs
+        return kwargs
 
     def get_num_bytes(self, batch: Sequence[PreparedPair]) -> int:
         return sum(pair.reference.nbytes + pair.filled.nbytes for pair in batch)
@@ -204,18 +211,51 @@ class ToScoreRow(beam.DoFn):
 
 
 class FailedBatchToErrors(beam.DoFn):
-    """A batch the model failed on -> one error row per pair (stage ``model``)."""
+    """A batch the model failed on -> its pairs scored one at a time; a pair failing alone -> an error row.
 
-    def __init__(self, schemas: OutputSchemas) -> None:
+    One pair the model cannot take (an image under 31x31 pixels for alex, whose pooling layers then
+    have nothing left to pool) must not send the good pairs that shared its batch to the errors output. A batch of one
+    pair is not retried: its failure is that pair's (stage ``model``, the exception's class name).
+    Rescued :class:`ScoredPair` go to the main output, error rows to the ``errors`` tag. The retry
+    model is loaded with the handler's ``load_model`` only when a batch of several pairs fails, once
+    per DoFn instance (no ``shared.Shared``: a second token in RunInference's fused stage would evict
+    its model).
+    """
+
+    def __init__(self, schemas: OutputSchemas, model_handler: Optional[LpipsModelHandler] = None) -> None:
         self._schemas = schemas
+        self._model_handler = model_handler
+        self._model: Optional[LpipsScorer] = None
 
-    def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[dict[str, Any]]:
+    def setup(self) -> None:
+        self._model = None
+
+    def _error(self, pair: PreparedPair, error_type: str, message: str) -> Any:
+        _count_error("model", error_type)
+        return beam.pvalue.TaggedOutput(
+            ERRORS, self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message))
+
+    def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[Any]:
         batch, info = failure
         error_type = getattr(info[0], "__name__", str(info[0])) if isinstance(info, tuple) else type(info).__name__
         message = str(info[1]) if isinstance(info, tuple) else str(info)
+        if len(batch) == 1 or self._model_handler is None:
+            for pair in batch:
+                yield self._error(pair, error_type, message)
+            return
+        _LOGGER.warning("LPIPS failed on a batch of %d pairs (%s); scoring them one at a time", len(batch), message)
+        if self._model is None:
+            self._model = self._model_handler.load_model()
         for pair in batch:
-            _count_error("model", error_type)
-            yield self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message)
+            try:
+                (scored,) = self._model_handler.run_inference([pair], self._model)
+            except Exception as error:  # the model's own failure on this pair: an error row, not a crash
+                yield self._error(pair, type(error).__name__, repr(error))
+            else:
+                yield scored
+
+    def teardown(self) -> None:
+        self._model = None
 
 
 class ScorePairs(beam.PTransform):
@@ -235,7 +275,10 @@ class ScorePairs(beam.PTransform):
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
-        scores = scored | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas))
-        model_errors = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToErrors(self._schemas))
-        errors = (prepared[ERRORS], model_errors) | "AllErrors" >> beam.Flatten()
+        # A failed batch is retried pair by pair: only the pairs that fail alone become errors.
+        retried = failed.failed_inferences | "FailedBatches" >> beam.ParDo(
+            FailedBatchToErrors(self._schemas, self._model_handler)).with_outputs(ERRORS, main="scored")
+        scores = ((scored, retried.scored) | "AllScored" >> beam.Flatten()
+                  | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas)))
+        errors = (prepared[ERRORS], retried[ERRORS]) | "AllErrors" >> beam.Flatten()
         return {"scores": scores, "errors": errors}

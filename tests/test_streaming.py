@@ -1,0 +1,66 @@
+"""The scoring transform is window-agnostic: under TestStream (streaming DirectRunner) every row is
+scored exactly once, in its own window, late rows included, with and without time-bounded batching."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window
+
+from pipeline.demo import PAIRS_SCHEMA, demo_table
+from transforms import score_math
+from transforms.model import ModelConfig
+from transforms.records import RecordConfig, prepare_pair
+from transforms.schemas import build_output_schemas
+from transforms.scoring import LpipsModelHandler, ScorePairs
+
+WINDOW_SECONDS = 10
+
+
+@pytest.fixture(scope="module")
+def rows():
+    table = demo_table(size=64, with_bad_rows=False).slice(0, 5).to_pylist()
+    table[4] = {**table[4], "id": "late/bad_box", "coords": [[1, 2, 3]]}
+    return table
+
+
+@pytest.mark.parametrize("max_batch_duration_secs", [
+    0,  # batches close at bundle end (the default)
+    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
+        "With Beam 2.77's stateful BatchElements (max_batch_duration_secs, a processing-time timer) the local "
+        "streaming DirectRunner loses the on-time row of window [20, 30) when late rows follow, every run here; "
+        "the same stream of plain ints through BatchElements alone keeps it, so it depends on timing. Hence "
+        "--max_batch_duration_secs defaults to off and is documented as not for the local runner."))),
+])
+def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_scorer, max_batch_duration_secs):
+    records = RecordConfig()
+    schemas = build_output_schemas(PAIRS_SCHEMA, records, "id")
+    stream = (
+        TestStream()
+        .advance_watermark_to(0)
+        .add_elements([window.TimestampedValue((row["id"], row), 1) for row in rows[:2]])
+        .advance_watermark_to(20)  # closes window [0, 10)
+        .add_elements([window.TimestampedValue((rows[2]["id"], rows[2]), 25)])
+        .add_elements([window.TimestampedValue((row["id"], row), 5) for row in rows[3:]])  # late, window [0, 10)
+        .advance_watermark_to_infinity()
+    )
+    expected_scores = []
+    for row, timestamp in zip(rows[:4], (1, 1, 25, 5)):
+        pair = prepare_pair(row["id"], row, records)
+        raw = float(alex_scorer.raw_scores(pair.reference[None], pair.filled[None])[0])
+        value = score_math.normalise_score(raw, pair.mask_pixels, pair.width, pair.height)
+        expected_scores.append((row["id"], timestamp // WINDOW_SECONDS * WINDOW_SECONDS, round(value, 5)))
+
+    handler = LpipsModelHandler(ModelConfig(device="cpu"), max_batch_duration_secs=max_batch_duration_secs)
+    with beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(["--streaming"])) as pipeline:
+        outputs = (pipeline | stream | beam.WindowInto(window.FixedWindows(WINDOW_SECONDS))
+                   | ScorePairs(records, handler, schemas, decode_threads=1))
+        scores = outputs["scores"] | "ScoreWindows" >> beam.Map(
+            lambda row, w=beam.DoFn.WindowParam: (row["id"], w.start.micros // 10 ** 6, round(row["lpips"], 5)))
+        assert_that(scores, equal_to(expected_scores), label="Scores")
+        errors = outputs["errors"] | "ErrorWindows" >> beam.Map(
+            lambda row, w=beam.DoFn.WindowParam: (row["id"], w.start.micros // 10 ** 6, row["error_type"]))
+        assert_that(errors, equal_to([("late/bad_box", 0, "BadBox")]), label="Errors")
