@@ -246,3 +246,28 @@ def test_help_lists_our_options(capsys):
     text = capsys.readouterr().out
     for option in ("--input", "--scope", "--mask_mode", "--weights", "--batch_pixels", "--size_mismatch"):
         assert option in text
+
+
+def test_a_failing_forward_is_retried_pair_by_pair(good_table, monkeypatch):
+    """A forward that fails for one pair of a same-size chunk: the others are still scored."""
+    from transforms.model import LpipsScorer
+    from transforms.records import prepare_pair
+
+    pairs = [prepare_pair(row["id"], row, RecordConfig()) for row in good_table.slice(0, 3).to_pylist()]
+    poisoned = pairs[1].filled  # the three rows share a reference photo, not an edit
+    real = LpipsScorer.raw_scores
+
+    def failing(self, references, filled):
+        if any(np.array_equal(image, poisoned) for image in filled):
+            raise RuntimeError("cannot score this pair")
+        return real(self, references, filled)
+
+    handler = LpipsModelHandler(ModelConfig(net="alex", device="cpu"))
+    model = handler.load_model()
+    monkeypatch.setattr(LpipsScorer, "raw_scores", failing)
+    results = list(handler.run_inference(pairs, model))
+    assert [r.pair.record_id for r in results] == [p.record_id for p in pairs]
+    assert results[1].raw_lpips is None and results[1].error == ("RuntimeError", "cannot score this pair")
+    for index in (0, 2):
+        assert results[index].error is None
+        assert results[index].raw_lpips == real(model, pairs[index].reference[None], pairs[index].filled[None])[0]

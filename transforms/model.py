@@ -410,5 +410,8 @@ class LpipsScorer:
             for layer, feature in enumerate(features):
                 feature = lpips.normalize_tensor(feature.float())
                 diff = (feature[:count] - feature[count:]) ** 2
-                total = total + lpips.spatial_average(model.lins[layer](diff), keepdim=True)
+                # The 1x1 linear layer as a channel-weighted sum: conv2d's result would depend on
+                # the batch size, and batches differ between runners.
+                weight = model.lins[layer].model[-1].weight  # (1, C, 1, 1), no bias
+                total = total + lpips.spatial_average((diff * weight).sum(1, keepdim=True), keepdim=True)
         return total.float().reshape(count).cpu().numpy()

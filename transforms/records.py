@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from transforms import score_math
 SIZE_MISMATCH_POLICIES = ("resize", "error")
 # Pillow's own warning threshold (it refuses images twice this size outright).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class RecordError(Exception):
@@ -175,7 +177,10 @@ def decode_image(data: bytes, column: str, max_image_pixels: int) -> Image.Image
     except Image.DecompressionBombError as error:
         raise RecordError("decode", "ImageTooLarge", f"{column}: {error}") from error
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
-        raise RecordError("decode", type(error).__name__, f"{column} cannot be decoded: {error}") from error
+        # Pillow names the in-memory file by its repr (a memory address): drop it, so that error rows
+        # are the same from run to run.
+        reason = _BUFFER_REPR.sub("", str(error))
+        raise RecordError("decode", type(error).__name__, f"{column} cannot be decoded: {reason}") from error
 
 
 # --------------------------------------------------------------------------- coords

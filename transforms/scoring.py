@@ -42,13 +42,15 @@ _LOGGER = logging.getLogger(__name__)
 
 @dataclass
 class ScoredPair:
-    """A prepared pair with its raw (not yet area-normalised) LPIPS and the model identity."""
+    """A prepared pair with its raw (not yet area-normalised) LPIPS and the model identity,
+    or, when the model failed on this pair alone, ``error`` = (exception class name, message)."""
 
     pair: PreparedPair
-    raw_lpips: float
+    raw_lpips: Optional[float]
     net: str
     lpips_version: str
     weights_sha256: str
+    error: Optional[tuple[str, str]] = None
 
 
 def _count_error(stage: str, error_type: str) -> None:
@@ -160,14 +162,26 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
         results: list[Optional[ScoredPair]] = [None] * len(batch)
         for indices in by_size.values():
             for start in range(0, len(indices), self._max_batch_pairs):
-                chunk = indices[start:start + self._max_batch_pairs]
-                raw = model.raw_scores(
-                    np.stack([batch[i].reference for i in chunk]), np.stack([batch[i].filled for i in chunk])
-                )
-                for index, value in zip(chunk, raw):
-                    results[index] = ScoredPair(batch[index], float(value), model.net, model.lpips_version,
-                                                model.weights_sha256)
+                for index, scored in self._score_chunk(batch, indices[start:start + self._max_batch_pairs], model):
+                    results[index] = scored
         return results  # type: ignore[return-value]
+
+    def _score_chunk(self, batch: Sequence[PreparedPair], chunk: list[int],
+                     model: LpipsScorer) -> list[tuple[int, ScoredPair]]:
+        """One forward for ``chunk``; if it fails, each pair alone, so that one pair the model cannot take
+        (e.g. an image under 31x31 pixels for alex) fails alone, not the pairs that shared its batch."""
+        def scored(index: int, raw: Optional[float], error: Optional[tuple[str, str]] = None) -> tuple:
+            return index, ScoredPair(batch[index], raw, model.net, model.lpips_version, model.weights_sha256, error)
+
+        try:
+            raw = model.raw_scores(np.stack([batch[i].reference for i in chunk]),
+                                   np.stack([batch[i].filled for i in chunk]))
+        except Exception as error:  # the model's own failure: never a crash, never a lost row
+            if len(chunk) == 1:
+                return [scored(chunk[0], None, (type(error).__name__, str(error)))]
+            _LOGGER.warning("LPIPS failed on a batch of %d pairs (%s); scoring them one at a time", len(chunk), error)
+            return [item for index in chunk for item in self._score_chunk(batch, [index], model)]
+        return [scored(index, float(value)) for index, value in zip(chunk, raw)]
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # A fixed target (min == max) in pixels, so batches do not depend on timing.
@@ -189,13 +203,20 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
 
 class ToScoreRow(beam.DoFn):
-    """:class:`ScoredPair` -> scores row (area normalisation happens here)."""
+    """:class:`ScoredPair` -> scores row (area normalisation happens here), or an error row on the
+    ``errors`` tag when the model failed on the pair."""
 
     def __init__(self, schemas: OutputSchemas) -> None:
         self._schemas = schemas
 
-    def process(self, scored: ScoredPair) -> Iterator[dict[str, Any]]:
+    def process(self, scored: ScoredPair) -> Iterator[Any]:
         pair = scored.pair
+        if scored.error is not None:
+            error_type, message = scored.error
+            _count_error("model", error_type)
+            yield beam.pvalue.TaggedOutput(
+                ERRORS, self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message))
+            return
         counter("pairs_scored").inc()
         counter("pixels_scored").inc(pair.pixels)
         yield self._schemas.score_row(pair.record_id, pair.row, {
@@ -211,51 +232,18 @@ class ToScoreRow(beam.DoFn):
 
 
 class FailedBatchToErrors(beam.DoFn):
-    """A batch the model failed on -> its pairs scored one at a time; a pair failing alone -> an error row.
+    """A batch RunInference failed on outside the per-pair handling -> one error row per pair (stage ``model``)."""
 
-    One pair the model cannot take (an image under 31x31 pixels for alex, whose pooling layers then
-    have nothing left to pool) must not send the good pairs that shared its batch to the errors output. A batch of one
-    pair is not retried: its failure is that pair's (stage ``model``, the exception's class name).
-    Rescued :class:`ScoredPair` go to the main output, error rows to the ``errors`` tag. The retry
-    model is loaded with the handler's ``load_model`` only when a batch of several pairs fails, once
-    per DoFn instance (no ``shared.Shared``: a second token in RunInference's fused stage would evict
-    its model).
-    """
-
-    def __init__(self, schemas: OutputSchemas, model_handler: Optional[LpipsModelHandler] = None) -> None:
+    def __init__(self, schemas: OutputSchemas) -> None:
         self._schemas = schemas
-        self._model_handler = model_handler
-        self._model: Optional[LpipsScorer] = None
 
-    def setup(self) -> None:
-        self._model = None
-
-    def _error(self, pair: PreparedPair, error_type: str, message: str) -> Any:
-        _count_error("model", error_type)
-        return beam.pvalue.TaggedOutput(
-            ERRORS, self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message))
-
-    def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[Any]:
+    def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[dict[str, Any]]:
         batch, info = failure
         error_type = getattr(info[0], "__name__", str(info[0])) if isinstance(info, tuple) else type(info).__name__
         message = str(info[1]) if isinstance(info, tuple) else str(info)
-        if len(batch) == 1 or self._model_handler is None:
-            for pair in batch:
-                yield self._error(pair, error_type, message)
-            return
-        _LOGGER.warning("LPIPS failed on a batch of %d pairs (%s); scoring them one at a time", len(batch), message)
-        if self._model is None:
-            self._model = self._model_handler.load_model()
         for pair in batch:
-            try:
-                (scored,) = self._model_handler.run_inference([pair], self._model)
-            except Exception as error:  # the model's own failure on this pair: an error row, not a crash
-                yield self._error(pair, type(error).__name__, repr(error))
-            else:
-                yield scored
-
-    def teardown(self) -> None:
-        self._model = None
+            _count_error("model", error_type)
+            yield self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message)
 
 
 class ScorePairs(beam.PTransform):
@@ -275,10 +263,7 @@ class ScorePairs(beam.PTransform):
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
-        # A failed batch is retried pair by pair: only the pairs that fail alone become errors.
-        retried = failed.failed_inferences | "FailedBatches" >> beam.ParDo(
-            FailedBatchToErrors(self._schemas, self._model_handler)).with_outputs(ERRORS, main="scored")
-        scores = ((scored, retried.scored) | "AllScored" >> beam.Flatten()
-                  | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas)))
-        errors = (prepared[ERRORS], retried[ERRORS]) | "AllErrors" >> beam.Flatten()
-        return {"scores": scores, "errors": errors}
+        rows = scored | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas)).with_outputs(ERRORS, main="scores")
+        failed_batches = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToErrors(self._schemas))
+        errors = (prepared[ERRORS], rows[ERRORS], failed_batches) | "AllErrors" >> beam.Flatten()
+        return {"scores": rows.scores, "errors": errors}
