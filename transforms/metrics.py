@@ -8,5 +8,11 @@ NAMESPACE = "lpips_pipe"
 
 
 def counter(name: str):
-    """The ``lpips_pipe/<name>`` counter (rows_read, pairs_scored, pixels_scored, model_loads, errors, ...)."""
+    """The ``lpips_pipe/<name>`` counter.
+
+    ``rows_read`` (every input row, skipped ones included), ``rows_skipped`` (id already in the outputs named
+    by ``--skip_existing``), ``pairs_scored``, ``pixels_scored``, ``model_loads``, ``errors`` and
+    ``errors.<stage>.<type>``, ``duplicate_ids`` / ``duplicate_id_rows`` (ids on more than one row, and those
+    rows). ``rows_read == rows_skipped + pairs_scored + errors`` for a finished run.
+    """
     return Metrics.counter(NAMESPACE, name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -28,13 +29,34 @@ def match_inputs(pattern: str) -> list[str]:
 
 
 class ParquetSplit(NamedTuple):
-    """Rows ``[start, stop)`` of one row group of one file; ``first_row`` is the file row index of ``start``."""
+    """Rows ``[start, stop)`` of one row group of one file; ``first_row`` is the file row index of ``start``.
+
+    ``skip`` (resume, see :mod:`transforms.ids`) is ``None`` or a bitmask (``numpy.packbits``, one bit per
+    row of the split, in order) of rows whose id is already in earlier outputs: they are counted, not read.
+    """
 
     path: str
     row_group: int
     start: int
     stop: int
     first_row: int
+    skip: Optional[bytes] = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    def skip_mask(self) -> Optional[np.ndarray]:
+        """``bool[num_rows]``: rows to skip, or ``None`` when no row is skipped."""
+        if self.skip is None:
+            return None
+        return np.unpackbits(np.frombuffer(self.skip, dtype=np.uint8), count=self.num_rows).astype(bool)
+
+    def with_skip_mask(self, mask: np.ndarray) -> "ParquetSplit":
+        """This split skipping the rows where ``mask`` (``bool[num_rows]``) is true."""
+        if len(mask) != self.num_rows:
+            raise ValueError(f"skip mask of {len(mask)} rows for a split of {self.num_rows}")
+        return self._replace(skip=np.packbits(mask).tobytes() if mask.any() else None)
 
 
 def read_footer(path: str) -> tuple[pa.Schema, list[int]]:
@@ -72,7 +94,8 @@ class ReadParquetSplit(beam.DoFn):
     """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order.
 
     ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when
-    ``id_column`` is ``None``.
+    ``id_column`` is ``None``. Rows in the split's skip mask are counted (``rows_read`` and
+    ``rows_skipped``) but not emitted; a split skipped whole is not even opened.
     """
 
     def __init__(self, id_column: Optional[str]) -> None:
@@ -80,6 +103,12 @@ class ReadParquetSplit(beam.DoFn):
 
     def process(self, split: ParquetSplit) -> Iterator[tuple[Any, dict[str, Any]]]:
         rows_read = counter("rows_read")
+        skip = split.skip_mask()
+        if skip is not None:
+            counter("rows_skipped").inc(int(skip.sum()))
+            if skip.all():
+                rows_read.inc(split.num_rows)
+                return
         offset = 0  # row offset inside the row group
         with FileSystems.open(split.path, compression_type="uncompressed") as handle:
             batches = pq.ParquetFile(handle).iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[split.row_group])
@@ -88,11 +117,15 @@ class ReadParquetSplit(beam.DoFn):
                     offset += batch.num_rows
                     continue
                 low, high = max(split.start - offset, 0), min(split.stop - offset, batch.num_rows)
-                for index, row in enumerate(batch.slice(low, high - low).to_pylist()):
-                    row_number = split.first_row + offset + low - split.start + index
-                    record_id = row[self._id_column] if self._id_column else f"{split.path}:{row_number}"
-                    rows_read.inc()
-                    yield record_id, row
+                piece = batch.slice(low, high - low)
+                positions = np.arange(offset + low - split.start, offset + high - split.start)  # in the split
+                rows_read.inc(len(positions))
+                if skip is not None:  # drop skipped rows before their images become Python objects
+                    wanted = ~skip[positions]
+                    piece, positions = piece.filter(pa.array(wanted)), positions[wanted]
+                for position, row in zip(positions.tolist(), piece.to_pylist()):
+                    yield (row[self._id_column] if self._id_column else f"{split.path}:{split.first_row + position}",
+                           row)
                 offset += batch.num_rows
                 if offset >= split.stop:
                     return
