@@ -14,7 +14,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import score_math
 from transforms.model import DEVICES, NETS, PRECISIONS, ModelConfig
 from transforms.records import DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES, RecordConfig
-from transforms.scoring import DEFAULT_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS
+from transforms.scoring import (CPU_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS,
+                                GPU_BATCH_PIXELS)
 
 DEFAULT_ID_COLUMN = "id"
 
@@ -79,8 +80,9 @@ class LpipsPipeOptions(PipelineOptions):
         group.add_argument("--ref_column", default="ref_image", help="Reference image column.")
         group.add_argument("--edited_column", default="edited_image", help="Edited image column.")
         group.add_argument("--coords_column", default="coords", help="Boxes column.")
-        group.add_argument("--batch_pixels", type=_positive_int, default=DEFAULT_BATCH_PIXELS,
-                           help="Pixel budget of one model batch (pairs x H x W); bounds memory.")
+        group.add_argument("--batch_pixels", type=_non_negative_int, default=0,
+                           help=f"Pixel budget of one model batch (pairs x H x W); bounds memory. 0 = by device: "
+                                f"{CPU_BATCH_PIXELS} on CPU, {GPU_BATCH_PIXELS} on CUDA.")
         group.add_argument("--max_batch_pairs", type=_positive_int, default=DEFAULT_MAX_BATCH_PAIRS,
                            help="Most pairs in one forward.")
         group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,

@@ -32,7 +32,7 @@ from transforms.parquet_io import (ParquetSplit, ReadParquetSplit, match_inputs,
                                    read_footer, write_parquet)
 from transforms.progress import ProgressLog
 from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
-from transforms.scoring import LpipsModelHandler, ScorePairs
+from transforms.scoring import CPU_BATCH_PIXELS, GPU_BATCH_PIXELS, LpipsModelHandler, ScorePairs
 
 _LOGGER = logging.getLogger("lpips_pipe")
 # Beam's DirectRunner would first try the Prism runner, which downloads a binary;
@@ -172,12 +172,21 @@ def local_worker_threads(pipeline_options: PipelineOptions) -> int:
     return 0
 
 
+def default_batch_pixels(model: lpips_model.ModelConfig) -> int:
+    """The batch budget for the job's device: big on CUDA, one 512x512 pair on CPU. With ``--device auto``
+    the launcher's view decides (a CPU launcher of GPU workers should pass ``--device cuda``)."""
+    if model.device == "cuda" or (model.device == "auto" and lpips_model.cuda_available()):
+        return GPU_BATCH_PIXELS
+    return CPU_BATCH_PIXELS
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: LpipsPipeOptions, plan: JobPlan) -> None:
     """Wire read -> score -> write into ``pipeline``."""
     model = model_config(options)
     if not model.torch_threads:
         model = dataclasses.replace(model, torch_threads=local_worker_threads(options))
-    handler = LpipsModelHandler(model, options.batch_pixels, options.max_batch_pairs)
+    handler = LpipsModelHandler(model, options.batch_pixels or default_batch_pixels(model),
+                                options.max_batch_pairs)
     rows = (
         pipeline
         | "InputSplits" >> beam.Create(list(plan.splits))

@@ -29,7 +29,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -142,13 +142,30 @@ def _load_torch_state(data: bytes, what: str) -> Any:
 # --------------------------------------------------------------------------- sources
 
 
+@contextlib.contextmanager
+def _without_random_init() -> Iterator[None]:
+    """Skip ``torch.nn.init`` while building: torchvision would randomly initialise the whole
+    ImageNet classifier (0.3 s for alex, seconds for vgg) that lpips throws away, and every
+    parameter lpips keeps is overwritten by the strict load that follows."""
+    names = [name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def _build_lpips(net: str) -> torch.nn.Module:
-    """The LPIPS architecture with the shipped v0.1 linear layers and an unset backbone."""
+    """The LPIPS architecture with the shipped v0.1 linear layers and an unset backbone
+    (its values are whatever memory held: only use it with a full strict load)."""
     import warnings
 
     import lpips
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _without_random_init():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation
         return lpips.LPIPS(net=net, version=LPIPS_VERSION, pnet_rand=True, verbose=False)
 
@@ -344,6 +361,11 @@ def export_weights(config: ModelConfig, destination: str) -> str:
 # --------------------------------------------------------------------------- scorer
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device in this process."""
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
@@ -390,7 +412,7 @@ class LpipsScorer:
         tensor = torch.from_numpy(images)
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)  # = x / 127.5 - 1, in place
 
     def raw_scores(self, references: np.ndarray, filled: np.ndarray) -> np.ndarray:
         """Raw LPIPS of each pair, ``float32`` of shape ``(N,)``.

@@ -33,7 +33,11 @@ from transforms.records import PreparedPair, RecordConfig, RecordError, prepare_
 from transforms.schemas import OutputSchemas
 
 ERRORS = "errors"
-DEFAULT_BATCH_PIXELS = 2048 * 2048
+# Pixel budget of one model batch, by device (benchmarks/bench.py): on CPU a single 512x512 pair per
+# forward was fastest here (bigger batches fall out of cache), on GPU big batches keep it busy.
+CPU_BATCH_PIXELS = 512 * 512
+GPU_BATCH_PIXELS = 2048 * 2048
+DEFAULT_BATCH_PIXELS = CPU_BATCH_PIXELS
 DEFAULT_MAX_BATCH_PAIRS = 32
 DEFAULT_DECODE_THREADS = 1
 
@@ -129,8 +133,9 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     """RunInference handler scoring :class:`PreparedPair` batches with :class:`LpipsScorer`.
 
     ``batch_pixels`` bounds the pixels of one batch (reference and edited count
-    once per pair): a 2048x2048 pair goes alone, 512x512 pairs go 16 at a time at
-    the default. ``max_batch_pairs`` bounds the pairs of one forward.
+    once per pair; a pair larger than the budget goes alone): at the CPU default a
+    512x512 pair goes alone and 128x128 pairs go 16 at a time. ``max_batch_pairs``
+    bounds the pairs of one forward.
     """
 
     def __init__(self, model_config: ModelConfig, batch_pixels: int = DEFAULT_BATCH_PIXELS,
