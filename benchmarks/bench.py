@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=600)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="model-only batch (pairs); the stage's CPU default is 1")
+    parser.add_argument("--large", type=int, default=8, help="also score this many 2048x2048 pairs (peak RSS); 0 = skip")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (model-only and end-to-end runs)")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "bench_out"))
     parser.add_argument("--part", choices=["seed", "model", "e2e"], help=argparse.SUPPRESS)
@@ -214,12 +215,22 @@ def main() -> None:
                      f"{max(diffs):.2e}, max rel {max(rels):.2e}"))
         print(f"e2e {precision}: {wall:.1f} s", flush=True)
 
+    if args.large:
+        large = os.path.join(args.workdir, f"pairs-{args.large}x2048.parquet")
+        if not os.path.exists(large):
+            make_pairs(large, args.large, 2048)
+        wall, rss = run_e2e(large, os.path.join(args.workdir, "out-2048"), "fp32", ["--device", args.device, *extra])
+        rows.append((f"end to end, fp32, {args.large} pairs of 2048x2048", args.large / wall, float("nan"), rss,
+                     "default settings: peak RSS bound"))
+
     print(f"\n{n} pairs of {args.size}x{args.size} PNG, alex, {os.cpu_count()} CPUs, device {args.device}; "
           f"extra args: {extra or 'none'}")
     print("| run | whole-process pairs/s | × seed | steady pairs/s | peak RSS MB | notes |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, rate, steady, rss, note in rows:
-        print(f"| {name} | {rate:.1f} | {rate / seed_rate:.2f} | {steady:.1f} | {rss:.0f} | {note} |")
+        ratio = f"{rate / seed_rate:.2f}" if "2048" not in name else "-"
+        steady_text = "-" if steady != steady else f"{steady:.1f}"
+        print(f"| {name} | {rate:.2f} | {ratio} | {steady_text} | {rss:.0f} | {note} |")
 
 
 if __name__ == "__main__":

@@ -139,9 +139,9 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
     except InputSchemaError as error:
         raise JobError(f"{files[0]}: {error}") from error
     try:
-        source = lpips_model.weights_source(model)
-    except lpips_model.WeightsUnavailable as error:
-        raise JobError(str(error)) from error
+        source = lpips_model.check_weights(model)
+    except (lpips_model.WeightsUnavailable, lpips_model.UnsafeWeightsFile, ValueError) as error:
+        raise JobError(f"weights: {error}") from error
     skipped = 0
     if earlier:
         try:
@@ -312,12 +312,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "-h" in args or "--help" in args:
         print(help_text())
         return 0
+    options = PipelineOptions(args).view_as(LpipsPipeOptions)
     try:
         outcome = run_job(args)
     except JobError as error:
         print(f"lpips-pipe: error: {error}", file=sys.stderr)
         return 2
-    options = PipelineOptions(args).view_as(LpipsPipeOptions)
+    except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
+        _LOGGER.exception("the job failed")
+        print(f"lpips-pipe: error: the job failed ({type(error).__name__}: {error}); no scores-*/errors-* files "
+              f"were written. Rows it finished may be in {FileSystems.join(options.output or '.', 'beam-temp-*')}: "
+              "pass 'DIR/beam-temp-scores-*/*.parquet' to --skip_existing when rerunning into a new --output.",
+              file=sys.stderr)
+        return 1
     print(format_summary(outcome.counters, options.output, outcome.wall_s))
     if outcome.report is not None:
         print(run_report.format_table(outcome.report))

@@ -296,6 +296,20 @@ def weights_source(config: ModelConfig) -> str:
     raise WeightsUnavailable(_unavailable_message(config.net))
 
 
+def check_weights(config: ModelConfig) -> str:
+    """:func:`weights_source`, plus a safe load of a weights file (with its digest check) or of a
+    torchvision checkpoint, so a corrupt, tampered or code-carrying file stops the job before any data
+    is read."""
+    source = weights_source(config)
+    kind, _, location = source.partition(":")
+    if kind == "file":
+        _from_export_file(config.net, location)
+    elif kind == "torchvision-cache":
+        with open(location, "rb") as handle:
+            _load_torch_state(handle.read(), f"torchvision checkpoint {location}")
+    return source
+
+
 def resolve_weights(config: ModelConfig, template: Optional[dict[str, torch.Tensor]] = None) -> ResolvedWeights:
     """Load the full LPIPS state dict from the first available source (see module doc).
 
