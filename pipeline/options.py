@@ -87,6 +87,11 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Most pairs in one forward.")
         group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,
                            help="Threads per worker decoding images ahead of the model (0 = decode inline).")
+        group.add_argument("--watch_interval", type=_non_negative_float, default=0.0,
+                           help="Watch mode: every S seconds, score the files matching --input not seen yet "
+                                "(0 = off: one batch run).")
+        group.add_argument("--watch_stop_after", type=_non_negative_float, default=0.0,
+                           help="Watch mode: stop after S seconds (0 = until interrupted).")
         group.add_argument("--num_shards", type=_non_negative_int, default=0,
                            help="Output files per output (0 = let the runner decide).")
         group.add_argument("--skip_existing", default=None, metavar="DIR_OR_GLOB",

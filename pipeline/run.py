@@ -53,6 +53,7 @@ class JobPlan:
     schemas: OutputSchemas
     weights_source: str
     skipped_rows: int = 0  # rows whose id is already in --skip_existing's outputs (marked in the splits)
+    output_tag: str = ""  # watch mode: outputs are scores-<tag>-*.parquet / errors-<tag>-*.parquet
 
     @property
     def input_rows(self) -> int:
@@ -95,7 +96,7 @@ def help_text() -> str:
     return parser.format_help()
 
 
-def plan_job(options: LpipsPipeOptions) -> JobPlan:
+def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, output_tag: str = "") -> JobPlan:
     """Check everything that can be checked before reading any row."""
     if not options.input or not options.output:
         raise JobError("--input GLOB and --output DIR are required")
@@ -104,10 +105,11 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
         model = model_config(options)
     except ValueError as error:
         raise JobError(str(error)) from error
-    files = match_inputs(options.input)
+    files = list(files) if files is not None else match_inputs(options.input)
     if not files:
         raise JobError(f"no file matches --input {options.input}")
-    existing = output_files(options.output)
+    # Watch mode (an output tag) adds files next to those of earlier polls: they are not stale.
+    existing = [] if output_tag else output_files(options.output)
     if existing and not options.overwrite:
         raise JobError(
             f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
@@ -157,6 +159,7 @@ def plan_job(options: LpipsPipeOptions) -> JobPlan:
         stale = [path for path in run_report.report_paths(options.output) if FileSystems.exists(path)]
         FileSystems.delete(existing + stale)
     return JobPlan(files=tuple(files), splits=tuple(splits), schemas=schemas, weights_source=source,
+                   output_tag=output_tag,
                    skipped_rows=skipped)
 
 
@@ -194,8 +197,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: LpipsPipeOptions, plan: Job
         | "ReadRows" >> beam.ParDo(ReadParquetSplit(plan.schemas.id_column))
     )
     outputs = rows | "Score" >> ScorePairs(record_config(options), handler, plan.schemas, options.decode_threads)
-    write_parquet(outputs["scores"], options.output, "scores", plan.schemas.scores, options.num_shards)
-    write_parquet(outputs["errors"], options.output, "errors", plan.schemas.errors, options.num_shards)
+    suffix = f"-{plan.output_tag}" if plan.output_tag else ""
+    write_parquet(outputs["scores"], options.output, f"scores{suffix}", plan.schemas.scores, options.num_shards)
+    write_parquet(outputs["errors"], options.output, f"errors{suffix}", plan.schemas.errors, options.num_shards)
     if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
         _ = rows | "DuplicateIds" >> record_ids.CountDuplicateIds()
     if options.progress_interval_s:
@@ -265,9 +269,10 @@ def format_summary(totals: dict[str, int], output: str, wall_s: Optional[float] 
     return "\n".join(lines)
 
 
-def _run_pipeline(argv: Optional[Sequence[str]]) -> tuple[beam.runners.runner.PipelineResult, LpipsPipeOptions,
-                                                           float]:
-    """Check, build, run and wait: the finished result, our options, the run's wall time in seconds."""
+def _run_pipeline(argv: Optional[Sequence[str]], files: Optional[Sequence[str]] = None,
+                  output_tag: str = "") -> tuple[beam.runners.runner.PipelineResult, LpipsPipeOptions, float]:
+    """Check, build, run and wait: the finished result, our options, the run's wall time in seconds.
+    ``files`` and ``output_tag``: watch mode's poll (these files instead of the --input match)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     unknown = _unknown_flags(argv)
     if unknown:
@@ -277,7 +282,7 @@ def _run_pipeline(argv: Optional[Sequence[str]]) -> tuple[beam.runners.runner.Pi
     standard = pipeline_options.view_as(StandardOptions)
     if standard.runner is None:
         standard.runner = DEFAULT_RUNNER
-    plan = plan_job(options)
+    plan = plan_job(options, files, output_tag)
     _LOGGER.info("scoring %d file(s) with LPIPS %s, weights from %s", len(plan.files), options.net,
                  plan.weights_source)
     pipeline = beam.Pipeline(options=pipeline_options)
@@ -294,9 +299,10 @@ def run(argv: Optional[Sequence[str]] = None) -> beam.runners.runner.PipelineRes
     return _run_pipeline(argv)[0]
 
 
-def run_job(argv: Optional[Sequence[str]] = None) -> JobOutcome:
+def run_job(argv: Optional[Sequence[str]] = None, files: Optional[Sequence[str]] = None,
+            output_tag: str = "") -> JobOutcome:
     """:func:`run`, then read the counters and per-step times and write the report unless ``--no_report``."""
-    result, options, wall_s = _run_pipeline(argv)
+    result, options, wall_s = _run_pipeline(argv, files, output_tag)
     counters, stages = summarise(result), stage_msecs(result)
     report = None
     if not options.no_report:
@@ -314,6 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     options = PipelineOptions(args).view_as(LpipsPipeOptions)
     try:
+        if options.watch_interval:
+            from pipeline.watch import watch
+
+            return watch(args, options)
         outcome = run_job(args)
     except JobError as error:
         print(f"lpips-pipe: error: {error}", file=sys.stderr)
