@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFilter, ImageOps
 
 from pipeline.demo import EDITS, centre_box, encode, photo
-from tests.seed_reference import SeedLPIPSPipe, open_image
+from tests.seed_reference import open_image
 from transforms import score_math
 from transforms.records import RecordConfig, prepare_pair
 

@@ -66,9 +66,11 @@ class PreparePairs(beam.DoFn):
     """``(record_id, row)`` -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
 
     With ``decode_threads > 0`` rows are decoded on a thread pool (Pillow and numpy
-    release the GIL), up to ``2 * decode_threads`` ahead, so decoding overlaps the
-    model's forward that runs downstream in the same fused stage. Each result keeps
-    its input's window and timestamp; order within a bundle is kept.
+    release the GIL), up to ``2 * decode_threads`` ahead, so decoding can overlap the
+    model's forward that runs downstream in the same fused stage. That pays where the
+    forward leaves CPU cores idle (a GPU worker); on a CPU worker whose forward uses every
+    core it measured neutral (benchmarks/bench.py). Each result keeps its input's window
+    and timestamp; order within a bundle is kept.
     """
 
     def __init__(self, config: RecordConfig, schemas: OutputSchemas, decode_threads: int = 0) -> None:
@@ -94,11 +96,9 @@ class PreparePairs(beam.DoFn):
             return self._schemas.error_row(record_id, row, error.stage, error.error_type, error.message)
 
     def _output(self, result: Any, timestamp: Any = None, window: Any = None) -> Any:
-        # Runs on the bundle's thread: Beam metrics are only recorded there.
-        if timestamp is not None:
-            result_value = WindowedValue(result, timestamp, [window])
-        else:
-            result_value = result
+        # Runs on the bundle's thread: Beam metrics are only recorded there. Results emitted for
+        # an earlier element (or in finish_bundle) carry that element's window explicitly.
+        result_value = result if timestamp is None else WindowedValue(result, timestamp, [window])
         if isinstance(result, PreparedPair):
             return result_value
         _count_error(result["error_stage"], result["error_type"])
