@@ -33,7 +33,7 @@ def rows():
         "With Beam 2.77's stateful BatchElements (max_batch_duration_secs, a processing-time timer) the local "
         "streaming DirectRunner loses the on-time row of window [20, 30) when late rows follow, every run here; "
         "the same stream of plain ints through BatchElements alone keeps it, so it depends on timing. Hence "
-        "--max_batch_duration_secs defaults to off and is documented as not for the local runner."))),
+        "the handler's max_batch_duration_secs is off by default and not offered on the command line."))),
 ])
 def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_scorer, max_batch_duration_secs):
     records = RecordConfig()
