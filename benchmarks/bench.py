@@ -136,14 +136,14 @@ def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
 
 
 def read_scores(out: str) -> dict:
-    import glob
-
-    import pyarrow.parquet as pq
+    """id -> lpips of a run's scores (``OUT/scores/*.parquet``, via :mod:`transforms.layout`)."""
+    from transforms import layout
 
     scores = {}
-    for file in glob.glob(os.path.join(out, "scores-*.parquet")):
-        table = pq.read_table(file, columns=["id", "lpips"])
-        scores.update(zip(table.column("id").to_pylist(), table.column("lpips").to_pylist()))
+    for file in layout.kind_files(out, layout.SCORES):
+        with layout.open_parquet(file) as parquet:
+            table = parquet.read(columns=[layout.ID_FIELD, layout.LPIPS_FIELD])
+        scores.update(zip(table.column(layout.ID_FIELD).to_pylist(), table.column(layout.LPIPS_FIELD).to_pylist()))
     return scores
 
 

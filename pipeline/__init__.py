@@ -1,3 +1,18 @@
-"""lpips-pipe's job: options, the Beam graph, the command line (``python -m pipeline``)."""
+"""lpips-pipe's job and commands: options, plan and graph (``job``), streaming, the command line (``cli``),
+report, filter.
 
-import transforms  # noqa: F401  (installs the log filter before Beam is imported)
+The command line hides one log line of Beam's own import (optional BigQuery clients missing), which is not
+the user's concern; it is installed here, before anything imports Beam.
+"""
+
+import logging
+
+
+class _DropBeamImportNoise(logging.Filter):
+    """Beam logs a warning about optional BigQuery clients on import; it is not ours to show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropBeamImportNoise())

@@ -3,7 +3,9 @@
 ``python -m pipeline.demo --workdir DIR`` writes ``DIR/pairs.parquet`` (real photos
 shipped with scikit-image, each with a local edit inside a box, a local edit that
 leaks outside its box, or a global edit, plus two broken rows), runs the stage on
-it and prints a summary. :func:`demo_table` is also used by tests and benchmarks.
+it and prints a summary, reading the outputs through :mod:`transforms.layout` (``DIR/out/scores/``,
+``DIR/out/errors/``). :func:`demo_table` is also used by benchmarks and, through ``tests/data_helpers.py``,
+by the tests.
 """
 
 from __future__ import annotations
@@ -110,13 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pairs = os.path.join(args.workdir, "pairs.parquet")
     pq.write_table(demo_table(), pairs)
     out = os.path.join(args.workdir, "out")
-    from pipeline.run import main as run_main
+    from pipeline.cli import main as run_main
 
     code = run_main(["--input", pairs, "--output", out, "--overwrite", *beam_args])
     if code:
         return code
-    scores = _read_all(os.path.join(out, "scores-*.parquet"))
-    errors = _read_all(os.path.join(out, "errors-*.parquet"))
+    from transforms import layout
+
+    scores = _read_all(layout.kind_files(out, layout.SCORES))
+    errors = _read_all(layout.kind_files(out, layout.ERRORS))
     print(f"\nunedit_area LPIPS by edit (lower = the unedited area was left alone), {scores.num_rows} pairs:")
     by_edit: dict[str, list[float]] = {}
     for edit, value in zip(scores.column("edit").to_pylist(), scores.column("lpips").to_pylist()):
@@ -130,10 +134,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _read_all(pattern: str) -> pa.Table:
-    import glob
+def _read_all(paths: Sequence[str]) -> pa.Table:
+    """The rows of ``paths`` (any Beam filesystem) as one table; an empty table when there are none."""
+    from transforms import layout
 
-    return pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(pattern))])
+    tables = []
+    for path in paths:
+        with layout.open_parquet(path) as parquet:
+            tables.append(parquet.read())
+    if not tables:
+        return pa.table({"id": pa.array([], pa.string()), "edit": pa.array([], pa.string()),
+                         "lpips": pa.array([], pa.float64()), "error_type": pa.array([], pa.string()),
+                         "error_message": pa.array([], pa.string())})
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Resolves the backbone exactly as a job would (offline sources first, SPEC 4),
 writes the full LPIPS state dict with its sha256 to DEST (local or any Beam
 filesystem, e.g. gs://bucket/lpips-alex.pt) and prints the sha256. Workers that
-load it check the digest, so a file corrupted in staging is refused.
+load it check the digest, so a file corrupted in staging is refused. A missing or
+refused source, or a destination that cannot be written, exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from transforms.model import NETS, ModelConfig, WeightsUnavailable, export_weights
+from transforms.weights import NETS, ModelConfig, WeightsUnavailable, export_weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -23,8 +24,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         digest = export_weights(ModelConfig(net=args.net, allow_download=args.allow_download), args.destination)
-    except WeightsUnavailable as error:
-        print(f"lpips-pipe-export-weights: error: {error}", file=sys.stderr)
+    except (WeightsUnavailable, ValueError, OSError) as error:
+        # no source, a refused source (unsafe, truncated, wrong shape: ValueError), an unwritable destination
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"lpips-pipe-export-weights: error: {reason}", file=sys.stderr)
         return 2
     print(f"wrote {args.destination}: LPIPS {args.net} v0.1, weights_sha256 {digest}")
     return 0

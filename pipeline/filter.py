@@ -1,19 +1,44 @@
-"""lpips-pipe-filter: split scored rows into kept and rejected Parquet.
+"""lpips-pipe-filter: split scored rows (and, optionally, the original input rows) into kept and rejected Parquet.
 
-``python -m pipeline.filter --scores 'DIR/scores-*.parquet' --output OUT (--threshold X | --tiers tiers.json)
-[--group_column edit] [--std population|sample] [--overwrite]``
+``python -m pipeline.filter --scores RUN_DIR --output OUT (--threshold X | --tiers tiers.yaml)
+[--group_column edit] [--std population|sample] [--source 'data/*.parquet' [--source_id_column id]]
+[--allow_mixed] [--overwrite]``
 
-writes, for each scores file ``i`` of ``n``, ``OUT/kept-i-of-n.parquet`` and ``OUT/rejected-i-of-n.parquet``
-(both always, empty or not): every input row lands in exactly one of them, with all its columns plus
-``lpips_z`` (float64, its z-score within its group; null without a finite score) and ``tier`` (string).
-``OUT/filter.json`` records the rule, the per-group statistics and the counts. The rules and the
-statistics are :mod:`transforms.filtering`'s.
+``--scores`` is a job's output directory (its ``scores/*.parquet``, and older flat ``scores-*.parquet``), a
+scores folder, one Parquet file or a glob (:func:`transforms.layout.scores_files`). For each scores file ``i``
+of ``n`` it writes ``OUT/kept-i-of-n.parquet`` and ``OUT/rejected-i-of-n.parquet`` (both always, empty or
+not): every score row lands in exactly one of them, with all its columns plus ``lpips_z`` (float64, its
+z-score within its group; null without a finite score) and ``tier`` (string). A row without a finite score
+is rejected with tier ``invalid``. ``OUT/filter.json`` records the rule, the per-group statistics, the
+provenance of the scores and the counts. The rules and the statistics are :mod:`transforms.filtering`'s.
+
+**Source rows** (``--source``): the job's input Parquet (a file, a glob or a folder of ``*.parquet``, images
+included). Each input row is joined by id (``--source_id_column``, default ``id``, against the scores'
+``id``) and copied whole, every column as it was, to
+
+- ``OUT/kept_source/part-i-of-m.parquet``: rows whose id was kept,
+- ``OUT/rejected_source/part-i-of-m.parquet``: rows whose id was rejected,
+- ``OUT/unscored_source/part-i-of-m.parquet``: rows whose id has no score (they errored in the job, were
+  never scored, or have a null id), so nothing is lost,
+
+one of each per source file ``i`` of ``m``. An id with several score rows goes to kept only if all of them
+were kept. The join streams the source batch by batch: only the kept and rejected id sets are held (ids, not
+images), so memory does not grow with the images.
+
+**No silent mixing**: if the scores disagree on ``net``, ``lpips_version`` or ``weights_sha256``, or on
+``mask_mode`` while the rule is not per group of ``mask_mode`` (``--group_column mask_mode``), the scores
+were not made the same way and thresholds or z-scores across them compare unlike things: the command
+refuses (naming the field and the values) unless ``--allow_mixed``. Only those columns are read for it.
 
 Plain pyarrow, not Beam: scores files hold no image bytes (a few hundred bytes a row), and z-scores need
 every group's statistics before the first row can be placed. Two streaming passes (statistics from the
-score and group columns only, then the rows batch by batch) keep memory at one record batch plus one
-small record per group, give one predictable output pair per input file, and read and write any Beam
-filesystem (``gs://``, ``s3://``).
+score, group and provenance columns only, then the rows batch by batch) keep memory at one record batch
+plus one small record per group, give one predictable output pair per input file, and read and write any
+Beam filesystem (``gs://``, ``s3://``).
+
+Mistakes (no file, a folder without scores, a file that is not Parquet or has no ``lpips``, a list- or
+struct-typed group column, an ``--output`` that is a file, a bad tier config, mixed provenance) exit 2
+with one line ``lpips-pipe-filter: error: ...`` and write nothing.
 """
 
 from __future__ import annotations
@@ -21,24 +46,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import filtering
-from transforms.parquet_io import match_inputs
+from transforms import filtering, layout
 
-SCORE_COLUMN = "lpips"
+PROG = "lpips-pipe-filter"
+SCORE_COLUMN = layout.LPIPS_FIELD
+ID_COLUMN = layout.ID_FIELD
 Z_COLUMN = "lpips_z"
 TIER_COLUMN = "tier"
 SUMMARY_JSON = "filter.json"
 OUTPUTS = ("kept", "rejected")
+SOURCE_OUTPUTS = ("kept_source", "rejected_source", "unscored_source")
 BATCH_ROWS = 65536
+SOURCE_BATCH_ROWS = 256  # source rows carry images: a small batch bounds memory
+# Mixed values of these refuse the filter unless --allow_mixed (mask_mode also unless grouped by it).
+MIXED_FIELDS = layout.PROVENANCE_FIELDS
+MASK_MODE = "mask_mode"
 
 
 class FilterError(Exception):
@@ -54,34 +87,99 @@ class FilterOutcome:
     tiers: dict[str, int] = field(default_factory=dict)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    # rows written to kept_source / rejected_source / unscored_source (``--source`` only)
+    source: dict[str, int] = field(default_factory=dict)
+    provenance: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def _open_parquet(path: str) -> tuple[Any, pq.ParquetFile]:
-    handle = FileSystems.open(path, compression_type="uncompressed")
-    return handle, pq.ParquetFile(handle)
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _is_dir(path: str) -> bool:
+    """A local folder, or an object-store prefix (``gs://b/run``, ``gs://b/run/``) that is not an object."""
+    if _is_local(path):
+        return os.path.isdir(path)
+    return path.endswith("/") or not FileSystems.exists(path)
+
+
+def _open(path: str) -> Iterator[pq.ParquetFile]:
+    return layout.open_parquet(path)
+
+
+def _read_schema(path: str, what: str) -> pa.Schema:
+    """The Arrow schema of ``path``; :class:`FilterError` naming it when it is not a readable Parquet file."""
+    try:
+        with _open(path) as parquet:
+            return parquet.schema_arrow.remove_metadata()
+    except Exception as error:  # not Parquet, truncated, a folder, unreadable
+        raise FilterError(f"{what} {path} is not a readable Parquet file ({_one_line(error) or type(error).__name__})"
+                          ) from error
+
+
+def resolve_scores(spec: str) -> list[str]:
+    """The scores files ``--scores`` names: a run directory, a scores folder, a file or a glob."""
+    try:
+        if not layout.has_glob(spec) and not _is_dir(spec) and FileSystems.exists(spec):
+            return [spec]  # one file, whatever its name (checked to be Parquet later)
+        files = layout.scores_files(spec)
+    except Exception as error:  # an unreachable bucket, a malformed path
+        raise FilterError(f"--scores {spec}: cannot list it ({_one_line(error)})") from error
+    if not files:
+        if _is_dir(spec) and (not _is_local(spec) or os.path.exists(spec)):
+            raise FilterError(f"--scores {spec}: no scores in this folder (expected {layout.SCORES}/*.parquet, "
+                              "*.parquet or scores-*.parquet)")
+        raise FilterError(f"no file matches --scores {spec}")
+    return files
+
+
+def resolve_source(spec: str) -> list[str]:
+    """The input files ``--source`` names: a file, a glob, or a folder (its ``*.parquet``)."""
+    try:
+        if not layout.has_glob(spec) and _is_dir(spec) and (not _is_local(spec) or os.path.exists(spec)):
+            files = layout.match(FileSystems.join(layout.escape_glob(spec.rstrip("/")), f"*{layout.PARQUET_SUFFIX}"))
+            if not files:
+                raise FilterError(f"--source {spec}: no *.parquet in this folder")
+            return files
+        files = layout.match(spec)
+    except FilterError:
+        raise
+    except Exception as error:
+        raise FilterError(f"--source {spec}: cannot list it ({_one_line(error)})") from error
+    if not files:
+        raise FilterError(f"no file matches --source {spec}")
+    return files
 
 
 def _check_schema(files: Sequence[str], group_column: Optional[str]) -> pa.Schema:
-    """The scores schema (shared by every file), with a numeric score column and the group column."""
+    """The scores schema (shared by every file), with a numeric score column and a flat group column."""
     schema = None
     for path in files:
-        handle, parquet = _open_parquet(path)
-        with handle:
-            this = parquet.schema_arrow.remove_metadata()
+        this = _read_schema(path, "scores file")
+        if SCORE_COLUMN not in this.names:
+            raise FilterError(f"{path} has no {SCORE_COLUMN!r} column: --scores must name lpips-pipe scores files "
+                              f"(columns: {', '.join(this.names) or 'none'})")
         if schema is None:
             schema = this
         elif not this.equals(schema):
             raise FilterError(f"{path} has a different schema from {files[0]}: all scores files must share one")
     assert schema is not None
-    if SCORE_COLUMN not in schema.names:
-        raise FilterError(f"{files[0]} has no {SCORE_COLUMN!r} column: --scores must name lpips-pipe scores files "
-                          f"(columns: {', '.join(schema.names)})")
     kind = schema.field(SCORE_COLUMN).type
     if not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
-        raise FilterError(f"column {SCORE_COLUMN!r} has type {kind}; expected a number")
-    if group_column is not None and group_column not in schema.names:
-        raise FilterError(f"group column {group_column!r} (--group_column) is not in the scores; "
-                          f"columns: {', '.join(schema.names)}")
+        raise FilterError(f"column {SCORE_COLUMN!r} of {files[0]} has type {kind}; expected a number")
+    if group_column is not None:
+        if group_column not in schema.names:
+            raise FilterError(f"group column {group_column!r} (--group_column) is not in the scores; "
+                              f"columns: {', '.join(schema.names)}")
+        group_type = schema.field(group_column).type
+        if pa.types.is_nested(group_type) or pa.types.is_dictionary(group_type) and pa.types.is_nested(
+                group_type.value_type):
+            raise FilterError(f"group column {group_column!r} has type {group_type}: a list, struct or map cannot "
+                              "group rows; pick a column of plain values")
     return schema
 
 
@@ -90,56 +188,189 @@ def _output_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(kept_fields + [pa.field(Z_COLUMN, pa.float64()), pa.field(TIER_COLUMN, pa.string())])
 
 
-def _batches(path: str, columns: Optional[list[str]] = None):
-    handle, parquet = _open_parquet(path)
-    with handle:
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+def _batches(path: str, columns: Optional[list[str]] = None, batch_size: int = BATCH_ROWS):
+    with _open(path) as parquet:
+        yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 
 
 def _scores(batch: pa.RecordBatch) -> np.ndarray:
-    return batch.column(SCORE_COLUMN).to_numpy(zero_copy_only=False).astype(np.float64)
+    column = batch.column(SCORE_COLUMN)
+    if pa.types.is_null(column.type):
+        return np.full(len(column), np.nan)
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls -> NaN
 
 
 def _keys(batch: pa.RecordBatch, group_column: Optional[str]) -> Optional[list[Any]]:
     return batch.column(group_column).to_pylist() if group_column else None
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and value != value
+
+
+def check_provenance(files: Sequence[str], schema: pa.Schema, group_column: Optional[str],
+                     allow_mixed: bool) -> dict[str, list[Any]]:
+    """Distinct values of each provenance column across ``files`` (reading only those columns); raises
+    :class:`FilterError` on mixed values unless ``allow_mixed`` (``mask_mode`` may differ when it is the
+    group column)."""
+    fields = [name for name in MIXED_FIELDS if name in schema.names]
+    seen: dict[str, dict[Any, str]] = {name: {} for name in fields}  # value -> first file holding it
+    if fields:
+        for path in files:
+            for batch in _batches(path, fields):
+                for name in fields:
+                    column = batch.column(name)
+                    try:
+                        values = pc.unique(column).to_pylist()
+                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                        values = column.to_pylist()
+                    for value in values:
+                        key = "NaN" if _is_nan(value) else value
+                        seen[name].setdefault(key, path)
+    found = {name: sorted(values, key=lambda value: (value is None, str(value))) for name, values in seen.items()}
+    if not allow_mixed:
+        for name in fields:
+            if len(found[name]) <= 1 or (name == MASK_MODE and group_column == MASK_MODE):
+                continue
+            where = "; ".join(f"{value!r} first in {seen[name][value]}" for value in found[name][:4])
+            hint = " or --group_column mask_mode (a rule per mask mode)" if name == MASK_MODE else ""
+            raise FilterError(f"the scores mix {name} values {found[name]} ({where}): they were not made the same "
+                              f"way; filter each run separately, or pass --allow_mixed{hint}")
+    return found
+
+
+def _source_plan(files: Sequence[str], id_column: str, scores_id_type: pa.DataType) -> pa.DataType:
+    """Check every source file (readable Parquet with ``id_column`` of a type comparable with the scores'
+    ids); the type the id sets are compared in."""
+    join_type = None
+    for path in files:
+        schema = _read_schema(path, "--source file")
+        if id_column not in schema.names:
+            raise FilterError(f"--source file {path} has no column {id_column!r} (--source_id_column); columns: "
+                              f"{', '.join(schema.names) or 'none'}")
+        kind = schema.field(id_column).type
+        this = _join_type(kind, scores_id_type)
+        if this is None:
+            raise FilterError(f"--source file {path}: column {id_column!r} has type {kind}, the scores' "
+                              f"{ID_COLUMN!r} has type {scores_id_type}: they cannot be joined")
+        if join_type is not None and this != join_type:
+            this = _join_type(this, join_type)
+            if this is None:
+                raise FilterError(f"--source files type {id_column!r} differently ({path}: {kind})")
+        join_type = this
+    assert join_type is not None
+    return join_type
+
+
+def _join_type(left: pa.DataType, right: pa.DataType) -> Optional[pa.DataType]:
+    if pa.types.is_dictionary(left):
+        left = left.value_type
+    if pa.types.is_dictionary(right):
+        right = right.value_type
+    if left == right:
+        return left
+    text = (pa.types.is_string(left) or pa.types.is_large_string(left)) and (
+        pa.types.is_string(right) or pa.types.is_large_string(right))
+    if text:
+        return pa.large_string()
+    if pa.types.is_integer(left) and pa.types.is_integer(right):
+        return pa.int64()
+    binary = (pa.types.is_binary(left) or pa.types.is_large_binary(left)) and (
+        pa.types.is_binary(right) or pa.types.is_large_binary(right))
+    if binary:
+        return pa.large_binary()
+    return None
+
+
 def existing_outputs(output: str) -> list[str]:
-    found = [path for name in OUTPUTS for path in match_inputs(FileSystems.join(output, f"{name}-*.parquet"))]
+    found = [path for name in OUTPUTS
+             for path in layout.match(FileSystems.join(layout.escape_glob(output), f"{name}-*.parquet"))]
+    for name in SOURCE_OUTPUTS:
+        found += layout.match(FileSystems.join(layout.escape_glob(FileSystems.join(output, name)),
+                                               f"*{layout.PARQUET_SUFFIX}"))
     summary = FileSystems.join(output, SUMMARY_JSON)
     return found + ([summary] if FileSystems.exists(summary) else [])
 
 
+def _check_output(output: str) -> None:
+    if _is_local(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise FilterError(f"--output {output} is a file; give a directory")
+
+
+class _IdSets:
+    """The ids of kept and of rejected score rows (only ids: what the source join needs)."""
+
+    def __init__(self) -> None:
+        self.kept: list[pa.Array] = []
+        self.rejected: list[pa.Array] = []
+
+    def add(self, ids: pa.Array, keep: np.ndarray) -> None:
+        mask = pa.array(keep)
+        self.kept.append(pc.unique(pc.drop_null(ids.filter(mask))))
+        self.rejected.append(pc.unique(pc.drop_null(ids.filter(pc.invert(mask)))))
+
+    def finish(self, join_type: pa.DataType) -> tuple[pa.Array, pa.Array]:
+        """(kept only, rejected): an id with any rejected row is rejected."""
+        kept = _unique(self.kept, join_type)
+        rejected = _unique(self.rejected, join_type)
+        kept = kept.filter(pc.invert(pc.is_in(kept, value_set=rejected)))
+        return kept, rejected
+
+
+def _unique(chunks: list[pa.Array], join_type: pa.DataType) -> pa.Array:
+    arrays = [_cast_ids(chunk, join_type) for chunk in chunks if len(chunk)]
+    if not arrays:
+        return pa.array([], join_type)
+    return pc.unique(pa.chunked_array(arrays, type=join_type).combine_chunks())
+
+
+def _cast_ids(ids: Any, join_type: pa.DataType) -> Any:
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode() if isinstance(ids, pa.Array) else pc.cast(ids, ids.type.value_type)
+    return ids if ids.type == join_type else pc.cast(ids, join_type)
+
+
 def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                tiers: Optional[filtering.TierConfig] = None, group_column: Optional[str] = None,
-               std: Optional[str] = None, overwrite: bool = False) -> FilterOutcome:
-    """Filter the scores files matching ``scores`` into ``output`` (see the module docstring).
+               std: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
+               source_id_column: str = ID_COLUMN, allow_mixed: bool = False) -> FilterOutcome:
+    """Filter the scores ``scores`` names into ``output`` (see the module docstring).
 
-    Exactly one of ``threshold`` / ``tiers``. ``group_column`` and ``std`` override the config's.
+    Exactly one of ``threshold`` / ``tiers``. ``group_column`` and ``std`` override the config's. With
+    ``source``, the original input rows are split too (``kept_source/``, ``rejected_source/``,
+    ``unscored_source/``). Every check runs before anything is written.
     """
     if (threshold is None) == (tiers is None):
         raise FilterError("give exactly one of --threshold X or --tiers CONFIG")
     group_column = group_column or (tiers.group_column if tiers else None)
     std = std or (tiers.std if tiers else "population")
-    files = match_inputs(scores)
-    if not files:
-        raise FilterError(f"no file matches --scores {scores}")
+    _check_output(output)
+    files = resolve_scores(scores)
     schema = _check_schema(files, group_column)
+    source_files: list[str] = []
+    join_type = None
+    if source is not None:
+        if ID_COLUMN not in schema.names:
+            raise FilterError(f"the scores have no {ID_COLUMN!r} column to join --source rows by")
+        source_files = resolve_source(source)
+        join_type = _source_plan(source_files, source_id_column, schema.field(ID_COLUMN).type)
     existing = existing_outputs(output)
     if existing and not overwrite:
         raise FilterError(f"--output {output} already holds filter outputs (e.g. {existing[0]}); "
                           "pass --overwrite to replace them")
-    if existing:
-        FileSystems.delete(existing)
+    provenance = check_provenance(files, schema, group_column, allow_mixed)
 
     stats = filtering.GroupedStats()  # pass 1: per-group statistics from two columns
-    stat_columns = [SCORE_COLUMN] + ([group_column] if group_column else [])
+    stat_columns = [SCORE_COLUMN] + ([group_column] if group_column and group_column != SCORE_COLUMN else [])
     for path in files:
         for batch in _batches(path, stat_columns):
             stats.accumulate(_keys(batch, group_column), _scores(batch))
+    if existing:  # every check passed: now replace the earlier outputs
+        FileSystems.delete(existing)
 
     out_schema = _output_schema(schema)
-    outcome = FilterOutcome()
+    outcome = FilterOutcome(provenance=provenance)
+    ids = _IdSets() if source_files else None
     for index, path in enumerate(files):  # pass 2: place every row
         names = {name: FileSystems.join(output, f"{name}-{index:05d}-of-{len(files):05d}.parquet")
                  for name in OUTPUTS}
@@ -161,6 +392,8 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                 table = table.append_column(TIER_COLUMN, pa.array(tier.tolist(), pa.string()))
                 writers["kept"].write_table(table.filter(pa.array(keep)).cast(out_schema))
                 writers["rejected"].write_table(table.filter(pa.array(~keep)).cast(out_schema))
+                if ids is not None:
+                    ids.add(batch.column(ID_COLUMN), keep)
                 outcome.kept += int(keep.sum())
                 outcome.rejected += int((~keep).sum())
                 for name, count in zip(*np.unique(tier.astype(str), return_counts=True)):
@@ -171,18 +404,68 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                 handles[name].close()
         outcome.files += list(names.values())
 
+    if ids is not None:
+        assert join_type is not None
+        kept_ids, rejected_ids = ids.finish(join_type)
+        outcome.source = split_source(source_files, source_id_column, join_type, kept_ids, rejected_ids, output,
+                                      outcome.files)
+
     outcome.groups = {
-        str(key): {"rows": group.count, "mean": group.mean, "std": _finite_or_none(group.std(std))}
+        _group_name(key): {"rows": group.count, "mean": group.mean, "std": _finite_or_none(group.std(std))}
         for key, group in stats.groups.items()
     }
     rule: dict[str, Any] = ({"threshold": threshold} if tiers is None else
                             {"cut_offs": dict(tiers.tiers), "keep": sorted(tiers.keep), "rest": tiers.rest,
                              "direction": tiers.direction})
     summary = {"scores": files, **rule, "group_column": group_column, "std": std, "kept": outcome.kept,
-               "rejected": outcome.rejected, "tier_rows": outcome.tiers, "groups": outcome.groups}
+               "rejected": outcome.rejected, "tier_rows": outcome.tiers, "groups": outcome.groups,
+               "provenance": {name: [_json_safe(v) for v in values] for name, values in provenance.items()},
+               "allow_mixed": allow_mixed}
+    if source_files:
+        summary.update({"source": source_files, "source_id_column": source_id_column, "source_rows": outcome.source})
     with FileSystems.create(FileSystems.join(output, SUMMARY_JSON)) as handle:
-        handle.write(json.dumps(summary, indent=2).encode("utf-8"))
+        handle.write(json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return outcome
+
+
+def split_source(files: Sequence[str], id_column: str, join_type: pa.DataType, kept_ids: pa.Array,
+                 rejected_ids: pa.Array, output: str, written: list[str]) -> dict[str, int]:
+    """Copy every row of the source ``files`` to ``kept_source/``, ``rejected_source/`` or
+    ``unscored_source/`` by its id, batch by batch; rows per output."""
+    counts = {name: 0 for name in SOURCE_OUTPUTS}
+    for index, path in enumerate(files):
+        with _open(path) as parquet:
+            schema = parquet.schema_arrow
+            targets = {name: FileSystems.join(output, name, f"{layout.SHARD_PREFIX}-{index:05d}-of-{len(files):05d}"
+                                                            f"{layout.PARQUET_SUFFIX}")
+                       for name in SOURCE_OUTPUTS}
+            handles = {name: FileSystems.create(target) for name, target in targets.items()}
+            writers = {name: pq.ParquetWriter(handles[name], schema) for name in SOURCE_OUTPUTS}
+            try:
+                for batch in parquet.iter_batches(batch_size=SOURCE_BATCH_ROWS):
+                    row_ids = _cast_ids(batch.column(id_column), join_type)
+                    in_kept = pc.fill_null(pc.is_in(row_ids, value_set=kept_ids, skip_nulls=True), False)
+                    in_rejected = pc.fill_null(pc.is_in(row_ids, value_set=rejected_ids, skip_nulls=True), False)
+                    unscored = pc.invert(pc.or_(in_kept, in_rejected))
+                    table = pa.Table.from_batches([batch], schema=schema)
+                    for name, mask in zip(SOURCE_OUTPUTS, (in_kept, in_rejected, unscored)):
+                        part = table.filter(mask)
+                        writers[name].write_table(part)
+                        counts[name] += part.num_rows
+            finally:
+                for name in SOURCE_OUTPUTS:
+                    writers[name].close()
+                    handles[name].close()
+        written += list(targets.values())
+    return counts
+
+
+def _group_name(key: Any) -> str:
+    return "NaN" if key is filtering.NAN_KEY else str(key)
+
+
+def _json_safe(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def _finite_or_none(value: float) -> Optional[float]:
@@ -191,20 +474,27 @@ def _finite_or_none(value: float) -> Optional[float]:
 
 def format_outcome(outcome: FilterOutcome, output: str, group_column: Optional[str]) -> str:
     total = outcome.kept + outcome.rejected
-    lines = [f"lpips-pipe-filter: {total} rows: kept {outcome.kept}, rejected {outcome.rejected}"]
+    lines = [f"{PROG}: {total} rows: kept {outcome.kept}, rejected {outcome.rejected}"]
     lines += [f"  tier {name}: {count}" for name, count in sorted(outcome.tiers.items())]
     if group_column:
         lines.append(f"  {'group (' + group_column + ')':<24} {'rows':>7} {'mean':>8} {'std':>8}")
         for key, group in sorted(outcome.groups.items()):
             spread = "—" if group["std"] is None else f"{group['std']:.4f}"
-            lines.append(f"  {key:<24} {group['rows']:>7} {group['mean']:>8.4f} {spread:>8}")
-    lines.append(f"  outputs: {FileSystems.join(output, 'kept-*.parquet')}, "
-                 f"{FileSystems.join(output, 'rejected-*.parquet')}, {FileSystems.join(output, SUMMARY_JSON)}")
+            lines.append(f"  {_one_line(key):<24} {group['rows']:>7} {group['mean']:>8.4f} {spread:>8}")
+    outputs = [FileSystems.join(output, "kept-*.parquet"), FileSystems.join(output, "rejected-*.parquet")]
+    if outcome.source:
+        lines.append("  source rows: " + ", ".join(f"{name.replace('_source', '')} {count}"
+                                                   for name, count in outcome.source.items()))
+        outputs += [FileSystems.join(output, name) + "/" for name in SOURCE_OUTPUTS]
+    lines.append(f"  outputs: {', '.join(outputs)}, {FileSystems.join(output, SUMMARY_JSON)}")
     return "\n".join(lines)
 
 
 def _finite_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not np.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
@@ -212,37 +502,68 @@ def _finite_float(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     described = argparse.ArgumentParser(
-        prog="lpips-pipe-filter",
+        prog=PROG,
         description="Split lpips-pipe scores into kept-*.parquet and rejected-*.parquet, by a threshold on lpips "
-                    "(lower is better) or by per-group z-score tiers.")
-    described.add_argument("--scores", required=True, help="Scores file or glob, e.g. 'out/scores-*.parquet'.")
+                    "(lower is better) or by per-group z-score tiers; with --source, split the job's input rows "
+                    "(images included) the same way into kept_source/, rejected_source/ and unscored_source/.")
+    described.add_argument("--scores", required=True,
+                           help="A job's --output directory (its scores/*.parquet), a scores folder, a Parquet file "
+                                "or a glob, e.g. 'out/scores/*.parquet'.")
     described.add_argument("--output", required=True, help="Directory for kept-*, rejected-* and filter.json.")
     rule = described.add_mutually_exclusive_group(required=True)
     rule.add_argument("--threshold", type=_finite_float, help="Keep rows with lpips <= THRESHOLD.")
     rule.add_argument("--tiers", metavar="CONFIG", help="Tier config, JSON or YAML (.yaml/.yml).")
     described.add_argument("--group_column", default=None,
-                           help="z-scores within groups of this column (overrides the config's group_column).")
+                           help="z-scores within groups of this column (overrides the config's group_column); "
+                                "null and NaN keys form one group each.")
     described.add_argument("--std", choices=filtering.STD_KINDS, default=None,
                            help="Group std: population (ddof=0, default) or sample (ddof=1); overrides the config.")
+    described.add_argument("--source", metavar="GLOB_OR_DIR", default=None,
+                           help="The job's input Parquet (file, glob or folder of *.parquet): its rows, all columns "
+                                "and images included, are joined by id and written to OUTPUT/kept_source/, "
+                                "OUTPUT/rejected_source/ and, for ids without a score (errored in the job), "
+                                "OUTPUT/unscored_source/. Streams batch by batch; only the ids are held.")
+    described.add_argument("--source_id_column", default=ID_COLUMN,
+                           help="The id column of the --source rows, matched against the scores' id (default id).")
+    described.add_argument("--allow_mixed", action="store_true",
+                           help="Filter scores that disagree on net, lpips_version, weights_sha256 or mask_mode "
+                                "together (refused by default).")
     described.add_argument("--overwrite", action="store_true", help="Replace earlier filter outputs in --output.")
     return described
 
 
+def _load_tiers(path: str) -> filtering.TierConfig:
+    try:
+        if _is_dir(path) and (not _is_local(path) or os.path.exists(path)):
+            raise FilterError(f"--tiers {path} is a folder; give a JSON or YAML file")
+        if not FileSystems.exists(path):
+            raise FilterError(f"--tiers {path}: no such file")
+        with FileSystems.open(path, compression_type="uncompressed") as handle:
+            data = handle.read()
+    except FilterError:
+        raise
+    except Exception as error:  # a folder on some filesystem, permissions
+        raise FilterError(f"--tiers {path}: cannot read it ({_one_line(error) or type(error).__name__})") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise FilterError(f"--tiers {path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    return filtering.load_tier_config(text, path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit 0 when the rows were written, 2 on a usage mistake (nothing written)."""
+    """Exit 0 when the rows were written, 2 on a usage mistake (one line, nothing written)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     try:
-        tiers = None
-        if args.tiers:
-            if not FileSystems.exists(args.tiers):
-                raise FilterError(f"--tiers {args.tiers}: no such file")
-            with FileSystems.open(args.tiers, compression_type="uncompressed") as handle:
-                tiers = filtering.load_tier_config(handle.read().decode("utf-8"), args.tiers)
+        tiers = _load_tiers(args.tiers) if args.tiers else None
+        if args.source_id_column is not None and not args.source_id_column.strip():
+            raise FilterError("--source_id_column must name a column")
         outcome = run_filter(args.scores, args.output, args.threshold, tiers, args.group_column, args.std,
-                             args.overwrite)
+                             args.overwrite, source=args.source, source_id_column=args.source_id_column,
+                             allow_mixed=args.allow_mixed)
     except (FilterError, filtering.TierConfigError) as error:
-        print(f"lpips-pipe-filter: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     print(format_outcome(outcome, args.output, args.group_column or (tiers.group_column if tiers else None)))
     return 0

@@ -8,16 +8,25 @@ config dataclasses built from them (:func:`record_config`, :func:`model_config`)
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
 
 from transforms import score_math
 from transforms.model import DEVICES, NETS, PRECISIONS, ModelConfig
-from transforms.records import DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES, RecordConfig
+from transforms.records import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES,
+                                RecordConfig)
 from transforms.scoring import (CPU_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS,
                                 GPU_BATCH_PIXELS)
 
 DEFAULT_ID_COLUMN = "id"
+# Beam's DirectRunner would first try the Prism runner, which downloads a binary; for a batch job it then
+# falls back to this engine anyway, so batch jobs name it directly.
+DEFAULT_BATCH_RUNNER = "FnApiRunner"
+
+
+class OptionsError(ValueError):
+    """A command line Beam or we cannot take (an unknown flag, a bad value)."""
 
 
 def _positive_int(text: str) -> int:
@@ -41,6 +50,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 class LpipsPipeOptions(PipelineOptions):
     """Options of the lpips-pipe job."""
 
@@ -48,9 +64,9 @@ class LpipsPipeOptions(PipelineOptions):
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("lpips-pipe")
         group.add_argument("--input", help="Parquet file or glob (local, gs://, s3://, ...) of image pairs.")
-        group.add_argument("--output", help="Directory for scores-*.parquet and errors-*.parquet.")
+        group.add_argument("--output", help="Directory for scores/, errors/ (Parquet) and report/.")
         group.add_argument("--overwrite", action="store_true",
-                           help="Replace scores-*/errors-* files already in --output (default: refuse).")
+                           help="Replace the scores/errors files and report already in --output (default: refuse).")
         group.add_argument("--scope", choices=score_math.SCOPES, default="unedit_area",
                            help="What to measure: unedit_area (outside the boxes), edit_area (inside), full.")
         group.add_argument("--mask_mode", choices=score_math.MASK_MODES, default=None,
@@ -75,6 +91,9 @@ class LpipsPipeOptions(PipelineOptions):
                            help="pixel boxes, or qwen1000 boxes on a 0..1000 grid.")
         group.add_argument("--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                            help="Images with more pixels are errors (decompression-bomb guard).")
+        group.add_argument("--max_image_bytes", type=_positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
+                           help="Image files or values larger than this many bytes are errors (default 256 MiB); "
+                                "paths are read only when they are regular files.")
         group.add_argument("--id_column", default=None,
                            help=f"Id column (default {DEFAULT_ID_COLUMN!r} if present, else <file>:<row> ids).")
         group.add_argument("--ref_column", default="ref_image", help="Reference image column.")
@@ -88,10 +107,22 @@ class LpipsPipeOptions(PipelineOptions):
         group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,
                            help="Threads per worker decoding images ahead of the model (0 = decode inline).")
         group.add_argument("--watch_interval", type=_non_negative_float, default=0.0,
-                           help="Watch mode: every S seconds, score the files matching --input not seen yet "
-                                "(0 = off: one batch run).")
+                           help="With --streaming: look for new files matching --input every S seconds "
+                                "(default 10 when streaming). Given alone it turns --streaming on.")
         group.add_argument("--watch_stop_after", type=_non_negative_float, default=0.0,
-                           help="Watch mode: stop after S seconds (0 = until interrupted).")
+                           help="With --streaming: stop by itself after S seconds (0 = until interrupted).")
+        group.add_argument("--window_s", type=_non_negative_float, default=0.0,
+                           help="With --streaming: rows are written in windows of S seconds of arrival time "
+                                "(0 = the watch interval).")
+        group.add_argument("--model_copies", type=_non_negative_int, default=0,
+                           help="Share this many models across the SDK processes of a worker (e.g. 1 on a GPU "
+                                "VM running N processes); 0 = one model per process.")
+        group.add_argument("--allow_mixed", action="store_true",
+                           help="Let --skip_existing resume from scores made with another net, lpips version, "
+                                "weights or mask mode (default: refuse, naming the field).")
+        group.add_argument("--max_error_fraction", type=_fraction, default=1.0,
+                           help="Exit 3 when more than this fraction of the rows went to errors (default 1.0: "
+                                "only when every row failed).")
         group.add_argument("--num_shards", type=_non_negative_int, default=0,
                            help="Output files per output (0 = let the runner decide).")
         group.add_argument("--skip_existing", default=None, metavar="DIR_OR_GLOB",
@@ -104,6 +135,60 @@ class LpipsPipeOptions(PipelineOptions):
         group.add_argument("--progress_interval_s", type=_non_negative_float, default=30.0,
                            help="Log a progress line (rows done, rate, ETA) at most this often per worker "
                                 "(0 = off).")
+
+
+def unknown_flags(argv: Sequence[str]) -> list[str]:
+    """Flags no PipelineOptions class (Beam's or ours) knows: typos, mostly.
+
+    Parses as Beam itself does (``PipelineOptions.get_all_options``), which would only log and drop them.
+    """
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(cls): cls for cls in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    _, unknown = parser.parse_known_args(list(argv))
+    return [arg for arg in unknown if arg.startswith("-")]
+
+
+def help_text() -> str:
+    """``--help`` of our options (Beam's own options pass through unchanged)."""
+    parser = argparse.ArgumentParser(
+        prog="lpips-pipe",
+        description="Score (reference, edited) image pairs in Parquet or JSON Lines with masked, area-normalised "
+                    "LPIPS.",
+        epilog="Beam's options (--runner, --streaming, --direct_num_workers, --setup_file, ...) pass through to "
+               "Beam. Exit codes: 0 done, 1 the job failed, 2 a mistake found before anything ran, 3 more rows "
+               "failed than --max_error_fraction allows.",
+    )
+    LpipsPipeOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser.format_help()
+
+
+def parse_options(argv: Sequence[str]) -> PipelineOptions:
+    """Beam's options of ``argv`` with ours checked, unknown flags refused, and the runner chosen: the
+    in-process engine for a batch job; for ``--streaming`` (or ``--watch_interval``) the local streaming
+    runner :mod:`pipeline.runners` finds (Prism, else embedded Flink). Raises :class:`OptionsError`."""
+    argv = list(argv)
+    unknown = unknown_flags(argv)
+    if unknown:
+        raise OptionsError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+    pipeline_options = PipelineOptions(argv)  # a bad value: argparse says so and exits 2
+    options = pipeline_options.view_as(LpipsPipeOptions)
+    standard = pipeline_options.view_as(StandardOptions)
+    if options.watch_interval and not standard.streaming:
+        standard.streaming = True
+    if standard.streaming and not options.watch_interval:
+        options.watch_interval = 10.0
+    if standard.runner is None:
+        if standard.streaming:
+            from pipeline import runners
+
+            try:
+                standard.runner = runners.default_streaming_runner()
+            except runners.RunnerUnavailable as error:
+                raise OptionsError(str(error)) from error
+        else:
+            standard.runner = DEFAULT_BATCH_RUNNER
+    return pipeline_options
 
 
 def record_config(options: LpipsPipeOptions) -> RecordConfig:
@@ -119,6 +204,7 @@ def record_config(options: LpipsPipeOptions) -> RecordConfig:
         max_side=options.max_side,
         size_mismatch=options.size_mismatch,
         max_image_pixels=options.max_image_pixels,
+        max_image_bytes=options.max_image_bytes,
     )
 
 

@@ -1,17 +1,24 @@
 """The run report: what a finished job produced, readable at a glance.
 
 ``python -m pipeline.report DIR [--group_column edit]`` (the job's command line runs it after every job
-unless ``--no_report``) reads ``DIR/scores-*.parquet`` and ``DIR/errors-*.parquet`` (only the few columns
-it needs, never the image bytes), takes the job's counters when it has them, and writes:
+unless ``--no_report``) reads the job's outputs through :mod:`transforms.layout` (``DIR/scores/*.parquet``,
+``DIR/errors/*.parquet``, and the flat ``DIR/scores-*.parquet`` / ``DIR/errors-*.parquet`` of older
+releases), only the few columns it needs, never the image bytes, takes the job's counters when it has them,
+and writes into ``DIR/report/``:
 
-- ``DIR/report.md``: counts (input rows, skipped, scored, errors by stage and type, duplicate ids),
-  LPIPS quantiles per mask mode and per group, the measured-fraction distribution, time per pipeline
-  stage (the slowest first) when the runner reported it;
-- ``DIR/histogram.png``: LPIPS per mask mode (or group) and measured fraction, labelled axes;
-- ``DIR/report.json``: the same numbers for machines (and for re-rendering the report later).
+- ``report.md``: counts (input rows, skipped, scored, non-finite scores, errors by stage and type, duplicate
+  ids, rows whose per-row scope was neither ``unedit_area`` nor ``edit_area``), LPIPS quantiles per mask
+  mode and per group, the measured-fraction distribution, time per pipeline stage (the slowest first) when
+  the runner reported it;
+- ``histogram.png``: LPIPS per mask mode (or group) and measured fraction, labelled axes;
+- ``report.json``: the same numbers for machines (and for re-rendering the report later).
 
 Scored and error counts come from the output files (the truth even when a runner's counters double-count
-retried bundles); rows skipped, model loads and pixels come from the counters.
+retried bundles); rows skipped, model loads and pixels come from the counters. A score that is NaN, infinite
+or null (scores files of older runs; the job now writes such rows to the errors as stage ``model``, type
+``NonFiniteScore``) is counted as a *non-finite score*, not as scored, and is in no quantile. Group keys and
+ids of any type (float16, decimal, timestamp, date, lists) are shown as text; null and NaN keys form one
+group, ``null/NaN``. A scores file that cannot be read is left out with a note naming it.
 """
 
 from __future__ import annotations
@@ -21,29 +28,44 @@ import collections
 import io
 import json
 import logging
+import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.parquet_io import match_inputs
+from transforms import layout
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
-HISTOGRAM_PNG = "histogram.png"
-REPORT_FILES = (REPORT_MD, REPORT_JSON, HISTOGRAM_PNG)
+REPORT_MD = layout.REPORT_MD
+REPORT_JSON = layout.REPORT_JSON
+HISTOGRAM_PNG = layout.HISTOGRAM_PNG
+REPORT_FILES = layout.REPORT_FILES
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 QUANTILE_NAMES = ("min", "p5", "p25", "median", "p75", "p95", "max")
 # measured_fraction buckets: nothing measured, four quarters, the whole image
 FRACTION_BUCKETS = ("0 (nothing measured)", "(0, 0.25]", "(0.25, 0.5]", "(0.5, 0.75]", "(0.75, 1)", "1 (whole image)")
 MAX_HISTOGRAM_SERIES = 8
 DUPLICATE_EXAMPLES = 5
+# One group for every missing key: None (null) and NaN alike.
+NULL_LABEL = "null/NaN"
+# Counters of rows whose per-row scope was neither unedit_area nor edit_area (scored as the full image).
+UNKNOWN_SCOPE_ROWS = "unknown_scope_rows"
+UNKNOWN_SCOPE_PREFIX = "unknown_scope."
+KNOWN_SCOPES = ("unedit_area", "edit_area")
+SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, "measured_fraction", "mask_mode")
+ERROR_COLUMNS = (layout.ID_FIELD, "error_stage", "error_type")
+PROG = "lpips-pipe-report"
+
+
+class ReportError(Exception):
+    """A mistake in the report command (no such directory, no scores); nothing is written."""
 
 
 @dataclass
@@ -73,40 +95,125 @@ class Report:
     wall_s: Optional[float] = None
     counters: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # {"rows": N, "values": {value: rows}} from the job's unknown_scope counters; empty when there were none
+    unknown_scope: dict[str, Any] = field(default_factory=dict)
 
     @property
     def slowest_stage(self) -> Optional[tuple[str, float]]:
         return self.stage_seconds[0] if self.stage_seconds else None
 
 
-def _read_columns(pattern: str, wanted: Sequence[str]) -> pa.Table:
-    """``wanted`` columns (those present) of every file matching ``pattern``, as one table."""
-    tables = []
-    for path in match_inputs(pattern):
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            parquet = pq.ParquetFile(handle)
-            columns = [name for name in wanted if name in parquet.schema_arrow.names]
-            tables.append(parquet.read(columns=columns))
+def label(value: Any) -> str:
+    """A group key / id as text, whatever its Arrow type (float16, decimal, timestamp, date, list, struct);
+    null and NaN are both :data:`NULL_LABEL`."""
+    if value is None:
+        return NULL_LABEL
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return NULL_LABEL
+    if isinstance(value, Decimal) and value.is_nan():
+        return NULL_LABEL
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    try:
+        return str(value)
+    except Exception:  # a value whose __str__ fails must not stop the report
+        return object.__repr__(value)
+
+
+def _json_value(value: Any) -> Any:
+    """An id as report.json can hold it: strings and integers as they are, anything else as text."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return label(value)
+
+
+def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.chunked_array([pa.array([None if value is None else label(value) for value in column.to_pylist()],
+                                          pa.string())])
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table; columns whose types disagree between files (a float16 id here, a string id there) become
+    text rather than stopping the report."""
     if not tables:
         return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        types: dict[str, set] = {}
+        for table in tables:
+            for item in table.schema:
+                types.setdefault(item.name, set()).add(item.type)
+        clashing = {name for name, kinds in types.items() if len(kinds) > 1}
+        fixed = []
+        for table in tables:
+            for name in clashing & set(table.column_names):
+                table = table.set_column(table.column_names.index(name), name, _as_text(table.column(name)))
+            fixed.append(table)
+        return pa.concat_tables(fixed, promote_options="permissive")
 
 
-def _summary(label: str, values: np.ndarray) -> ScoreSummary:
+def _read_columns(paths: Sequence[str], wanted: Sequence[str], notes: list[str],
+                  required: Optional[str] = None) -> pa.Table:
+    """``wanted`` columns (those present) of ``paths``, as one table. A file that is not readable Parquet,
+    or lacks ``required``, is left out with a note naming it."""
+    tables = []
+    for path in paths:
+        try:
+            with layout.open_parquet(path) as parquet:
+                names = parquet.schema_arrow.names
+                if required and required not in names:
+                    raise ValueError(f"no {required!r} column")
+                if required == layout.LPIPS_FIELD:
+                    kind = parquet.schema_arrow.field(required).type
+                    if not (pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)):
+                        raise ValueError(f"column {required!r} has type {kind}, not a number")
+                tables.append(parquet.read(columns=[name for name in wanted if name in names]))
+        except Exception as error:  # not Parquet, truncated, unreadable: say so, report the rest
+            reason = " ".join(str(error).split()) or type(error).__name__
+            _LOGGER.warning("report: leaving out %s (%s)", path, reason)
+            notes.append(f"left out {path}: {reason}")
+    return _concat(tables)
+
+
+def read_outputs(output: str, group_column: Optional[str] = None,
+                 notes: Optional[list[str]] = None) -> tuple[pa.Table, pa.Table]:
+    """The columns the report needs of ``output``'s scores and errors (never the image bytes): the
+    ``OUT/scores/`` and ``OUT/errors/`` folders and older flat ``OUT/scores-*.parquet`` files
+    (:func:`transforms.layout.kind_files`). Unreadable files are left out; ``notes`` gets a line for each."""
+    notes = notes if notes is not None else []
+    wanted = list(SCORE_COLUMNS) + ([group_column] if group_column and group_column not in SCORE_COLUMNS else [])
+    scores = _read_columns(layout.kind_files(output, layout.SCORES), wanted, notes, required=layout.LPIPS_FIELD)
+    errors = _read_columns(layout.kind_files(output, layout.ERRORS), ERROR_COLUMNS, notes)
+    return scores, errors
+
+
+def _summary(name: str, values: np.ndarray) -> ScoreSummary:
     values = values[np.isfinite(values)]
     if not len(values):
-        return ScoreSummary(label, 0, None, {name: None for name in QUANTILE_NAMES})
+        return ScoreSummary(name, 0, None, {quantile: None for quantile in QUANTILE_NAMES})
     quantiles = np.quantile(values, QUANTILES)
-    return ScoreSummary(label, int(len(values)), float(values.mean()),
-                        {name: float(value) for name, value in zip(QUANTILE_NAMES, quantiles)})
+    return ScoreSummary(name, int(len(values)), float(values.mean()),
+                        {quantile: float(value) for quantile, value in zip(QUANTILE_NAMES, quantiles)})
 
 
-def _by(keys: list[Any], values: np.ndarray) -> list[ScoreSummary]:
-    """One summary per distinct key, most rows first (ties by label)."""
-    rows: dict[Any, list[int]] = {}
+def _labels(table: pa.Table, name: str) -> list[str]:
+    if name not in table.column_names:
+        return [NULL_LABEL] * table.num_rows
+    return [label(value) for value in table.column(name).to_pylist()]
+
+
+def _by(keys: Sequence[str], values: np.ndarray) -> list[ScoreSummary]:
+    """One summary per distinct key label, most rows first (ties by label)."""
+    rows: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
         rows.setdefault(key, []).append(index)
-    summaries = [_summary(str(key), values[np.asarray(index)]) for key, index in rows.items()]
+    summaries = [_summary(key, values[np.asarray(index, dtype=np.int64)]) for key, index in rows.items()]
     return sorted(summaries, key=lambda summary: (-summary.count, summary.label))
 
 
@@ -124,77 +231,118 @@ def fraction_buckets(fractions: np.ndarray) -> dict[str, int]:
     return {name: int(mask.sum()) for name, mask in zip(FRACTION_BUCKETS, edges)}
 
 
-def read_outputs(output: str, group_column: Optional[str] = None) -> tuple[pa.Table, pa.Table]:
-    """The columns the report needs of ``output``'s scores and errors (never the image bytes)."""
-    wanted = ["id", "lpips", "measured_fraction", "mask_mode"] + ([group_column] if group_column else [])
-    scores = _read_columns(FileSystems.join(output, "scores-*.parquet"), wanted)
-    errors = _read_columns(FileSystems.join(output, "errors-*.parquet"), ["id", "error_stage", "error_type"])
-    return scores, errors
+def unknown_scopes(counters: dict[str, int]) -> dict[str, Any]:
+    """``{"rows": N, "values": {value: rows}}`` from the job's ``unknown_scope_rows`` and
+    ``unknown_scope.<value>`` counters (at most 20 values are counted by the job); ``{}`` when none."""
+    rows = int(counters.get(UNKNOWN_SCOPE_ROWS, 0) or 0)
+    values = {name[len(UNKNOWN_SCOPE_PREFIX):]: int(count) for name, count in counters.items()
+              if name.startswith(UNKNOWN_SCOPE_PREFIX) and count}
+    if not rows and not values:
+        return {}
+    values = dict(sorted(values.items(), key=lambda item: (-item[1], item[0])))
+    return {"rows": max(rows, sum(values.values())), "values": values}
 
 
 def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Optional[dict[str, int]] = None,
                  group_column: Optional[str] = None, stage_msecs: Optional[dict[str, float]] = None,
-                 wall_s: Optional[float] = None) -> Report:
+                 wall_s: Optional[float] = None, notes: Optional[Sequence[str]] = None) -> Report:
     """Summarise :func:`read_outputs`'s tables and the job's counters / stage times (milliseconds)."""
     counters = dict(counters or {})
-    notes = []
-    lpips = _column(scores, "lpips", np.float64)
-    fractions = _column(scores, "measured_fraction", np.float64)
+    notes = list(notes or [])
+    lpips_all = _column(scores, layout.LPIPS_FIELD)
+    finite = np.isfinite(lpips_all)
+    non_finite = int((~finite).sum())
+    finite_rows = scores.filter(pa.array(finite)) if non_finite else scores
+    lpips = lpips_all[finite]
+    fractions = _column(finite_rows, "measured_fraction")
     by_group: list[ScoreSummary] = []
     if group_column and scores.num_rows:
         if group_column in scores.column_names:
-            by_group = _by(scores.column(group_column).to_pylist(), lpips)
+            by_group = _by(_labels(finite_rows, group_column), lpips)
         else:
             notes.append(f"group column {group_column!r} is not in the scores; no per-group table")
     error_types: dict[tuple[str, str], int] = {}
     if errors.num_rows:
-        for stage, kind in zip(errors.column("error_stage").to_pylist(), errors.column("error_type").to_pylist()):
+        stages = _labels(errors, "error_stage")
+        kinds = _labels(errors, "error_type")
+        for stage, kind in zip(stages, kinds):
             error_types[(stage, kind)] = error_types.get((stage, kind), 0) + 1
-    id_chunks = [table.column("id").combine_chunks() for table in (scores, errors)
-                 if table.num_rows and "id" in table.column_names]
-    ids = pa.chunked_array(id_chunks) if id_chunks else pa.chunked_array([], type=pa.null())
-    stages = sorted(((name, msecs / 1000.0) for name, msecs in (stage_msecs or {}).items()),
-                    key=lambda item: (-item[1], item[0]))
+    id_columns = [table.column(layout.ID_FIELD) for table in (scores, errors)
+                  if table.num_rows and layout.ID_FIELD in table.column_names]
+    stages_s = sorted(((str(name), float(msecs) / 1000.0) for name, msecs in (stage_msecs or {}).items()),
+                      key=lambda item: (-item[1], item[0]))
     by_mask_mode = [_summary("all", lpips)]
-    if scores.num_rows:
-        by_mask_mode += _by(scores.column("mask_mode").to_pylist(), lpips)
-    repeated = _repeated_ids(ids)
+    if finite_rows.num_rows:
+        by_mask_mode += _by(_labels(finite_rows, "mask_mode"), lpips)
+    repeated = repeated_ids(id_columns)
     return Report(
-        output=output, counts=_counts(counters, scores.num_rows, errors.num_rows, repeated),
+        output=output, counts=_counts(counters, len(lpips), non_finite, errors.num_rows, repeated),
         errors_by_type=sorted(((stage, kind, n) for (stage, kind), n in error_types.items()),
                               key=lambda item: (-item[2], item[0], item[1])),
         by_mask_mode=by_mask_mode, by_group=by_group, group_column=group_column,
         measured_fraction=fraction_buckets(fractions),
         measured_fraction_quantiles=_summary("measured_fraction", fractions).quantiles,
-        duplicate_examples=repeated[:DUPLICATE_EXAMPLES], stage_seconds=stages, wall_s=wall_s, counters=counters,
-        notes=notes,
+        duplicate_examples=[(_json_value(value), n) for value, n in repeated[:DUPLICATE_EXAMPLES]],
+        stage_seconds=stages_s, wall_s=wall_s, counters=counters, notes=notes,
+        unknown_scope=unknown_scopes(counters),
     )
 
 
-def _column(table: pa.Table, name: str, dtype: Any) -> np.ndarray:
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    """``name`` as float64 (null → NaN); all NaN when the table has no such column or it is not numeric."""
     if name not in table.column_names:
-        return np.array([], dtype=dtype)
-    values = table.column(name)
-    if dtype is object:
-        return np.array(values.to_pylist(), dtype=object)
-    return values.to_numpy().astype(dtype)
+        return np.full(table.num_rows, np.nan)
+    column = table.column(name)
+    try:
+        if not (pa.types.is_floating(column.type) or pa.types.is_integer(column.type)):
+            column = pc.cast(column, pa.float64())
+        return np.asarray(column.to_numpy(), dtype=np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
+        return np.full(table.num_rows, np.nan)
 
 
-def _repeated_ids(ids: pa.ChunkedArray) -> list[tuple[Any, int]]:
-    """``(id, rows)`` of every id found on more than one output row, most repeated first."""
-    if len(ids) == 0 or pa.types.is_null(ids.type):
+def _id_key(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)) and math.isnan(value):
+        return "NaN"
+    try:
+        hash(value)
+        return value
+    except TypeError:  # list / struct ids
+        return label(value)
+
+
+def repeated_ids(columns: Sequence[pa.ChunkedArray]) -> list[tuple[Any, int]]:
+    """``(id, rows)`` of every non-null id found on more than one output row, most repeated first. Ids of
+    any type: when Arrow cannot count them (float16, ids typed differently in scores and errors), they are
+    counted in Python."""
+    columns = [column for column in columns if len(column) and not pa.types.is_null(column.type)]
+    if not columns:
         return []
-    counted = pc.value_counts(ids.combine_chunks())
-    pairs = zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())
-    return sorted(((value, n) for value, n in pairs if n > 1), key=lambda item: (-item[1], str(item[0])))
+    pairs: list[tuple[Any, int]]
+    try:
+        if len({column.type for column in columns}) != 1:
+            raise pa.ArrowTypeError("ids typed differently")
+        counted = pc.value_counts(pa.chunked_array([chunk for column in columns for chunk in column.chunks],
+                                                   type=columns[0].type).combine_chunks())
+        pairs = list(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        counter: collections.Counter = collections.Counter()
+        for column in columns:
+            counter.update(_id_key(value) for value in column.to_pylist())
+        pairs = list(counter.items())
+    repeated = [(value, int(n)) for value, n in pairs if n > 1 and value is not None]
+    return sorted(repeated, key=lambda item: (-item[1], label(item[0])))
 
 
-def _counts(counters: dict[str, int], scored: int, errors: int, repeated: list[tuple[Any, int]]) -> dict[str, int]:
+def _counts(counters: dict[str, int], scored: int, non_finite: int, errors: int,
+            repeated: list[tuple[Any, int]]) -> dict[str, int]:
     skipped = int(counters.get("rows_skipped", 0))
     return {
-        "input_rows": int(counters.get("rows_read", scored + errors + skipped)),
+        "input_rows": int(counters.get("rows_read", scored + non_finite + errors + skipped)),
         "skipped": skipped,
         "scored": scored,
+        # rows of scores files (older runs) whose lpips is NaN, infinite or null: in no quantile
+        "non_finite_scores": non_finite,
         "errors": errors,
         # counted by the job when it has an id column; else (or without counters) read off the outputs
         "duplicate_ids": int(counters.get("duplicate_ids", len(repeated))),
@@ -208,45 +356,72 @@ def _number(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (one line, no column break)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _quantile_table(summaries: list[ScoreSummary], heading: str) -> list[str]:
-    lines = [f"| {heading} | n | mean | " + " | ".join(QUANTILE_NAMES) + " |",
+    lines = [f"| {_cell(heading)} | n | mean | " + " | ".join(QUANTILE_NAMES) + " |",
              "| --- | ---: | ---: | " + " | ".join("---:" for _ in QUANTILE_NAMES) + " |"]
     for summary in summaries:
-        lines.append(f"| {summary.label} | {summary.count} | {_number(summary.mean)} | "
+        lines.append(f"| {_cell(summary.label)} | {summary.count} | {_number(summary.mean)} | "
                      + " | ".join(_number(summary.quantiles[name]) for name in QUANTILE_NAMES) + " |")
     return lines
+
+
+def unknown_scope_line(report: Report) -> Optional[str]:
+    """"N rows had a scope other than unedit_area/edit_area and were scored as full image: values ..."."""
+    if not report.unknown_scope:
+        return None
+    values = report.unknown_scope.get("values") or {}
+    rows = report.unknown_scope.get("rows", 0)
+    listed = ", ".join(f"{name!r} ({n})" for name, n in values.items()) or "not recorded"
+    more = " and others" if values and sum(values.values()) < rows else ""
+    return (f"{rows} rows had a scope other than {'/'.join(KNOWN_SCOPES)} and were scored as full image: "
+            f"values {listed}{more}")
 
 
 def render_markdown(report: Report) -> str:
     """report.md: counts, errors, score quantiles, measured fraction, stage times, the histogram."""
     counts = report.counts
     lines = ["# lpips-pipe run report", "",
-             f"Outputs: `{report.output}` (`scores-*.parquet`, `errors-*.parquet`). LPIPS: lower is better; "
+             f"Outputs: `{report.output}` (`{layout.SCORES}/`, `{layout.ERRORS}/`). LPIPS: lower is better; "
              "0 = the measured region is perceptually identical to the reference.", "",
              "## Counts", "", "| rows | count |", "| --- | ---: |",
              f"| input rows | {counts['input_rows']} |",
              f"| skipped (id already in earlier outputs, `--skip_existing`) | {counts['skipped']} |",
-             f"| scored | {counts['scored']} |",
-             f"| errors | {counts['errors']} |"]
+             f"| scored | {counts['scored']} |"]
+    if counts.get("non_finite_scores"):
+        lines.append(f"| non-finite scores (NaN/inf/null lpips; not in the quantiles) | "
+                     f"{counts['non_finite_scores']} |")
+    lines.append(f"| errors | {counts['errors']} |")
     lines.append(f"| ids on more than one row (each row kept) | {counts['duplicate_ids']} id(s), "
                  f"{counts['duplicate_id_rows']} rows |")
     lines += [f"| model loads | {counts['model_loads']} |", f"| pixels scored | {counts['pixels_scored']:,} |"]
     if report.wall_s is not None:
         rate = counts["scored"] / report.wall_s if report.wall_s > 0 else 0.0
         lines.append(f"| wall time | {report.wall_s:.1f} s ({rate:.2f} pairs/s) |")
+    if counts.get("non_finite_scores"):
+        lines += ["", f"non-finite scores: {counts['non_finite_scores']} (rows of the scores files whose lpips is "
+                      "NaN, infinite or null, written by older releases; the job now sends them to the errors as "
+                      "`model` / `NonFiniteScore`). They are not counted as scored."]
+    scope = unknown_scope_line(report)
+    if scope:
+        lines += ["", _cell(scope) + "."]
     if report.duplicate_examples:
-        examples = ", ".join(f"`{value}` ×{n}" for value, n in report.duplicate_examples)
+        examples = ", ".join(f"`{_cell(label(value))}` ×{n}" for value, n in report.duplicate_examples)
         lines += ["", f"Duplicated ids (first {len(report.duplicate_examples)}): {examples}."]
     lines += ["", "## Errors by stage and type", ""]
     if report.errors_by_type:
         lines += ["| stage | type | rows |", "| --- | --- | ---: |"]
-        lines += [f"| {stage} | {kind} | {n} |" for stage, kind, n in report.errors_by_type]
+        lines += [f"| {_cell(stage)} | {_cell(kind)} | {n} |" for stage, kind, n in report.errors_by_type]
     else:
         lines.append("No errors.")
     lines += ["", "## LPIPS by mask mode", ""] + _quantile_table(report.by_mask_mode, "mask mode")
     if report.by_group:
-        lines += ["", f"## LPIPS by {report.group_column}", ""] + _quantile_table(report.by_group,
-                                                                                  report.group_column or "")
+        lines += ["", f"## LPIPS by {_cell(report.group_column or '')}", ""] + _quantile_table(
+            report.by_group, report.group_column or "")
     lines += ["", "## Measured fraction (mask pixels / image pixels)", "", "| measured fraction | rows |",
               "| --- | ---: |"]
     lines += [f"| {name} | {n} |" for name, n in report.measured_fraction.items()]
@@ -258,13 +433,13 @@ def render_markdown(report: Report) -> str:
     if report.stage_seconds:
         total = sum(seconds for _, seconds in report.stage_seconds) or 1.0
         lines += ["| stage | seconds | share |", "| --- | ---: | ---: |"]
-        lines += [f"| {name} | {seconds:.2f} | {100 * seconds / total:.0f}% |"
+        lines += [f"| {_cell(name)} | {seconds:.2f} | {100 * seconds / total:.0f}% |"
                   for name, seconds in report.stage_seconds]
         name, seconds = report.stage_seconds[0]
         lines += ["", f"Slowest stage: **{name}** ({seconds:.2f} s)."]
     else:
         lines.append("Not reported by this runner (the in-process runner reports it; see the runner's UI elsewhere).")
-    lines += [f"- {note}" for note in report.notes]
+    lines += [f"- {_cell(note)}" for note in report.notes]
     lines += ["", "## Histogram", "", f"![LPIPS and measured fraction histograms]({HISTOGRAM_PNG})", ""]
     return "\n".join(lines)
 
@@ -275,8 +450,13 @@ def format_table(report: Report) -> str:
     lines = [header]
     for summary in report.by_mask_mode:
         q = summary.quantiles
-        lines.append(f"  {summary.label:<10} {summary.count:>7} {_number(summary.mean):>8} {_number(q['p5']):>8} "
-                     f"{_number(q['median']):>8} {_number(q['p95']):>8} {_number(q['max']):>8}")
+        lines.append(f"  {_cell(summary.label):<10} {summary.count:>7} {_number(summary.mean):>8} "
+                     f"{_number(q['p5']):>8} {_number(q['median']):>8} {_number(q['p95']):>8} {_number(q['max']):>8}")
+    if report.counts.get("non_finite_scores"):
+        lines.append(f"  non-finite scores: {report.counts['non_finite_scores']} (not in the quantiles)")
+    scope = unknown_scope_line(report)
+    if scope:
+        lines.append(f"  {_cell(scope)}")
     if report.slowest_stage:
         name, seconds = report.slowest_stage
         lines.append(f"  slowest stage: {name} ({seconds:.1f} s)")
@@ -289,21 +469,21 @@ def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> by
     from matplotlib.ticker import MaxNLocator
 
     split_by = group_column if group_column and group_column in scores.column_names else "mask_mode"
-    lpips = _column(scores, "lpips", np.float64)
-    fractions = _column(scores, "measured_fraction", np.float64)
-    keys = _column(scores, split_by, object)
+    lpips = _column(scores, layout.LPIPS_FIELD)
+    finite = np.isfinite(lpips)
+    fractions = _column(scores, "measured_fraction")[finite]
     figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
     left, right = figure.subplots(1, 2, width_ratios=(3, 2))
-    finite = np.isfinite(lpips)
     if finite.any():
         values = lpips[finite]
         top = float(np.quantile(values, 0.99)) if len(values) > 20 else float(values.max())
         top = top if top > 0 else 1.0
         clipped = int((values > top).sum())
         bins = np.linspace(0.0, top, 41)
-        value_keys = keys[finite].tolist()
+        all_keys = _labels(scores, split_by)
+        value_keys = [key for key, keep in zip(all_keys, finite) if keep]
         sizes = collections.Counter(value_keys)
-        shown = sorted(sizes, key=lambda key: (-sizes[key], str(key)))[:MAX_HISTOGRAM_SERIES]
+        shown = sorted(sizes, key=lambda key: (-sizes[key], key))[:MAX_HISTOGRAM_SERIES]
         position = {key: index for index, key in enumerate(shown)}  # the rest share the last code: "other"
         codes = np.fromiter((position.get(key, len(shown)) for key in value_keys), dtype=np.int64,
                             count=len(value_keys))
@@ -311,9 +491,9 @@ def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> by
         for code, key in enumerate(shown + ["other"]):
             if (codes == code).any():
                 series.append(np.minimum(values[codes == code], top))
-                labels.append(f"{key} (n={int((codes == code).sum())})")
+                labels.append(f"{key[:40]} (n={int((codes == code).sum())})")
         left.hist(series, bins=bins, stacked=True, label=labels)
-        left.legend(title=split_by.replace("_", " "), fontsize="small")
+        left.legend(title=split_by.replace("_", " ")[:40], fontsize="small")
         note = f"; {clipped} above {top:.3g} in the last bin" if clipped else ""
         left.set_title(f"LPIPS of {len(values)} scored pairs{note}", fontsize="medium")
     else:
@@ -339,48 +519,131 @@ def _write(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+def report_paths(output: str) -> list[str]:
+    """``OUT/report/report.md``, ``report.json``, ``histogram.png`` (:func:`transforms.layout.report_paths`)."""
+    return layout.report_paths(output)
+
+
 def write_report(output: str, counters: Optional[dict[str, int]] = None, group_column: Optional[str] = None,
                  stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None) -> Report:
-    """Read ``output``'s outputs once and write report.md, report.json and histogram.png beside them."""
-    scores, errors = read_outputs(output, group_column)
-    report = build_report(output, scores, errors, counters, group_column, stage_msecs, wall_s)
-    _write(FileSystems.join(output, HISTOGRAM_PNG), render_histogram(scores, group_column))
-    _write(FileSystems.join(output, REPORT_MD), render_markdown(report).encode("utf-8"))
-    _write(FileSystems.join(output, REPORT_JSON), json.dumps(asdict(report), indent=2, default=str).encode("utf-8"))
+    """Read ``output``'s outputs once and write report.md, report.json and histogram.png into ``OUT/report/``."""
+    notes: list[str] = []
+    scores, errors = read_outputs(output, group_column, notes)
+    return _write_report(output, scores, errors, notes, counters, group_column, stage_msecs, wall_s)
+
+
+def _write_report(output: str, scores: pa.Table, errors: pa.Table, notes: list[str],
+                  counters: Optional[dict[str, int]] = None, group_column: Optional[str] = None,
+                  stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None) -> Report:
+    report = build_report(output, scores, errors, counters, group_column, stage_msecs, wall_s, notes)
+    markdown, summary, histogram = report_paths(output)
+    _write(histogram, render_histogram(scores, group_column))
+    _write(markdown, render_markdown(report).encode("utf-8"))
+    _write(summary, json.dumps(asdict(report), indent=2, default=str).encode("utf-8"))
     return report
 
 
-def report_paths(output: str) -> list[str]:
-    return [FileSystems.join(output, name) for name in REPORT_FILES]
+def _valid_facts(earlier: Any) -> Optional[str]:
+    """Why an earlier report.json cannot give counters (``None`` when it can)."""
+    if not isinstance(earlier, dict):
+        return f"a JSON object was expected, got {type(earlier).__name__}"
+    counters = earlier.get("counters", {})
+    if counters is None:
+        counters = {}
+    if not isinstance(counters, dict):
+        return f"'counters' is a {type(counters).__name__}, not an object"
+    for name, value in counters.items():
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, int):
+            return f"counter {name!r} is {value!r}, not a whole number"
+    stages = earlier.get("stage_seconds", [])
+    if stages is None:
+        stages = []
+    if not isinstance(stages, list):
+        return f"'stage_seconds' is a {type(stages).__name__}, not a list"
+    for item in stages:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or isinstance(item[1], bool) or not isinstance(item[1], (int, float)) or not math.isfinite(item[1])):
+            return f"'stage_seconds' holds {item!r}, not a [name, seconds] pair"
+    wall_s = earlier.get("wall_s")
+    if wall_s is not None and (isinstance(wall_s, bool) or not isinstance(wall_s, (int, float))
+                               or not math.isfinite(wall_s)):
+        return f"'wall_s' is {wall_s!r}, not a number"
+    return None
 
 
 def _earlier_run_facts(output: str) -> dict[str, Any]:
-    """Counters, stage times and wall time an earlier report.json in ``output`` recorded (else nothing)."""
-    path = FileSystems.join(output, REPORT_JSON)
-    if not FileSystems.exists(path):
-        return {}
+    """Counters, stage times and wall time an earlier report.json in ``output`` recorded (``OUT/report/``, or
+    ``OUT/`` for older releases); nothing (and a warning) when there is none or it has the wrong shape."""
+    for path in (report_paths(output)[1], FileSystems.join(output, REPORT_JSON)):
+        if not FileSystems.exists(path):
+            continue
+        try:
+            with FileSystems.open(path, compression_type="uncompressed") as handle:
+                earlier = json.loads(handle.read().decode("utf-8"))
+        except (ValueError, OSError) as error:  # bad JSON, not UTF-8, a folder, unreadable
+            _LOGGER.warning("ignoring %s (%s): the report will have no counters", path,
+                            " ".join(str(error).split()) or type(error).__name__)
+            return {}
+        problem = _valid_facts(earlier)
+        if problem:
+            _LOGGER.warning("ignoring %s (%s): the report will have no counters", path, problem)
+            return {}
+        return {"counters": dict(earlier.get("counters") or {}),
+                "stage_msecs": {name: seconds * 1000 for name, seconds in earlier.get("stage_seconds") or []},
+                "wall_s": earlier.get("wall_s")}
+    return {}
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def check_output(output: str) -> None:
+    """Raise :class:`ReportError` unless ``output`` is a run directory holding scores files."""
+    if _is_local(output):
+        if not os.path.exists(output):
+            raise ReportError(f"{output}: no such directory")
+        if not os.path.isdir(output):
+            raise ReportError(f"{output} is a file; give a job's --output directory")
     try:
-        with FileSystems.open(path, compression_type="uncompressed") as handle:
-            earlier = json.loads(handle.read().decode("utf-8"))
-    except ValueError as error:
-        _LOGGER.warning("ignoring %s (%s): the report will have no counters", path, error)
-        return {}
-    return {"counters": earlier.get("counters") or {},
-            "stage_msecs": {name: seconds * 1000 for name, seconds in earlier.get("stage_seconds") or []},
-            "wall_s": earlier.get("wall_s")}
+        found = layout.kind_files(output, layout.SCORES)
+    except Exception as error:  # an unreachable bucket, a bad path
+        raise ReportError(f"cannot list {output}: {' '.join(str(error).split())}") from error
+    if not found:
+        raise ReportError(f"no scores in {output} (expected {layout.SCORES}/*.parquet or scores-*.parquet)")
+    folder = layout.report_dir(output)
+    if _is_local(output) and os.path.exists(folder) and not os.path.isdir(folder):
+        raise ReportError(f"{folder} is a file: the report is written into a folder of that name; move the file")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lpips-pipe-report DIR``: (re)write DIR/report.md, report.json and histogram.png."""
-    parser = argparse.ArgumentParser(prog="lpips-pipe-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="A job's --output directory (any Beam filesystem).")
+    """``lpips-pipe-report DIR``: (re)write DIR/report/report.md, report.json and histogram.png.
+
+    Exit 0 when written, 2 on a mistake (no such directory, a file, no scores: one line, nothing written)."""
+    parser = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("output", help="A job's --output directory (any Beam filesystem); the report goes to "
+                                       "DIR/report/.")
     parser.add_argument("--group_column", default=None, help="Also tabulate LPIPS per value of this column.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not match_inputs(FileSystems.join(args.output, "scores-*.parquet")):
-        print(f"lpips-pipe-report: error: no scores-*.parquet in {args.output}", file=sys.stderr)
+    try:
+        check_output(args.output)
+        if args.group_column is not None and not args.group_column.strip():
+            raise ReportError("--group_column must name a column")
+        notes: list[str] = []
+        scores, errors = read_outputs(args.output, args.group_column, notes)
+        if layout.LPIPS_FIELD not in scores.column_names:
+            raise ReportError(f"no readable scores in {args.output}: {notes[0] if notes else 'no lpips column'}")
+    except ReportError as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
-    report = write_report(args.output, group_column=args.group_column, **_earlier_run_facts(args.output))
+    try:
+        report = _write_report(args.output, scores, errors, notes, group_column=args.group_column,
+                               **_earlier_run_facts(args.output))
+    except (OSError, IOError) as error:  # a read-only folder, a full disk: one line, not a traceback
+        print(f"{PROG}: error: cannot write the report into {layout.report_dir(args.output)}: "
+              f"{' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+        return 2
     print(format_table(report))
     print(f"  report: {', '.join(report_paths(args.output))}")
     return 0

@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import run as job
+from pipeline import cli as job
 from tests.seed_reference import open_image
 from transforms import score_math
 from transforms.records import RecordConfig, RecordError, parse_coords, pixel_boxes, prepare_pair
@@ -205,7 +205,7 @@ def _corpus() -> list[Kind]:
         Kind("box/three_numbers", coords="[[0, 0, 10]]", error=("coords", "BadBox")),
         Kind("box/five_numbers", coords="[[0, 0, 10, 10, 10]]", error=("coords", "BadBox")),
         Kind("box/too_deep", coords="[[[0, 0, 10, 10]]]", error=("coords", "BadBox")),
-        Kind("box/flat", coords="[0, 0, 10, 10]", error=("coords", "MalformedCoords")),
+        Kind("box/flat_is_one_box", coords="[0, 0, 10, 10]", seed_coords=[[0, 0, 10, 10]]),
         Kind("box/object", coords='{"boxes": [[0, 0, 10, 10]]}', error=("coords", "MalformedCoords")),
         Kind("box/struct_missing_key", coords='[{"x1": 0, "y1": 0, "x2": 10}]', error=("coords", "MalformedCoords")),
         Kind("box/malformed_json", coords="[[0, 0, 10, 10]", error=("coords", "MalformedCoords")),
@@ -304,8 +304,8 @@ def corpus_run(corpus_file, tmp_path_factory) -> dict[str, Any]:
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):  # capsys is per test; this runs once per module
         code = job.main(["--input", corpus_file, "--output", out, "--num_shards", "1", "--scope_column", "scope"])
-    return {"code": code, "stdout": summary.getvalue(), "scores": _read(os.path.join(out, "scores-*.parquet")),
-            "errors": _read(os.path.join(out, "errors-*.parquet"))}
+    return {"code": code, "stdout": summary.getvalue(), "scores": _read(os.path.join(out, "scores", "*.parquet")),
+            "errors": _read(os.path.join(out, "errors", "*.parquet"))}
 
 
 def test_corpus_has_the_kinds_the_issue_lists():
@@ -410,8 +410,8 @@ def test_a_pair_the_model_rejects_does_not_take_its_batch_down(seed_alex):
     schemas = build_output_schemas(SCHEMA, records, "id")
     handler = LpipsModelHandler(ModelConfig(net="alex", device="cpu"))
     with TestPipeline(runner="FnApiRunner") as pipeline:
-        outputs = (pipeline | beam.Create([(kind.id, _row(kind)) for kind in kinds])
-                   | ScorePairs(records, handler, schemas, decode_threads=0))
+        outputs = (pipeline | beam.Create([_row(kind) for kind in kinds])
+                   | ScorePairs(records, handler, schemas.row_format, decode_threads=0))
         assert_that(outputs["scores"] | "Ids" >> beam.Map(lambda row: (row["id"], round(row["lpips"], 5))),
                     equal_to(expected), label="Scores")
         assert_that(outputs["errors"] | beam.Map(lambda row: (row["id"], row["error_stage"], row["error_type"])),
@@ -431,7 +431,7 @@ def test_size_mismatch_error_routes_only_the_mismatched_rows(tmp_path, capsys):
     out = str(tmp_path / "out")
     code, stdout, _ = _run(["--input", path, "--output", out, "--num_shards", "1", "--size_mismatch", "error"], capsys)
     assert code == 0
-    scores, errors = _read(os.path.join(out, "scores-*.parquet")), _read(os.path.join(out, "errors-*.parquet"))
+    scores, errors = _read(os.path.join(out, "scores", "*.parquet")), _read(os.path.join(out, "errors", "*.parquet"))
     assert sorted(scores.column("id").to_pylist()) == ["good/a", "good/b"]
     assert sorted(errors.column("id").to_pylist()) == ["mismatch/larger", "mismatch/one_pixel", "mismatch/smaller"]
     assert set(zip(errors.column("error_stage").to_pylist(), errors.column("error_type").to_pylist())) == {
@@ -467,8 +467,8 @@ def test_empty_file_among_others_loses_nothing(tmp_path, capsys):
     out = str(tmp_path / "out")
     code, stdout, _ = _run(["--input", str(directory / "*.parquet"), "--output", out, "--num_shards", "1"], capsys)
     assert code == 0
-    assert _read(os.path.join(out, "scores-*.parquet")).column("id").to_pylist() == ["good/a"]
-    assert _read(os.path.join(out, "errors-*.parquet")).column("id").to_pylist() == ["bad/nan"]
+    assert _read(os.path.join(out, "scores", "*.parquet")).column("id").to_pylist() == ["good/a"]
+    assert _read(os.path.join(out, "errors", "*.parquet")).column("id").to_pylist() == ["bad/nan"]
     assert "read 2 rows, scored 1, errors 1" in stdout
 
 

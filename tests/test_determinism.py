@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import run as job
+from pipeline import cli as job
 from pipeline.demo import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
 from tests.test_faults import deadline
@@ -63,8 +63,8 @@ def runs(pairs_file, tmp_path_factory) -> dict[str, tuple[pa.Table, pa.Table]]:
         out = str(tmp_path_factory.mktemp(name) / "out")
         with deadline(150):
             assert job.main(["--input", path, "--output", out, *extra]) == 0
-        scores = _read(os.path.join(out, "scores-*.parquet")).sort_by("id")
-        errors = _read(os.path.join(out, "errors-*.parquet")).sort_by("id")
+        scores = _read(os.path.join(out, "scores", "*.parquet")).sort_by("id")
+        errors = _read(os.path.join(out, "errors", "*.parquet")).sort_by("id")
         results[name] = (scores, errors)
     return results
 

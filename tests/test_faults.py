@@ -1,6 +1,6 @@
 """A worker that dies mid-bundle: the job fails loudly, leaves no partial output, and a rerun is complete.
 
-The fault is injected from the test, with no hook in production code: ``pipeline.run.ScorePairs`` is
+The fault is injected from the test, with no hook in production code: ``transforms.stage.ScorePairs`` is
 monkeypatched with :class:`FaultyScorePairs`, which adds :class:`DieOnce` after the score rows, in the
 same fused stage as the Parquet writer. ``DieOnce`` lives in this module, so the multi-process
 runner's workers unpickle it by reference (they import ``tests.test_faults`` from the working
@@ -10,12 +10,12 @@ no cleanup, no ``finish_bundle``) or raises.
 
 What the FnApiRunner does (Beam 2.77), found here and asserted:
 
-- multi_processing, a worker process dies: no retry; ``pipeline.run`` raises
+- multi_processing, a worker process dies: no retry; ``pipeline.run()`` raises
   ``RuntimeError('Channel closed prematurely.')`` and the surviving worker is shut down;
 - in-process, a DoFn raises: no retry; the error is raised, naming the step.
 
 Either way no ``scores-*.parquet`` / ``errors-*.parquet`` appears: Beam's file sink writes per-bundle
-files under ``beam-temp-*`` and only renames them into place when every bundle is done. What stays
+files under ``OUT/_staging/`` and only renames them into place when every bundle is done. What stays
 behind is those temporary directories (reported, not asserted away). A rerun into the same directory
 needs no ``--overwrite`` and writes every row.
 """
@@ -32,9 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import run as job
+from pipeline import cli as job
 from pipeline.demo import demo_table
 from tests.seed_reference import open_image
+from transforms import stage
 from transforms.scoring import ScorePairs
 
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
@@ -122,19 +123,21 @@ def _worker_children() -> list[int]:
 
 
 def _final_outputs(out: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(out, "scores-*.parquet")) + glob.glob(os.path.join(out, "errors-*.parquet")))
+    return sorted(glob.glob(os.path.join(out, "scores", "*.parquet"))
+                  + glob.glob(os.path.join(out, "errors", "*.parquet")))
 
 
 def _assert_no_partial_output(out: str) -> None:
     assert _final_outputs(out) == []
     for path in glob.glob(os.path.join(out, "**", "*"), recursive=True):
         relative = os.path.relpath(path, out)
-        assert relative.startswith("beam-temp-"), f"{relative} left outside Beam's temporary directories"
+        assert relative.startswith("_staging") or relative in ("scores", "errors", "_lpips_pipe.lock"), \
+            f"{relative} left outside the staging directory"
 
 
 def _assert_complete(out: str, table: pa.Table, seed_alex) -> None:
     read = {prefix: pa.concat_tables([pq.read_table(path) for path in
-                                      sorted(glob.glob(os.path.join(out, f"{prefix}-*.parquet")))])
+                                      sorted(glob.glob(os.path.join(out, prefix, "*.parquet")))])
             for prefix in ("scores", "errors")}
     scores, errors = read["scores"], read["errors"]
     assert scores.num_rows + errors.num_rows == table.num_rows
@@ -153,7 +156,7 @@ def test_worker_killed_mid_bundle_fails_loudly_then_rerun_is_complete(pairs, tmp
                                                                       capsys):
     path, table = pairs
     marker, out = str(tmp_path / "fault.marker"), str(tmp_path / "out")
-    monkeypatch.setattr(job, "ScorePairs", faulty_score_pairs(marker, "exit"))
+    monkeypatch.setattr(stage, "ScorePairs", faulty_score_pairs(marker, "exit"))
     argv = ["--input", path, "--output", out, *MULTI]
     with deadline(RUN_DEADLINE_S):
         assert job.main(argv) == 1
@@ -172,7 +175,7 @@ def test_in_process_failure_mid_bundle_fails_loudly_then_rerun_is_complete(pairs
                                                                            capsys):
     path, table = pairs
     marker, out = str(tmp_path / "fault.marker"), str(tmp_path / "out")
-    monkeypatch.setattr(job, "ScorePairs", faulty_score_pairs(marker, "raise"))
+    monkeypatch.setattr(stage, "ScorePairs", faulty_score_pairs(marker, "raise"))
     argv = ["--input", path, "--output", out, "--num_shards", "1"]
     assert job.main(argv) == 1
     assert "injected fault" in capsys.readouterr().err

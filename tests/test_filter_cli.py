@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import filter as filter_cli
-from pipeline import run as job
-from pipeline.demo import demo_table
+from pipeline import cli as job
+from tests.data_helpers import demo_table, read_kind, write_kind
+from transforms import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,17 +28,17 @@ def scores(tmp_path_factory) -> pa.Table:
     pq.write_table(demo_table(size=64, with_bad_rows=False).slice(0, 16), str(work / "pairs.parquet"))
     assert job.main(["--input", str(work / "pairs.parquet"), "--output", str(work / "out"), "--num_shards", "1",
                      "--no_report"]) == 0
-    table = pq.read_table(glob.glob(str(work / "out" / "scores-*.parquet"))[0])
+    table = read_kind(str(work / "out"), layout.SCORES)
     assert table.num_rows == 16 and len(set(table.column("edit").to_pylist())) == 4
     return table
 
 
 def _write_parts(table: pa.Table, directory, cuts=()) -> str:
-    os.makedirs(directory, exist_ok=True)
+    """``table`` as a run's ``DIR/scores/part-*.parquet`` shards; returns the run directory (what --scores takes)."""
     bounds = [0, *cuts, table.num_rows]
-    for index, (low, high) in enumerate(zip(bounds, bounds[1:])):
-        pq.write_table(table.slice(low, high - low), os.path.join(directory, f"scores-{index:05d}-of-99999.parquet"))
-    return os.path.join(directory, "scores-*.parquet")
+    write_kind(str(directory), layout.SCORES,
+               [table.slice(low, high - low) for low, high in zip(bounds, bounds[1:])])
+    return str(directory)
 
 
 def _outputs(out) -> tuple[pa.Table, pa.Table]:

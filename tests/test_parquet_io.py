@@ -13,6 +13,8 @@ from transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 700), max_size=6), st.integers(1, 300))
 def test_splits_cover_each_row_once(row_group_rows, split_rows):
+    """Splits are whole row groups (never a part: pyarrow cannot start inside one), small groups packed
+    up to ``split_rows`` rows, a bigger group alone."""
     splits = plan_splits("f", row_group_rows, split_rows)
     covered = []
     offset = 0
@@ -21,8 +23,10 @@ def test_splits_cover_each_row_once(row_group_rows, split_rows):
         starts[group] = offset
         offset += rows
     for split in splits:
-        assert 0 < split.stop - split.start <= split_rows
-        assert split.first_row == starts[split.row_group] + split.start
+        groups = range(split.row_group, split.row_group + split.row_groups)
+        assert split.start == 0 and split.num_rows == sum(row_group_rows[g] for g in groups) > 0
+        assert split.num_rows <= split_rows or split.row_groups == 1
+        assert split.first_row == starts[split.row_group]
         covered += range(split.first_row, split.first_row + split.stop - split.start)
     assert covered == list(range(sum(row_group_rows)))
 
@@ -35,8 +39,12 @@ def test_reading_all_splits_gives_every_row_in_order(tmp_path):
     schema, row_group_rows = read_footer(path)
     assert row_group_rows == [7, 7, 7, 2] and schema.names == ["value", "name"]
     splits = plan_splits(path, row_group_rows, split_rows=3)
+    assert [split.num_rows for split in splits] == [7, 7, 7, 2]  # whole groups, each read once
     by_position = [pair for split in splits for pair in ReadParquetSplit(None).process(split)]
     assert [record_id for record_id, _ in by_position] == [f"{path}:{v}" for v in values]
     assert [row["value"] for _, row in by_position] == values
     by_id = [pair for split in splits for pair in ReadParquetSplit("name").process(split)]
     assert [record_id for record_id, _ in by_id] == [f"n{v}" for v in values]
+    packed = plan_splits(path, row_group_rows, split_rows=16)  # 7 + 7, then 7 + 2
+    assert [(split.row_group, split.row_groups, split.num_rows) for split in packed] == [(0, 2, 14), (2, 2, 9)]
+    assert [row["value"] for split in packed for _, row in ReadParquetSplit(None).process(split)] == values

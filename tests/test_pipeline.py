@@ -16,7 +16,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import run as job
+from pipeline import cli as job
 from pipeline.demo import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
 from transforms.model import ModelConfig
@@ -79,8 +79,8 @@ def test_score_pairs_transform_routes_every_row(good_table, seed_scores, decode_
     schemas = build_output_schemas(PAIRS_SCHEMA, records, "id")
     handler = LpipsModelHandler(ModelConfig(net="alex", device="cpu"))
     with TestPipeline(runner="FnApiRunner") as pipeline:
-        outputs = (pipeline | beam.Create([(row["id"], row) for row in rows])
-                   | ScorePairs(records, handler, schemas, decode_threads))
+        outputs = (pipeline | beam.Create(rows)
+                   | ScorePairs(records, handler, schemas.row_format, decode_threads))
         scored = outputs["scores"] | "ScoreIds" >> beam.Map(lambda row: (row["id"], round(row["lpips"], 5)))
         assert_that(scored, equal_to([(row["id"], round(seed_scores[row["id"]], 5)) for row in rows[:4]]),
                     label="Scores")
@@ -92,8 +92,8 @@ def test_cli_scores_good_rows_and_routes_bad_rows(mixed_file, seed_scores, tmp_p
     path, table = mixed_file
     out = str(tmp_path / "out")
     assert _run_cli(["--input", path, "--output", out, "--num_shards", "1"]) == 0
-    scores = _read(os.path.join(out, "scores-*.parquet"))
-    errors = _read(os.path.join(out, "errors-*.parquet"))
+    scores = _read(os.path.join(out, "scores", "*.parquet"))
+    errors = _read(os.path.join(out, "errors", "*.parquet"))
     assert scores.num_rows + errors.num_rows == table.num_rows
     assert set(scores.column("id").to_pylist()) == set(seed_scores)
     for row in scores.to_pylist():
@@ -121,8 +121,8 @@ def test_multi_processing_runner_gives_the_same_scores(mixed_file, tmp_path):
     for name, extra in (("inproc", []), ("multi", ["--direct_num_workers=2", "--direct_running_mode=multi_processing"])):
         out = str(tmp_path / name)
         assert _run_cli(["--input", path, "--output", out, "--num_shards", "1", *extra]) == 0
-        scores = _read(os.path.join(out, "scores-*.parquet")).sort_by("id")
-        errors = _read(os.path.join(out, "errors-*.parquet")).sort_by("id")
+        scores = _read(os.path.join(out, "scores", "*.parquet")).sort_by("id")
+        errors = _read(os.path.join(out, "errors", "*.parquet")).sort_by("id")
         outputs[name] = (scores, errors)
     (a_scores, a_errors), (b_scores, b_errors) = outputs["inproc"], outputs["multi"]
     assert a_scores.column("id").equals(b_scores.column("id"))
@@ -136,20 +136,21 @@ def test_without_id_column_ids_are_file_and_row(tmp_path, good_table):
     pq.write_table(good_table.slice(0, 2).drop(["id"]), path)
     out = str(tmp_path / "out")
     assert _run_cli(["--input", path, "--output", out, "--num_shards", "1", "--scope", "full"]) == 0
-    scores = _read(os.path.join(out, "scores-*.parquet"))
+    scores = _read(os.path.join(out, "scores", "*.parquet"))
     assert sorted(scores.column("id").to_pylist()) == [f"{path}:0", f"{path}:1"]
     assert set(scores.column("mask_mode").to_pylist()) == {"none"}
     assert scores.column("measured_fraction").to_pylist() == [1.0, 1.0]
 
 
-def test_all_bad_input_still_writes_both_files(tmp_path, good_table):
+def test_all_bad_input_still_writes_both_files_and_exits_3(tmp_path, good_table, capsys):
     row = good_table.slice(0, 1).to_pylist()[0]
     path = str(tmp_path / "bad.parquet")
     pq.write_table(pa.Table.from_pylist([{**row, "ref_image": None}], schema=PAIRS_SCHEMA), path)
     out = str(tmp_path / "out")
-    assert _run_cli(["--input", path, "--output", out, "--num_shards", "1"]) == 0
-    assert _read(os.path.join(out, "scores-*.parquet")).num_rows == 0
-    assert _read(os.path.join(out, "errors-*.parquet")).num_rows == 1
+    assert _run_cli(["--input", path, "--output", out, "--num_shards", "1"]) == 3  # never looks like success
+    assert "every one of the 1 rows failed" in capsys.readouterr().err
+    assert _read(os.path.join(out, "scores", "*.parquet")).num_rows == 0
+    assert _read(os.path.join(out, "errors", "*.parquet")).num_rows == 1
 
 
 def test_empty_input_file_gives_empty_outputs(tmp_path):
@@ -157,9 +158,9 @@ def test_empty_input_file_gives_empty_outputs(tmp_path):
     pq.write_table(PAIRS_SCHEMA.empty_table(), path)
     out = str(tmp_path / "out")
     assert _run_cli(["--input", path, "--output", out]) == 0
-    scores = _read(os.path.join(out, "scores-*.parquet"))
+    scores = _read(os.path.join(out, "scores", "*.parquet"))
     assert scores.num_rows == 0 and "lpips" in scores.column_names
-    assert _read(os.path.join(out, "errors-*.parquet")).num_rows == 0
+    assert _read(os.path.join(out, "errors", "*.parquet")).num_rows == 0
 
 
 def test_struct_image_and_json_coords_columns(tmp_path, good_table, seed_scores):
@@ -181,7 +182,7 @@ def test_struct_image_and_json_coords_columns(tmp_path, good_table, seed_scores)
     pq.write_table(pa.Table.from_pylist(converted, schema=schema), path)
     out = str(tmp_path / "out")
     assert _run_cli(["--input", path, "--output", out, "--num_shards", "1"]) == 0
-    scores = {row["id"]: row["lpips"] for row in _read(os.path.join(out, "scores-*.parquet")).to_pylist()}
+    scores = {row["id"]: row["lpips"] for row in _read(os.path.join(out, "scores", "*.parquet")).to_pylist()}
     assert set(scores) == {row["id"] for row in rows}
     for row_id, value in scores.items():
         assert abs(value - seed_scores[row_id]) <= 1e-5
@@ -237,7 +238,7 @@ def test_python_m_pipeline_entry_point(mixed_file, tmp_path):
     assert f"read {table.num_rows} rows, scored {table.num_rows - len(BAD_ROWS)}, errors {len(BAD_ROWS)}" \
         in done.stdout
     assert "Prism" not in done.stderr
-    assert glob.glob(os.path.join(out, "scores-*.parquet")) and glob.glob(os.path.join(out, "errors-*.parquet"))
+    assert glob.glob(os.path.join(out, "scores", "*.parquet")) and glob.glob(os.path.join(out, "errors", "*.parquet"))
 
 
 def test_help_lists_our_options(capsys):

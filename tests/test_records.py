@@ -400,6 +400,11 @@ def test_parse_coords_forms():
     assert parse_coords("[]") == []
     assert parse_coords(None) is None
     assert parse_coords("null") is None
+    # one flat box [x1, y1, x2, y2] (four numbers, not nested) is one box
+    assert parse_coords([1, 2, 3, 4]) == [[1, 2, 3, 4]]
+    assert parse_coords("[1, 2, 3, 4]") == [[1, 2, 3, 4]]
+    assert parse_coords([1.5, 2, 3, 4.25]) == [[1.5, 2, 3, 4.25]]
+    assert parse_coords(np.array([10, 20, 30, 40])) == [[10, 20, 30, 40]]
 
 
 @pytest.mark.parametrize(
@@ -409,8 +414,9 @@ def test_parse_coords_forms():
         "{x1: 1}",
         "",
         "not json",
-        [1, 2, 3, 4],
-        "[1, 2, 3, 4]",
+        [1, 2, 3],
+        "[1, 2, 3, 4, 5]",
+        [1, 2, 3, True],
         [[1, 2, 3, 4], 5],
         ["1, 2, 3, 4"],
         [{"x1": 1, "y1": 2, "x2": 3}],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import json
 import os
@@ -16,12 +15,13 @@ import pytest
 from PIL import Image
 
 from pipeline import report as run_report
-from pipeline import run as job
-from pipeline.demo import demo_table
+from pipeline import cli as job
+from tests.data_helpers import demo_table, read_kind
+from transforms import layout
 
 
-def _read(pattern: str) -> pa.Table:
-    return pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(pattern))])
+def _report_file(out: str, name: str) -> str:
+    return os.path.join(layout.report_dir(out), name)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,10 @@ def finished(tmp_path_factory) -> dict:
                          "--report_group_column", "edit"])
     assert code == 0
     return {"out": out, "input": table, "stdout": buffer.getvalue(),
-            "scores": _read(os.path.join(out, "scores-*.parquet")),
-            "errors": _read(os.path.join(out, "errors-*.parquet")),
-            "markdown": open(os.path.join(out, "report.md"), encoding="utf-8").read(),
-            "json": json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))}
+            "scores": read_kind(out, layout.SCORES),
+            "errors": read_kind(out, layout.ERRORS),
+            "markdown": open(_report_file(out, "report.md"), encoding="utf-8").read(),
+            "json": json.load(open(_report_file(out, "report.json"), encoding="utf-8"))}
 
 
 def _fmt(value: float) -> str:
@@ -101,7 +101,7 @@ def test_slowest_stage_and_printed_table(finished):
 
 
 def test_histogram_is_a_readable_png(finished):
-    path = os.path.join(finished["out"], "histogram.png")
+    path = _report_file(finished["out"], "histogram.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1100, 420)
         pixels = np.asarray(image.convert("L"))
@@ -112,15 +112,15 @@ def test_histogram_is_a_readable_png(finished):
 def test_report_command_rerenders_with_the_runs_counters(finished, tmp_path, capsys):
     out = str(tmp_path / "copy")
     shutil.copytree(finished["out"], out)
-    os.remove(os.path.join(out, "report.md"))
-    os.remove(os.path.join(out, "histogram.png"))
+    os.remove(_report_file(out, "report.md"))
+    os.remove(_report_file(out, "histogram.png"))
     assert run_report.main([out, "--group_column", "edit"]) == 0
-    markdown = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    markdown = open(_report_file(out, "report.md"), encoding="utf-8").read()
     assert "| input rows | 10 |" in markdown and "| model loads | 1 |" in markdown  # from the earlier report.json
-    assert "Slowest stage:" in markdown and os.path.getsize(os.path.join(out, "histogram.png")) > 5000
+    assert "Slowest stage:" in markdown and os.path.getsize(_report_file(out, "histogram.png")) > 5000
     assert "mask mode" in capsys.readouterr().out
     assert run_report.main([str(tmp_path / "empty")]) == 2
-    assert "no scores-*.parquet" in capsys.readouterr().err
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_build_report_from_outputs_alone():
@@ -158,5 +158,5 @@ def test_no_report_flag_and_overwrite_clears_a_stale_report(finished, tmp_path):
     assert job.main(["--input", pairs, "--output", out, "--num_shards", "1", "--overwrite", "--no_report",
                      "--progress_interval_s", "0"]) == 0
     for name in ("report.md", "report.json", "histogram.png"):
-        assert not os.path.exists(os.path.join(out, name)), name  # the old run's report would describe other rows
-    assert _read(os.path.join(out, "scores-*.parquet")).num_rows == 2
+        assert not os.path.exists(_report_file(out, name)), name  # the old run's report would describe other rows
+    assert read_kind(out, layout.SCORES).num_rows == 2

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import run as job
+from pipeline import cli as job
+from pipeline import job as job_plan
+from pipeline import report as run_report
 from pipeline.demo import demo_table
 from pipeline.options import LpipsPipeOptions
 from transforms import ids as record_ids
@@ -47,7 +49,7 @@ def first_run(rows, tmp_path_factory) -> dict:
     pq.write_table(pa.concat_tables([rows.slice(0, 5), rows.slice(9, 1)]), path)
     out = str(work / "out")
     assert job.main(["--input", path, "--output", out, "--num_shards", "1", "--no_report"]) == 0
-    return {"out": out, "scores": _read(os.path.join(out, "scores-*.parquet"))}
+    return {"out": out, "scores": _read(os.path.join(out, "scores", "*.parquet"))}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_resume_scores_only_the_rest_and_counts_it(first_run, full_input, tmp_pa
     caplog.set_level(logging.INFO, logger="lpips_pipe")
     assert job.main(["--input", path, "--output", out, "--num_shards", "1", "--skip_existing", first_run["out"],
                      "--progress_interval_s", "1e-9"]) == 0
-    scores, errors = _read(os.path.join(out, "scores-*.parquet")), _read(os.path.join(out, "errors-*.parquet"))
+    scores, errors = _read(os.path.join(out, "scores", "*.parquet")), _read(os.path.join(out, "errors", "*.parquet"))
     expected_scored = [row["id"] for row in table.to_pylist() if row["id"] not in done and row["edit"] != "broken"]
     assert len(expected_scored) == 5  # rows 5..8, and row 6's id twice
     assert _ids(scores) == sorted(expected_scored)
@@ -79,7 +81,7 @@ def test_resume_scores_only_the_rest_and_counts_it(first_run, full_input, tmp_pa
     duplicated = table.slice(6, 1).column("id")[0].as_py()
     assert scores.column("id").to_pylist().count(duplicated) == 2
     assert "duplicate ids: 1 id(s) on 2 rows" in out_text
-    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    report = open(os.path.join(out, "report", "report.md"), encoding="utf-8").read()
     assert "| skipped (id already in earlier outputs, `--skip_existing`) | 5 |" in report
     assert f"`{duplicated}` ×2" in report
     # the earlier scores and this run's rows together hold every input row exactly once
@@ -97,13 +99,13 @@ def test_resume_without_id_column_skips_everything_already_done(rows, tmp_path, 
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert job.main(["--input", path, "--output", first, "--num_shards", "1", "--no_report"]) == 0
     capsys.readouterr()
-    outcome = job.run_job(["--input", path, "--output", second, "--num_shards", "1",
-                           "--skip_existing", os.path.join(first, "scores-*.parquet")])
+    outcome = job_plan.run(["--input", path, "--output", second, "--num_shards", "1",
+                           "--skip_existing", os.path.join(first, "scores", "*.parquet")])
     assert (outcome.counters.get("rows_read"), outcome.counters.get("rows_skipped")) == (3, 3)
     assert outcome.counters.get("pairs_scored", 0) == 0 and outcome.counters.get("errors", 0) == 0
-    assert _read(os.path.join(second, "scores-*.parquet")).num_rows == 0  # both outputs exist, empty
-    assert _read(os.path.join(second, "errors-*.parquet")).num_rows == 0
-    assert outcome.report is not None and outcome.report.counts["skipped"] == 3
+    assert _read(os.path.join(second, "scores", "*.parquet")).num_rows == 0  # both outputs exist, empty
+    assert _read(os.path.join(second, "errors", "*.parquet")).num_rows == 0
+    assert run_report.write_report(second, outcome.counters).counts["skipped"] == 3
 
 
 def _options(*argv: str) -> LpipsPipeOptions:
@@ -114,9 +116,9 @@ def test_planning_marks_rows_and_reads_globs_of_earlier_outputs(first_run, full_
     path, table = full_input
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    shutil.copy(glob.glob(os.path.join(first_run["out"], "scores-*.parquet"))[0], earlier / "bundle-1.parquet")
+    shutil.copy(glob.glob(os.path.join(first_run["out"], "scores", "*.parquet"))[0], earlier / "bundle-1.parquet")
     (earlier / "bundle-2.parquet").write_bytes(b"PAR1 half-written")  # a crashed run's unfinished file
-    plan = job.plan_job(_options("--input", path, "--output", str(tmp_path / "o"),
+    plan = job_plan.plan_job(_options("--input", path, "--output", str(tmp_path / "o"),
                                  "--skip_existing", str(earlier / "*.parquet")))
     assert plan.skipped_rows == 5 and plan.input_rows == table.num_rows
     done = set(first_run["scores"].column("id").to_pylist())
@@ -137,8 +139,8 @@ def test_resume_mistakes_fail_before_scoring(first_run, full_input, tmp_path, sk
         shutil.copytree(first_run["out"], out)
         skip = out
     argv = ["--input", path, "--output", out, "--skip_existing", str(tmp_path / skip) if skip != out else out]
-    with pytest.raises(job.JobError, match=message):
-        job.plan_job(_options(*argv, *(["--overwrite"] if overwrite else [])))
+    with pytest.raises(job_plan.JobError, match=message):
+        job_plan.plan_job(_options(*argv, *(["--overwrite"] if overwrite else [])))
 
 
 def test_earlier_outputs_need_an_id_column_of_a_compatible_type(tmp_path):
@@ -155,13 +157,13 @@ def test_read_split_skips_marked_rows_without_opening_fully_skipped_splits(tmp_p
     path = str(tmp_path / "rows.parquet")
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "value": list(range(10))}), path, row_group_size=4)
     _, row_group_rows = read_footer(path)
-    done = pa.chunked_array([pa.array(["r1", "r4", "r5", "r6", "r9"])])
+    done = pa.chunked_array([pa.array(["r1", "r4", "r5", "r6", "r7", "r9"])])
     splits, skipped = record_ids.plan_skips(plan_splits(path, row_group_rows, split_rows=3), "id", done)
-    assert skipped == 5
+    assert skipped == 6
     emitted = [record_id for split in splits for record_id, _ in ReadParquetSplit("id").process(split)]
-    assert emitted == ["r0", "r2", "r3", "r7", "r8"]
+    assert emitted == ["r0", "r2", "r3", "r8"]
     whole = [split for split in splits if split.skip is not None and split.skip_mask().all()]
-    assert [(split.first_row, split.num_rows) for split in whole] == [(4, 3)]  # r4..r6
+    assert [(split.first_row, split.num_rows) for split in whole] == [(4, 4)]  # r4..r7, one row group
     missing = whole[0]._replace(path=str(tmp_path / "gone.parquet"))
     assert list(ReadParquetSplit("id").process(missing)) == []  # never opened
 
@@ -179,13 +181,12 @@ def test_progress_log_waits_for_its_interval(monkeypatch, caplog):
     clock = iter([100.0, 101.0, 105.0, 106.0, 111.0])
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     caplog.set_level(logging.INFO, logger="lpips_pipe.progress")
-    log = progress.ProgressLog(total_rows=20, interval_s=5.0)
-    log.setup()
-    for element in range(5):
-        log.process(element)
+    meter = progress.ProgressMeter(total_rows=20, interval_s=5.0)
+    for _ in range(5):
+        meter.finished()
     lines = [record.getMessage() for record in caplog.records]
     # the clock starts at the first row (t=100); lines at t=105 (3 rows) and t=111 (5 rows)
     assert lines == ["lpips-pipe progress: 3 rows done at 0.6 rows/s; 17 of 20 left, ETA 28s",
                      "lpips-pipe progress: 5 rows done at 0.5 rows/s; 15 of 20 left, ETA 33s"]  # 5/11 rows/s
     with pytest.raises(ValueError):
-        progress.ProgressLog(10, interval_s=0)
+        progress.ProgressMeter(10, interval_s=0)

@@ -49,12 +49,12 @@ RUN_TIMEOUT_S = 180  # one pipeline run (the slowest here, multi_processing, tak
 SERVICE_START_S = 60  # a job service or worker pool answering on its port
 COUNTERS_MARK = "LPIPS_PIPE_COUNTERS "
 
-# Runs a job in a fresh process and prints its lpips_pipe counters (pipeline.run.summarise) as JSON.
+# Runs a job in a fresh process and prints its lpips_pipe counters (pipeline.job.run) as JSON.
 LAUNCHER = (
     "import json, sys\n"
-    "from pipeline.run import run, summarise\n"
-    "result = run(sys.argv[1:])\n"
-    f"print({COUNTERS_MARK!r} + json.dumps({{'state': str(result.state), **summarise(result)}}), flush=True)\n"
+    "from pipeline.job import run\n"
+    "outcome = run(sys.argv[1:])\n"
+    f"print({COUNTERS_MARK!r} + json.dumps({{'state': str(outcome.result.state), **outcome.counters}}), flush=True)\n"
 )
 
 NETGUARD = r'''"""lpips-pipe test guard (tests/test_runners.py), loaded as sitecustomize.

@@ -41,10 +41,10 @@ def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_sco
     stream = (
         TestStream()
         .advance_watermark_to(0)
-        .add_elements([window.TimestampedValue((row["id"], row), 1) for row in rows[:2]])
+        .add_elements([window.TimestampedValue(row, 1) for row in rows[:2]])
         .advance_watermark_to(20)  # closes window [0, 10)
-        .add_elements([window.TimestampedValue((rows[2]["id"], rows[2]), 25)])
-        .add_elements([window.TimestampedValue((row["id"], row), 5) for row in rows[3:]])  # late, window [0, 10)
+        .add_elements([window.TimestampedValue(rows[2], 25)])
+        .add_elements([window.TimestampedValue(row, 5) for row in rows[3:]])  # late, window [0, 10)
         .advance_watermark_to_infinity()
     )
     expected_scores = []
@@ -57,7 +57,7 @@ def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_sco
     handler = LpipsModelHandler(ModelConfig(device="cpu"), max_batch_duration_secs=max_batch_duration_secs)
     with beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(["--streaming"])) as pipeline:
         outputs = (pipeline | stream | beam.WindowInto(window.FixedWindows(WINDOW_SECONDS))
-                   | ScorePairs(records, handler, schemas, decode_threads=1))
+                   | ScorePairs(records, handler, schemas.row_format, decode_threads=1))
         scores = outputs["scores"] | "ScoreWindows" >> beam.Map(
             lambda row, w=beam.DoFn.WindowParam: (row["id"], w.start.micros // 10 ** 6, round(row["lpips"], 5)))
         assert_that(scores, equal_to(expected_scores), label="Scores")

@@ -1,13 +1,5 @@
-"""lpips-pipe's building blocks: score math, model, record decoding, Beam transforms."""
+"""lpips-pipe's building blocks: score math, weights and scorer, record decoding, Beam transforms.
 
-import logging
-
-
-class _DropBeamImportNoise(logging.Filter):
-    """Beam logs a warning about optional BigQuery clients on import; it is not ours to show."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
-
-
-logging.getLogger().addFilter(_DropBeamImportNoise())
+Importing this package has no side effects (no logging set-up); the public names are re-exported by
+``lpips_pipe``.
+"""

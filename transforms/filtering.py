@@ -12,7 +12,11 @@ z-scores (both rules report them) are ``(lpips - group mean) / group std`` in fl
 the config says ``std: sample`` (``ddof=1``). A group whose std is 0 (all its scores equal, or a single row
 under the population std) or undefined (a single row under the sample std) gives its rows ``z = 0.0``:
 every row sits at its group's mean, so none is an outlier. Rows with a missing or non-finite score take no
-part in the statistics, get ``z = NaN`` (null in Parquet) and the tier ``invalid``, and are rejected.
+part in the statistics, get ``z = NaN`` (null in Parquet) and the tier ``invalid``, and are rejected (a
+batch, or a whole group, without any finite score is no error: all its rows are ``invalid``).
+
+Group keys are any hashable values; every NaN key (float or numpy float, e.g. from a float16 column) is
+one group, :data:`NAN_KEY`, as ``None`` (null) is another.
 
 Direction: ``lower_is_better`` (LPIPS; the default) admits a row to a tier when ``z <= cut-off``, and the
 cut-offs must increase from the best tier down; ``higher_is_better`` admits ``z >= cut-off`` with
@@ -38,6 +42,35 @@ FAIL_TIER = "fail"
 INVALID_TIER = "invalid"
 DEFAULT_REST_TIER = "reject"
 CONFIG_KEYS = ("tiers", "keep", "rest", "direction", "std", "group_column")
+
+
+class _NaNKey:
+    """The one group key of every NaN group value (NaN != NaN, so NaN keys would each be a group)."""
+
+    _instance: Optional["_NaNKey"] = None
+
+    def __new__(cls) -> "_NaNKey":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NaN"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> str:
+        return "NAN_KEY"
+
+
+NAN_KEY = _NaNKey()
+
+
+def group_key(key: Any) -> Hashable:
+    """``key`` as a group key: NaN (any float type) -> :data:`NAN_KEY`; other values unchanged."""
+    if isinstance(key, (float, np.floating)) and key != key:
+        return NAN_KEY
+    return key
 
 
 class TierConfigError(ValueError):
@@ -95,7 +128,11 @@ def parse_tier_config(data: Any) -> TierConfig:
     for name, cut in raw_tiers.items():
         if not isinstance(name, str) or not name:
             raise TierConfigError(f"tier names must be non-empty strings, got {name!r}")
-        if isinstance(cut, bool) or not isinstance(cut, (int, float)) or not math.isfinite(cut):
+        try:
+            finite = not isinstance(cut, bool) and isinstance(cut, (int, float)) and math.isfinite(float(cut))
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             raise TierConfigError(f"tier {name!r}: the cut-off must be a finite number, got {cut!r}")
         tiers.append((name, float(cut)))
     cuts = [cut for _, cut in tiers]
@@ -131,15 +168,17 @@ def parse_tier_config(data: Any) -> TierConfig:
 def load_tier_config(text: str, source: str = "<config>") -> TierConfig:
     """Parse a JSON or YAML tier config (``.yaml``/``.yml`` sources are read as YAML, anything else as JSON)."""
     is_yaml = source.lower().endswith((".yaml", ".yml"))
-    try:
-        if is_yaml:
+    if is_yaml:
+        try:
             import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError: name the file and the parser's reason
-        raise TierConfigError(f"{source}: not valid {'YAML' if is_yaml else 'JSON'}: {error}") from error
+        except ImportError as error:
+            raise TierConfigError(f"{source}: reading YAML needs PyYAML ({error}); or write the config as JSON") \
+                from error
+    try:
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError, RecursionError: name file and reason
+        reason = " ".join(str(error).split()) or type(error).__name__  # one line: YAML errors span several
+        raise TierConfigError(f"{source}: not valid {'YAML' if is_yaml else 'JSON'}: {reason}") from error
     try:
         return parse_tier_config(data)
     except TierConfigError as error:
@@ -194,9 +233,10 @@ class GroupedStats:
         finite = np.isfinite(values)
         codes, values = codes[finite], values[finite]
         counts = np.bincount(codes, minlength=len(uniques))
-        sums = np.bincount(codes, weights=values, minlength=len(uniques))
+        # float64 even for a batch without any finite score (bincount of nothing is int64)
+        sums = np.bincount(codes, weights=values, minlength=len(uniques)).astype(np.float64)
         means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        m2s = np.bincount(codes, weights=(values - means[codes]) ** 2, minlength=len(uniques))
+        m2s = np.bincount(codes, weights=(values - means[codes]) ** 2, minlength=len(uniques)).astype(np.float64)
         lows, highs = np.full(len(uniques), np.inf), np.full(len(uniques), -np.inf)
         np.minimum.at(lows, codes, values)
         np.maximum.at(highs, codes, values)
@@ -231,7 +271,8 @@ def _codes(keys: Optional[Sequence[Hashable]], length: int) -> tuple[np.ndarray,
     if len(keys) != length:
         raise ValueError(f"{len(keys)} group keys for {length} values")
     index: dict[Hashable, int] = {}
-    codes = np.fromiter((index.setdefault(key, len(index)) for key in keys), dtype=np.int64, count=length)
+    codes = np.fromiter((index.setdefault(group_key(key), len(index)) for key in keys), dtype=np.int64,
+                        count=length)
     return codes, list(index)
 
 

@@ -13,29 +13,12 @@ fails before any scoring. The outputs have explicit pyarrow schemas:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pyarrow as pa
 
-from transforms.records import RecordConfig
-
-ID_FIELD = "id"
-SCORE_FIELDS = (
-    pa.field("lpips", pa.float64()),
-    pa.field("measured_fraction", pa.float64()),
-    pa.field("mask_mode", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("net", pa.string()),
-    pa.field("lpips_version", pa.string()),
-    pa.field("weights_sha256", pa.string()),
-)
-ERROR_FIELDS = (
-    pa.field("error_stage", pa.string()),
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
-)
-
+from transforms.layout import COLLISION_PREFIX, ERROR_FIELDS, ID_FIELD, SCORE_FIELDS
+from transforms.records import RecordConfig, coords_type_supported
 
 class InputSchemaError(ValueError):
     """The input files cannot be read as pairs (missing or mistyped column)."""
@@ -54,39 +37,77 @@ def _is_image_type(kind: pa.DataType) -> bool:
     return False
 
 
-def _is_coords_type(kind: pa.DataType) -> bool:
-    return (
-        pa.types.is_list(kind)
-        or pa.types.is_large_list(kind)
-        or pa.types.is_fixed_size_list(kind)
-        or _is_text(kind)
-        or pa.types.is_null(kind)
-    )
+SCORE_NAMES = frozenset([ID_FIELD, *(field.name for field in SCORE_FIELDS)])
+ERROR_NAMES = frozenset(field.name for field in ERROR_FIELDS)
+
+
+def kept_name(column: str, reserved: frozenset[str]) -> str:
+    """The output name of an input column: itself, or ``input_<column>`` when it collides with an output
+    column (``width``, ``lpips``, ``error_type``, ...), prefixed again while that still collides."""
+    name = column
+    while name in reserved:
+        name = COLLISION_PREFIX + name
+    return name
 
 
 @dataclass(frozen=True)
-class OutputSchemas:
-    """Both output schemas, and which input column (if any) holds the record id."""
+class RowFormat:
+    """How input rows (plain dicts) become output rows (SPEC 3).
 
-    scores: pa.Schema
-    errors: pa.Schema
+    ``id_column`` is the key of the record id in input rows (``None``: the id is given from outside and
+    errors rows get it as ``id``). ``passthrough`` lists the non-image input columns copied into score rows,
+    or ``None`` to copy every key of each row but the images and the id (dicts of a user's pipeline).
+    Input columns that collide with an output column are kept under ``input_<name>``.
+    """
+
     id_column: Optional[str]
-    passthrough: tuple[str, ...]
+    image_columns: tuple[str, ...]
+    passthrough: Optional[tuple[str, ...]] = None
+
+    def passthrough_of(self, row: dict[str, Any]) -> Sequence[str]:
+        if self.passthrough is not None:
+            return self.passthrough
+        skipped = set(self.image_columns) | {self.id_column}
+        return [name for name in row if name not in skipped]
 
     def score_row(self, record_id: Any, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
         """A scores row: the id, the score ``values`` and the passed-through columns."""
         out = {ID_FIELD: record_id, **values}
-        for name in self.passthrough:
-            out[name] = row.get(name)
+        for name in self.passthrough_of(row):
+            out[kept_name(name, SCORE_NAMES)] = row.get(name)
         return out
 
     def error_row(self, record_id: Any, row: dict[str, Any], stage: str, error_type: str,
                   message: str) -> dict[str, Any]:
-        """An errors row: the whole input row plus the reason."""
-        out = dict(row)
-        out.setdefault(ID_FIELD, record_id)
+        """An errors row: the whole input row plus the reason (and ``id`` when the row has no id column)."""
+        reserved = ERROR_NAMES if self.id_column in (None, ID_FIELD) else ERROR_NAMES | {ID_FIELD}
+        out = {kept_name(name, reserved): value for name, value in row.items()}
+        if self.id_column != ID_FIELD:
+            out[ID_FIELD] = record_id
         out.update(error_stage=stage, error_type=error_type, error_message=message)
         return out
+
+
+@dataclass(frozen=True)
+class OutputSchemas:
+    """Both output schemas and the row format that fills them. ``id_column`` is the input's id column, or
+    ``None`` when the reader gives each row an ``id`` of ``<file>:<row>``."""
+
+    scores: pa.Schema
+    errors: pa.Schema
+    row_format: RowFormat
+    id_column: Optional[str]
+
+    @property
+    def passthrough(self) -> tuple[str, ...]:
+        return self.row_format.passthrough or ()
+
+    def score_row(self, record_id: Any, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        return self.row_format.score_row(record_id, row, values)
+
+    def error_row(self, record_id: Any, row: dict[str, Any], stage: str, error_type: str,
+                  message: str) -> dict[str, Any]:
+        return self.row_format.error_row(record_id, row, stage, error_type, message)
 
 
 def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_column: Optional[str]) -> OutputSchemas:
@@ -108,10 +129,10 @@ def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_colum
     if config.may_need_coords():
         if config.coords_column not in names:
             problems.append(f"coords column {config.coords_column!r} (--coords_column) is missing")
-        elif not _is_coords_type(input_schema.field(config.coords_column).type):
+        elif not coords_type_supported(input_schema.field(config.coords_column).type):
             problems.append(
                 f"coords column {config.coords_column!r} has type {input_schema.field(config.coords_column).type}; "
-                "expected list<list<number>>, list<struct<x1,y1,x2,y2>> or a JSON string"
+                "expected list<list<number>>, list<number> (one box), list<struct<x1,y1,x2,y2>> or a JSON string"
             )
     if config.scope_column is not None:
         if config.scope_column not in names:
@@ -127,20 +148,13 @@ def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_colum
     id_type = input_schema.field(id_column).type if id_column is not None else pa.string()
     skipped = set(config.image_columns) | {id_column}
     passthrough = tuple(name for name in input_schema.names if name not in skipped)
-    reserved = {field.name for field in SCORE_FIELDS} | {ID_FIELD}
-    clashes = sorted(reserved & set(passthrough))
-    error_clashes = sorted({field.name for field in ERROR_FIELDS} & names)
-    if clashes or error_clashes:
-        raise InputSchemaError(
-            f"input columns {clashes + error_clashes} clash with output columns of the same name; "
-            "rename them (or point --id_column at the id column)"
-        )
-    scores = pa.schema(
-        [pa.field(ID_FIELD, id_type), *SCORE_FIELDS, *(input_schema.field(name) for name in passthrough)]
-    )
-    error_fields = list(input_schema)
-    if ID_FIELD not in names:
+    row_id_column = ID_FIELD if id_column is None else id_column  # the reader adds `id` when there is none
+    row_format = RowFormat(row_id_column, config.image_columns, passthrough)
+    scores = pa.schema([pa.field(ID_FIELD, id_type), *SCORE_FIELDS,
+                        *(input_schema.field(name).with_name(kept_name(name, SCORE_NAMES)) for name in passthrough)])
+    reserved = ERROR_NAMES if row_id_column == ID_FIELD else ERROR_NAMES | {ID_FIELD}
+    error_fields = [field.with_name(kept_name(field.name, reserved)) for field in input_schema]
+    if id_column != ID_FIELD:
         error_fields.append(pa.field(ID_FIELD, id_type))
-    errors = pa.schema([*error_fields, *ERROR_FIELDS])
-    return OutputSchemas(scores=scores.remove_metadata(), errors=errors.remove_metadata(), id_column=id_column,
-                         passthrough=passthrough)
+    errors = pa.schema([*error_fields, *ERROR_FIELDS], metadata=input_schema.metadata)
+    return OutputSchemas(scores=scores.remove_metadata(), errors=errors, row_format=row_format, id_column=id_column)

@@ -4,18 +4,23 @@ Only glue lives here: decoding rules are in :mod:`transforms.records`, score mat
 :mod:`transforms.score_math`, the model in :mod:`transforms.model`, the output
 contract in :mod:`transforms.schemas`.
 
-- :class:`PreparePairs` turns ``(record_id, row)`` into a :class:`PreparedPair` or
+- :class:`PreparePairs` turns an input row (a dict) into a :class:`PreparedPair` or
   an error row (tagged output ``errors``).
 - :class:`LpipsModelHandler` is a RunInference model handler: the model is loaded
   once per worker process (Beam's ``shared.Shared``), batches are bounded by a
   pixel budget, and pairs of one scored size share a forward.
 - :class:`ScorePairs` chains them and returns ``{"scores": ..., "errors": ...}``:
-  every input row lands in exactly one of the two.
+  every input row lands in exactly one of the two. A non-finite score (NaN or inf, e.g. from
+  broken weights) is an error row (stage ``model``, type ``NonFiniteScore``), never a score.
+
+Progress (:mod:`transforms.progress`) is counted here, as rows are finished, so the lines appear while
+the job runs.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +33,10 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import score_math
 from transforms.metrics import NAMESPACE, counter
-from transforms.model import LpipsScorer, ModelConfig
+from transforms.model import LpipsScorer, ModelConfig, cuda_available
+from transforms.progress import ProgressConfig
 from transforms.records import PreparedPair, RecordConfig, RecordError, prepare_pair
-from transforms.schemas import OutputSchemas
+from transforms.schemas import RowFormat
 
 ERRORS = "errors"
 # Pixel budget of one model batch, by device (benchmarks/bench.py): on CPU a single 512x512 pair per
@@ -40,6 +46,16 @@ GPU_BATCH_PIXELS = 2048 * 2048
 DEFAULT_BATCH_PIXELS = CPU_BATCH_PIXELS
 DEFAULT_MAX_BATCH_PAIRS = 32
 DEFAULT_DECODE_THREADS = 1
+SCOPE_NAMES = ("unedit_area", "edit_area")
+MAX_SCOPE_VALUES_COUNTED = 20
+
+
+def default_batch_pixels(device: str) -> int:
+    """The batch budget for ``device`` (``auto``: CUDA when this process sees one): big on CUDA, one
+    512x512 pair on CPU. A CPU launcher of GPU workers should pass ``--device cuda``."""
+    if device == "cuda" or (device == "auto" and cuda_available()):
+        return GPU_BATCH_PIXELS
+    return CPU_BATCH_PIXELS
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,8 +78,24 @@ def _count_error(stage: str, error_type: str) -> None:
     counter(f"errors.{stage}.{error_type}").inc()
 
 
+def _count_scope(row: dict[str, Any], config: RecordConfig, seen: set) -> None:
+    """Count rows whose per-row scope is neither scope name (scored as the full image, as the seed does):
+    ``unknown_scope_rows``, and ``unknown_scope.<value>`` for the first few distinct values, so a typo shows
+    in the summary and the report."""
+    if config.scope_column is None or config.mask_mode is not None:
+        return
+    scope = row.get(config.scope_column)
+    if scope is None or scope in SCOPE_NAMES or scope == "full":
+        return
+    counter("unknown_scope_rows").inc()
+    value = str(scope)[:40]
+    if value in seen or len(seen) < MAX_SCOPE_VALUES_COUNTED:
+        seen.add(value)
+        counter(f"unknown_scope.{value}").inc()
+
+
 class PreparePairs(beam.DoFn):
-    """``(record_id, row)`` -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
+    """An input row (dict) -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
 
     With ``decode_threads > 0`` rows are decoded on a thread pool (Pillow and numpy
     release the GIL), up to ``2 * decode_threads`` ahead, so decoding can overlap the
@@ -73,14 +105,17 @@ class PreparePairs(beam.DoFn):
     and timestamp; order within a bundle is kept.
     """
 
-    def __init__(self, config: RecordConfig, schemas: OutputSchemas, decode_threads: int = 0) -> None:
+    def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: int = 0,
+                 progress: Optional[ProgressConfig] = None) -> None:
         if decode_threads < 0:
             raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
         self._config = config
-        self._schemas = schemas
+        self._row_format = row_format
         self._threads = decode_threads
+        self._progress = progress
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: deque = deque()
+        self._scopes: set = set()
 
     def setup(self) -> None:
         if self._threads:
@@ -89,27 +124,33 @@ class PreparePairs(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending = deque()
 
-    def _prepare(self, record_id: Any, row: dict[str, Any]) -> Any:
+    def _prepare(self, row: dict[str, Any]) -> Any:
+        record_id = row.get(self._row_format.id_column) if self._row_format.id_column else None
         try:
             return prepare_pair(record_id, row, self._config)
         except RecordError as error:
-            return self._schemas.error_row(record_id, row, error.stage, error.error_type, error.message)
+            return self._row_format.error_row(record_id, row, error.stage, error.error_type, error.message)
+        except Exception as error:  # a decoder bug must not lose the row either
+            return self._row_format.error_row(record_id, row, "decode", type(error).__name__, str(error)[:500])
 
     def _output(self, result: Any, timestamp: Any = None, window: Any = None) -> Any:
         # Runs on the bundle's thread: Beam metrics are only recorded there. Results emitted for
         # an earlier element (or in finish_bundle) carry that element's window explicitly.
         result_value = result if timestamp is None else WindowedValue(result, timestamp, [window])
         if isinstance(result, PreparedPair):
+            _count_scope(result.row, self._config, self._scopes)
             return result_value
         _count_error(result["error_stage"], result["error_type"])
+        if self._progress is not None:
+            self._progress.meter().finished()
         return beam.pvalue.TaggedOutput(ERRORS, result_value)
 
-    def process(self, element: tuple[Any, dict[str, Any]], timestamp: Any = beam.DoFn.TimestampParam,
+    def process(self, element: dict[str, Any], timestamp: Any = beam.DoFn.TimestampParam,
                 window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
         if self._pool is None:
-            yield self._output(self._prepare(*element))
+            yield self._output(self._prepare(element))
             return
-        self._pending.append((self._pool.submit(self._prepare, *element), timestamp, window))
+        self._pending.append((self._pool.submit(self._prepare, element), timestamp, window))
         while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0][0].done()):
             future, done_timestamp, done_window = self._pending.popleft()
             yield self._output(future.result(), done_timestamp, done_window)
@@ -124,6 +165,24 @@ class PreparePairs(beam.DoFn):
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_SHARED_LOAD_COUNTED = False
+
+
+def _count_load_once(model: Any) -> None:
+    """``model_loads`` += 1 the first time a loaded model is used (Beam drops metrics set in ``setup()``,
+    where the model loads). A model shared across processes is a proxy: counted once per process."""
+    global _SHARED_LOAD_COUNTED
+    try:
+        if model.load_counted:
+            return
+        model.load_counted = True
+    except Exception:  # a multi-process proxy
+        if _SHARED_LOAD_COUNTED:
+            return
+        _SHARED_LOAD_COUNTED = True
+    counter("model_loads").inc()
+
+
 def pair_pixels(pair: PreparedPair) -> int:
     """Batching weight of a pair: its scored pixel count."""
     return pair.pixels
@@ -134,21 +193,35 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
     ``batch_pixels`` bounds the pixels of one batch (reference and edited count
     once per pair; a pair larger than the budget goes alone): at the CPU default a
-    512x512 pair goes alone and 128x128 pairs go 16 at a time. ``max_batch_pairs``
-    bounds the pairs of one forward.
+    512x512 pair goes alone and 128x128 pairs go 16 at a time (``0``: by device, see
+    :func:`default_batch_pixels`). ``max_batch_pairs`` bounds the pairs of one forward.
+    Batching is Beam's (``BatchElements`` with a fixed pixel target, so batches do not depend
+    on timing); ``max_batch_duration_secs`` > 0 flushes a partial batch after that long
+    (Beam's stateful batching, for streams). ``model_copies`` > 0 shares that many models
+    across the SDK processes of a worker (Beam's ``share_model_across_processes``: one copy
+    per GPU on an N-process GPU VM) instead of one model per process.
     """
 
-    def __init__(self, model_config: ModelConfig, batch_pixels: int = DEFAULT_BATCH_PIXELS,
-                 max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS, max_batch_duration_secs: float = 0) -> None:
-        super().__init__()
-        if batch_pixels <= 0 or max_batch_pairs <= 0:
-            raise ValueError(f"batch_pixels and max_batch_pairs must be > 0, got {batch_pixels}, {max_batch_pairs}")
-        if max_batch_duration_secs < 0:
-            raise ValueError(f"max_batch_duration_secs must be >= 0, got {max_batch_duration_secs}")
-        self._max_batch_duration_secs = max_batch_duration_secs
+    def __init__(self, model_config: ModelConfig, batch_pixels: int = 0,
+                 max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS, max_batch_duration_secs: float = 0,
+                 model_copies: int = 0) -> None:
+        if batch_pixels < 0 or max_batch_pairs <= 0:
+            raise ValueError(f"batch_pixels must be >= 0 and max_batch_pairs > 0, got {batch_pixels}, "
+                             f"{max_batch_pairs}")
+        if max_batch_duration_secs < 0 or model_copies < 0:
+            raise ValueError(f"max_batch_duration_secs and model_copies must be >= 0, got "
+                             f"{max_batch_duration_secs}, {model_copies}")
+        batch_pixels = batch_pixels or default_batch_pixels(model_config.device)
+        super().__init__(min_batch_size=batch_pixels, max_batch_size=batch_pixels, element_size_fn=pair_pixels,
+                         max_batch_duration_secs=max_batch_duration_secs or None,
+                         model_copies=model_copies or None)
         self._model_config = model_config
         self._batch_pixels = batch_pixels
         self._max_batch_pairs = max_batch_pairs
+
+    @property
+    def batch_pixels(self) -> int:
+        return self._batch_pixels
 
     def load_model(self) -> LpipsScorer:
         scorer = LpipsScorer(self._model_config)
@@ -158,9 +231,7 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
     def run_inference(self, batch: Sequence[PreparedPair], model: LpipsScorer,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[ScoredPair]:
-        if not model.load_counted:  # metrics are not recorded during setup(), so count on first use
-            model.load_counted = True
-            counter("model_loads").inc()
+        _count_load_once(model)
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, pair in enumerate(batch):
             by_size[(pair.height, pair.width)].append(index)
@@ -188,18 +259,6 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
             return [item for index in chunk for item in self._score_chunk(batch, [index], model)]
         return [scored(index, float(value)) for index, value in zip(chunk, raw)]
 
-    def batch_elements_kwargs(self) -> dict[str, Any]:
-        # A fixed target (min == max) in pixels, so batches do not depend on timing.
-        kwargs = {
-            "min_batch_size": self._batch_pixels,
-            "max_batch_size": self._batch_pixels,
-            "element_size_fn": pair_pixels,
-        }
-        if self._max_batch_duration_secs:
-            # Streaming: a partial batch is flushed after this long (Beam's stateful batching).
-            kwargs["max_batch_duration_secs"] = self._max_batch_duration_secs
-        return kwargs
-
     def get_num_bytes(self, batch: Sequence[PreparedPair]) -> int:
         return sum(pair.reference.nbytes + pair.filled.nbytes for pair in batch)
 
@@ -209,22 +268,29 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
 class ToScoreRow(beam.DoFn):
     """:class:`ScoredPair` -> scores row (area normalisation happens here), or an error row on the
-    ``errors`` tag when the model failed on the pair."""
+    ``errors`` tag when the model failed on the pair or gave a non-finite score."""
 
-    def __init__(self, schemas: OutputSchemas) -> None:
-        self._schemas = schemas
+    def __init__(self, row_format: RowFormat, progress: Optional[ProgressConfig] = None) -> None:
+        self._row_format = row_format
+        self._progress = progress
 
     def process(self, scored: ScoredPair) -> Iterator[Any]:
         pair = scored.pair
-        if scored.error is not None:
-            error_type, message = scored.error
+        if self._progress is not None:
+            self._progress.meter().finished()
+        error = scored.error
+        if error is None and not math.isfinite(scored.raw_lpips):
+            error = ("NonFiniteScore", f"the model gave LPIPS {scored.raw_lpips} (weights "
+                                       f"{scored.weights_sha256[:12]}...): broken weights or an overflow")
+        if error is not None:
+            error_type, message = error
             _count_error("model", error_type)
             yield beam.pvalue.TaggedOutput(
-                ERRORS, self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message))
+                ERRORS, self._row_format.error_row(pair.record_id, pair.row, "model", error_type, message))
             return
         counter("pairs_scored").inc()
         counter("pixels_scored").inc(pair.pixels)
-        yield self._schemas.score_row(pair.record_id, pair.row, {
+        yield self._row_format.score_row(pair.record_id, pair.row, {
             "lpips": score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width, pair.height),
             "measured_fraction": score_math.measured_fraction(pair.mask_pixels, pair.width, pair.height),
             "mask_mode": pair.mask_mode,
@@ -239,8 +305,9 @@ class ToScoreRow(beam.DoFn):
 class FailedBatchToErrors(beam.DoFn):
     """A batch RunInference failed on outside the per-pair handling -> one error row per pair (stage ``model``)."""
 
-    def __init__(self, schemas: OutputSchemas) -> None:
-        self._schemas = schemas
+    def __init__(self, row_format: RowFormat, progress: Optional[ProgressConfig] = None) -> None:
+        self._row_format = row_format
+        self._progress = progress
 
     def process(self, failure: tuple[Sequence[PreparedPair], Any]) -> Iterator[dict[str, Any]]:
         batch, info = failure
@@ -248,27 +315,36 @@ class FailedBatchToErrors(beam.DoFn):
         message = str(info[1]) if isinstance(info, tuple) else str(info)
         for pair in batch:
             _count_error("model", error_type)
-            yield self._schemas.error_row(pair.record_id, pair.row, "model", error_type, message)
+            if self._progress is not None:
+                self._progress.meter().finished()
+            yield self._row_format.error_row(pair.record_id, pair.row, "model", error_type, message)
 
 
 class ScorePairs(beam.PTransform):
-    """``(record_id, row)`` -> ``{"scores": score rows, "errors": error rows}``."""
+    """Input rows (dicts) -> ``{"scores": score rows, "errors": error rows}`` (dicts).
 
-    def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, schemas: OutputSchemas,
-                 decode_threads: int = DEFAULT_DECODE_THREADS) -> None:
+    ``row_format`` says where the id is and which columns pass through (:class:`RowFormat`);
+    ``progress`` turns on progress lines (:mod:`transforms.progress`).
+    """
+
+    def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, row_format: RowFormat,
+                 decode_threads: int = DEFAULT_DECODE_THREADS, progress: Optional[ProgressConfig] = None) -> None:
         super().__init__()
         self._decode_threads = decode_threads
         self._record_config = record_config
         self._model_handler = model_handler
-        self._schemas = schemas
+        self._row_format = row_format
+        self._progress = progress
 
     def expand(self, rows: beam.PCollection) -> dict[str, beam.PCollection]:
         prepared = rows | "Decode" >> beam.ParDo(
-            PreparePairs(self._record_config, self._schemas, self._decode_threads)).with_outputs(
+            PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress)).with_outputs(
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
-        rows = scored | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._schemas)).with_outputs(ERRORS, main="scores")
-        failed_batches = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToErrors(self._schemas))
+        rows = scored | "ToScoreRows" >> beam.ParDo(ToScoreRow(self._row_format, self._progress)).with_outputs(
+            ERRORS, main="scores")
+        failed_batches = failed.failed_inferences | "FailedBatches" >> beam.ParDo(
+            FailedBatchToErrors(self._row_format, self._progress))
         errors = (prepared[ERRORS], rows[ERRORS], failed_batches) | "AllErrors" >> beam.Flatten()
         return {"scores": rows.scores, "errors": errors}

@@ -1,0 +1,149 @@
+"""The command line of lpips-pipe: ``python -m pipeline --input GLOB --output DIR [options] [beam options]``.
+
+Parses, runs the job (:mod:`pipeline.job`, or :mod:`pipeline.streaming` with ``--streaming``), prints the
+summary and writes the report. Exit codes:
+
+- 0: the job ran (some rows may be in ``OUT/errors/``);
+- 1: the job itself failed (a worker died, a filesystem error); the message says what was written;
+- 2: a mistake found before anything ran (a bad option, no input, a bad file, no weights, the output in
+  use or already holding results): one line, nothing written;
+- 3: the job ran but more rows failed than ``--max_error_fraction`` allows (by default: every row failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
+
+from pipeline import job
+from pipeline import report as run_report
+from pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
+from transforms import layout
+
+_LOGGER = logging.getLogger("lpips_pipe")
+PROG = "lpips-pipe"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3
+
+
+def format_summary(totals: dict[str, int], output: str, wall_s: Optional[float] = None) -> str:
+    """The counters of a run, a few lines long."""
+    lines = [
+        f"{PROG}: read {totals.get('rows_read', 0)} rows, scored {totals.get('pairs_scored', 0)}, "
+        f"errors {totals.get('errors', 0)}, skipped {totals.get('rows_skipped', 0)} (id already in earlier "
+        f"outputs); model loads {totals.get('model_loads', 0)}",
+    ]
+    for name in sorted(totals):
+        if name.startswith("errors."):
+            lines.append(f"  {name[len('errors.'):]}: {totals[name]}")
+    if totals.get("unknown_scope_rows"):
+        values = sorted(name[len("unknown_scope."):] for name in totals if name.startswith("unknown_scope."))
+        lines.append(f"  scope other than unedit_area/edit_area (scored as the full image): "
+                     f"{totals['unknown_scope_rows']} rows, values {', '.join(map(repr, values))}")
+    if totals.get("duplicate_ids"):
+        lines.append(f"  duplicate ids: {totals['duplicate_ids']} id(s) on {totals.get('duplicate_id_rows', 0)} rows "
+                     "(every row scored or errored, none merged)")
+    if wall_s is not None:
+        pairs = totals.get("pairs_scored", 0)
+        lines.append(f"  {pairs} pairs, {totals.get('pixels_scored', 0):,} pixels in {wall_s:.1f} s "
+                     f"({pairs / wall_s if wall_s > 0 else 0.0:.2f} pairs/s)")
+    lines.append(f"  outputs: {layout.kind_dir(output, layout.SCORES)}, {layout.kind_dir(output, layout.ERRORS)}")
+    return "\n".join(lines)
+
+
+def error_fraction_verdict(totals: dict[str, int], max_error_fraction: float) -> Optional[str]:
+    """Why the run must exit 3, or ``None``: more errors than ``max_error_fraction`` of the finished rows, or
+    every row failed."""
+    errors, scored = totals.get("errors", 0), totals.get("pairs_scored", 0)
+    finished = errors + scored
+    if not finished or not errors:
+        return None
+    if scored == 0:
+        return f"every one of the {errors} rows failed (errors by type above)"
+    if errors / finished > max_error_fraction:
+        return (f"{errors} of {finished} rows failed ({errors / finished:.1%}), more than --max_error_fraction "
+                f"{max_error_fraction:g}")
+    return None
+
+
+def describe_written(output: str) -> str:
+    """What a failed run left in ``output``, as checked now (never assumed)."""
+    written = layout.output_files(output)
+    staging = layout.staging_dir(output)
+    staged = layout.match(FileSystems.join(layout.escape_glob(staging), f"{layout.SCORES}-*", "*"))
+    parts = []
+    if written:
+        parts.append(f"{len(written)} scores/errors file(s) are in {output} (e.g. {written[0]})")
+    else:
+        parts.append(f"no scores/errors files were written to {output}")
+    if staged:
+        parts.append(f"rows it finished are in {staging}: pass '{FileSystems.join(staging, 'scores-*', '*')}' to "
+                     "--skip_existing when rerunning into a new --output")
+    return "; ".join(parts)
+
+
+def _print_error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _report(options: LpipsPipeOptions, outcome: job.JobOutcome) -> None:
+    """Write and print the report; a failure here is a warning (the outputs are complete)."""
+    try:
+        report = run_report.write_report(options.output, outcome.counters, options.report_group_column,
+                                         outcome.stage_msecs, outcome.wall_s)
+    except Exception as error:  # the report is a summary of finished outputs: never fail the run for it
+        _LOGGER.debug("report failed", exc_info=True)
+        print(f"{PROG}: warning: the outputs are complete, but the report could not be written "
+              f"({type(error).__name__}: {error}); `lpips-pipe-report {options.output}` retries it",
+              file=sys.stderr)
+        return
+    print(run_report.format_table(report))
+    print(f"  report: {', '.join(run_report.report_paths(options.output))}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point; returns the exit code (see the module docstring)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lpips_pipe").setLevel(logging.INFO)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(help_text())
+        return EXIT_OK
+    try:
+        pipeline_options = parse_options(args)
+        options = pipeline_options.view_as(LpipsPipeOptions)
+        if pipeline_options.view_as(StandardOptions).streaming:
+            from pipeline import streaming
+
+            return streaming.main(pipeline_options)
+        plan = job.plan_job(options)
+    except (job.JobError, OptionsError) as error:
+        _print_error(str(error))
+        return EXIT_USAGE
+    _LOGGER.info("scoring %d file(s), %d rows, with LPIPS %s, weights from %s", len(plan.files), plan.input_rows,
+                 options.net, plan.weights_source)
+    try:
+        outcome = job.run_plan(plan, pipeline_options)
+    except job.JobError as error:  # e.g. another run took the output between planning and start
+        _print_error(str(error))
+        return EXIT_USAGE
+    except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
+        _LOGGER.debug("the job failed", exc_info=True)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        _print_error(f"the job failed ({type(error).__name__}: {reason}); {describe_written(options.output)}")
+        return EXIT_FAILED
+    print(format_summary(outcome.counters, options.output, outcome.wall_s))
+    if not options.no_report:
+        _report(options, outcome)
+    verdict = error_fraction_verdict(outcome.counters, options.max_error_fraction)
+    if verdict:
+        _print_error(f"{verdict}; exit {EXIT_TOO_MANY_ERRORS}")
+        return EXIT_TOO_MANY_ERRORS
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""The lpips-pipe job: plan (check everything, no side effects), prepare the output, build the graph, run.
+
+- :func:`plan_job` checks the options, inputs, weights and output before any row is read and returns a
+  :class:`JobPlan` carrying the resolved configs, splits, schemas and batch budget; a mistake is a
+  :class:`JobError` (one line). Nothing is written or deleted.
+- :func:`prepare_output` takes the output for this run (:class:`OutputLock`) and clears earlier outputs
+  when ``--overwrite`` was given: the only step that deletes.
+- :func:`build_graph` wires ``ReadPairs | ScoreLPIPS | WriteScores`` (and the duplicate-id count).
+- :func:`run_plan` runs it and returns a :class:`JobOutcome` (counters, time per step, wall time).
+
+Streaming (``--streaming``) plans and builds in :mod:`pipeline.streaming`; the command line
+(:mod:`pipeline.cli`) turns all of this into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Optional, Sequence
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipeline.options import (DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, model_config, parse_options,
+                              record_config)
+from transforms import ids as record_ids
+from transforms import layout
+from transforms import model as lpips_model
+from transforms.metrics import NAMESPACE
+from transforms.model import ModelConfig
+from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_split_column
+from transforms.progress import ProgressConfig
+from transforms.records import RecordConfig, unsupported_uri_scheme
+from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
+from transforms.scoring import default_batch_pixels
+from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
+
+_LOGGER = logging.getLogger("lpips_pipe")
+EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
+
+
+class JobError(Exception):
+    """A job-level mistake, reported before any scoring (exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPlan:
+    """What a checked job will do: inputs, splits, resolved configs, schemas, batch budget."""
+
+    options: LpipsPipeOptions
+    files: tuple[str, ...]
+    splits: tuple[ParquetSplit, ...]
+    schemas: OutputSchemas
+    records: RecordConfig
+    model: ModelConfig
+    batch_pixels: int
+    weights_source: str
+    input_schema: Optional[pa.Schema] = None
+    existing_outputs: tuple[str, ...] = ()
+    skipped_rows: int = 0  # rows whose id is already in --skip_existing's outputs (marked in the splits)
+    workers: int = 1
+
+    @property
+    def input_rows(self) -> int:
+        return sum(split.num_rows for split in self.splits)
+
+    @property
+    def output(self) -> str:
+        return self.options.output
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    """A finished job: Beam's result, its lpips_pipe counters, time per step, wall time."""
+
+    result: beam.runners.runner.PipelineResult
+    counters: dict[str, int]
+    stage_msecs: dict[str, int]
+    wall_s: float
+
+
+def local_workers(pipeline_options: PipelineOptions) -> int:
+    """Local worker processes of a multi-processing DirectRunner run, else 1."""
+    direct = pipeline_options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing":
+        return max(direct.direct_num_workers or 1, 1)
+    return 1
+
+
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner")
+
+
+def runs_here(pipeline_options: PipelineOptions) -> bool:
+    """Whether the workers are processes of this machine (local runners, Flink's embedded cluster), so the
+    launcher's view of the device is the workers' view."""
+    runner = pipeline_options.view_as(StandardOptions).runner or ""
+    runner = runner.rsplit(".", 1)[-1]
+    if runner in LOCAL_RUNNERS:
+        return True
+    if runner == "FlinkRunner":
+        return pipeline_options.get_all_options().get("flink_master") in ("[local]", "[auto]", None)
+    return False
+
+
+def _configs(options: LpipsPipeOptions) -> tuple[RecordConfig, ModelConfig]:
+    try:
+        records, model = record_config(options), model_config(options)
+        if runs_here(options):  # a CPU launcher of GPU workers (Dataflow) may ask for cuda
+            lpips_model.check_device(model)
+    except ValueError as error:
+        raise JobError(str(error)) from error
+    workers = local_workers(options)
+    if not model.torch_threads and workers > 1:  # N local workers would each start a torch thread per core
+        model = dataclasses.replace(model, torch_threads=max(1, (os.cpu_count() or 1) // workers))
+    return records, model
+
+
+def check_output(output: str) -> None:
+    """``--output`` must be a directory on a filesystem Beam can write (not a file)."""
+    try:
+        FileSystems.get_filesystem(output)
+    except ValueError as error:
+        scheme = output.split("://", 1)[0] if "://" in output else output
+        raise JobError(f"--output {output}: no filesystem for {scheme}:// in this installation "
+                       "(e.g. gs:// needs `pip install apache-beam[gcp]`)") from error
+    if "://" in output:
+        return
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise JobError(f"--output {output} is a file, not a directory")
+    target = os.path.abspath(output)
+    while not os.path.exists(target):
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        raise JobError(f"--output {output}: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise JobError(f"--output {output} cannot be written (no permission in {target})")
+
+
+def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
+    """The common schema of ``files`` (the same columns in each) and their splits."""
+    schemas, splits = [], []
+    for path in files:
+        try:
+            schema, file_splits = plan_file(path)
+        except (OSError, ValueError) as error:
+            raise JobError(str(error)) from error
+        schemas.append((path, schema))
+        splits += file_splits
+    try:
+        return common_schema(schemas), splits
+    except ValueError as error:
+        raise JobError(str(error)) from error
+
+
+def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: RecordConfig, source: str) -> OutputSchemas:
+    """The output schemas for an input ``schema`` (``source`` names it in messages)."""
+    id_column = options.id_column
+    if id_column is None and DEFAULT_ID_COLUMN in schema.names:
+        id_column = DEFAULT_ID_COLUMN
+    try:
+        if id_column is not None and id_column in schema.names:
+            record_ids.check_id_type(schema.field(id_column))
+        return build_output_schemas(schema, records, id_column)
+    except (InputSchemaError, ValueError) as error:
+        raise JobError(f"{source}: {error}") from error
+
+
+URI_SAMPLE_ROWS = 64
+
+
+def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records: RecordConfig) -> None:
+    """Path/URI image columns: the first rows' schemes must be readable here (``hf://`` without fsspec,
+    an unknown scheme, ``gs://`` without Beam's GCP extra would fail every row). Reads only those columns
+    of the first split."""
+    columns = [name for name in records.image_columns
+               if pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)]
+    if not columns or not splits:
+        return
+    for column in columns:
+        try:
+            values = read_split_column(splits[0], column).slice(0, URI_SAMPLE_ROWS).to_pylist()
+        except (OSError, ValueError):  # unreadable here: the rows will say so
+            continue
+        for value in values:
+            problem = unsupported_uri_scheme(value) if isinstance(value, str) else None
+            if problem:
+                raise JobError(f"{splits[0].path}: column {column!r} holds {value[:120]!r}: {problem}")
+
+
+def expected_provenance(plan_model: ModelConfig, records: RecordConfig, weights_sha256: Optional[str]) -> dict:
+    """What earlier scores must match to be resumed from or filtered with these (``--allow_mixed`` off)."""
+    expected: dict = {"net": plan_model.net, "lpips_version": lpips_model.LPIPS_VERSION}
+    if weights_sha256:
+        expected["weights_sha256"] = weights_sha256
+    if records.mask_mode is not None or records.scope_column is None:
+        expected["mask_mode"] = records.row_mask_mode({})
+    return expected
+
+
+def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -> JobPlan:
+    """Check everything that can be checked before reading any row. No side effects."""
+    if not options.input or not options.output:
+        raise JobError("--input GLOB and --output DIR are required")
+    records, model = _configs(options)
+    check_output(options.output)
+    holder = OutputLock(options.output).holder()
+    if holder:
+        raise JobError(f"--output {options.output} is in use by another run ({holder}); wait for it or "
+                       "choose another directory")
+    try:
+        files = list(files) if files is not None else match_inputs(options.input)
+    except (OSError, ValueError) as error:
+        raise JobError(f"--input {options.input}: {error}") from error
+    if not files:
+        raise JobError(f"no file matches --input {options.input}")
+    existing = layout.output_files(options.output)
+    if existing and not options.overwrite:
+        raise JobError(
+            f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
+            f"(e.g. {existing[0]}); pass --overwrite to replace them or choose another directory")
+    earlier: list[str] = []
+    if options.skip_existing:
+        earlier = record_ids.earlier_output_files(options.skip_existing)
+        if not earlier:
+            raise JobError(f"--skip_existing {options.skip_existing} matches no earlier output "
+                           "(a run's --output directory, or a Parquet file/glob of scores)")
+        doomed = sorted(set(earlier) & set(existing))
+        if doomed:
+            raise JobError(f"--skip_existing reads {doomed[0]}, which --overwrite would delete before scoring; "
+                           "write the resumed run to a new --output")
+    schema, splits = read_schema(files)
+    schemas = output_schemas(schema, options, records, files[0])
+    check_image_uris(splits, schema, records)
+    try:
+        source = lpips_model.check_weights(model)
+    except (lpips_model.WeightsUnavailable, lpips_model.UnsafeWeightsFile, OSError, ValueError) as error:
+        raise JobError(f"weights: {error}") from error
+    skipped = 0
+    if earlier:
+        try:
+            if not options.allow_mixed:
+                record_ids.check_provenance(earlier, expected_provenance(model, records, None), False)
+            done, unreadable = record_ids.read_output_ids(earlier)
+            splits, skipped = record_ids.plan_skips(splits, schemas.id_column, done)
+        except record_ids.ResumeError as error:
+            raise JobError(f"--skip_existing: {error}") from error
+        total = sum(split.num_rows for split in splits)
+        _LOGGER.info("resume: %d of %d input rows have an id already in %d earlier output file(s)%s; "
+                     "scoring the other %d", skipped, total, len(earlier) - len(unreadable),
+                     f" ({len(unreadable)} unreadable, ignored)" if unreadable else "", total - skipped)
+    return JobPlan(options=options, files=tuple(files), splits=tuple(splits), schemas=schemas, records=records,
+                   model=model, batch_pixels=options.batch_pixels or default_batch_pixels(model.device),
+                   weights_source=source, input_schema=schema, existing_outputs=tuple(existing), skipped_rows=skipped,
+                   workers=local_workers(options))
+
+
+class OutputLock:
+    """``OUT/_lpips_pipe.lock``: one run writes into an output directory at a time.
+
+    Taken with an exclusive create on local disks; on object stores, where that is not atomic, a file that
+    exists is respected. A lock left by a process that no longer runs on this host is taken over.
+    """
+
+    def __init__(self, output: str) -> None:
+        self.path = layout.lock_path(output)
+        self._output = output
+        self._held = False
+
+    def holder(self) -> Optional[str]:
+        """Who holds the lock now (a short description), or ``None``."""
+        if not FileSystems.exists(self.path):
+            return None
+        try:
+            with FileSystems.open(self.path, compression_type="uncompressed") as handle:
+                text = handle.read(4096).decode("utf-8", "replace").strip()
+        except Exception:  # unreadable: respect it
+            return "an unreadable lock file"
+        host, _, pid = text.partition(":")
+        pid = pid.split()[0] if pid.split() else ""
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            return None  # stale: its process is gone
+        return f"{text} holds {self.path}"
+
+    def acquire(self) -> None:
+        if not FileSystems.exists(self._output):
+            FileSystems.mkdirs(self._output)
+        holder = self.holder()
+        if holder:
+            raise JobError(f"--output {self._output} is in use by another run ({holder})")
+        text = f"{socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex}".encode()
+        if "://" not in self.path:
+            if os.path.exists(self.path):  # stale
+                os.remove(self.path)
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError as error:
+                raise JobError(f"--output {self._output} is in use by another run ({self.path})") from error
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(text)
+        else:
+            with FileSystems.create(self.path) as handle:
+                handle.write(text)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held and FileSystems.exists(self.path):
+            FileSystems.delete([self.path])
+        self._held = False
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prepare_output(plan: JobPlan) -> None:
+    """Clear what ``--overwrite`` replaces: earlier scores/errors, the report, and staging leftovers.
+    Call with the output's lock held."""
+    stale = list(plan.existing_outputs) + [path for path in layout.report_paths(plan.output)
+                                           if FileSystems.exists(path)]
+    for path in [layout.staging_dir(plan.output)] + _legacy_temp_dirs(plan.output):
+        if FileSystems.exists(path):
+            stale.append(path)
+    if stale and plan.options.overwrite:
+        FileSystems.delete(stale)
+
+
+def remove_empty_staging(output: str) -> None:
+    """Drop ``OUT/_staging`` after a run that left nothing in it (a failed run's leftovers stay)."""
+    staging = layout.staging_dir(output)
+    if FileSystems.exists(staging) and not layout.match(FileSystems.join(layout.escape_glob(staging), "*", "*")):
+        FileSystems.delete([staging])
+
+
+def _legacy_temp_dirs(output: str) -> list[str]:
+    """Beam's own ``beam-temp-*`` folders beside older outputs."""
+    if "://" in output or not os.path.isdir(output):
+        return []
+    return [os.path.join(output, name) for name in os.listdir(output) if name.startswith("beam-temp-")]
+
+
+def progress_config(plan: JobPlan) -> Optional[ProgressConfig]:
+    if not plan.options.progress_interval_s:
+        return None
+    return ProgressConfig(uuid.uuid4().hex, plan.input_rows - plan.skipped_rows, plan.workers,
+                          plan.options.progress_interval_s)
+
+
+def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) -> ScoreLPIPS:
+    """The job's :class:`ScoreLPIPS` (configs already checked at planning)."""
+    options = plan.options
+    return ScoreLPIPS.from_configs(
+        plan.records, plan.model, batch_pixels=plan.batch_pixels, max_batch_pairs=options.max_batch_pairs,
+        model_copies=options.model_copies, decode_threads=options.decode_threads,
+        row_format=plan.schemas.row_format, progress=progress, check=False)
+
+
+def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
+    """``ReadPairs | ScoreLPIPS | WriteScores`` into ``pipeline``, plus the duplicate-id count."""
+    rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns)
+    outputs = rows | "Score" >> score_transform(plan, progress_config(plan))
+    _ = outputs | "WriteScores" >> WriteScores(plan.output, plan.schemas, plan.options.num_shards)
+    if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
+        _ = (rows | "RecordIds" >> beam.Map(_keyed_by_id, plan.schemas.id_column)
+             | "DuplicateIds" >> record_ids.CountDuplicateIds())
+
+
+def _keyed_by_id(row: dict, id_column: str) -> tuple:
+    return row[id_column], None
+
+
+def summarise(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """The lpips_pipe counters of a finished run (committed values, else attempted)."""
+    try:
+        counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    except Exception as error:  # some runners cannot report metrics
+        _LOGGER.warning("could not read the run's counters: %s", error)
+        return {}
+    totals: dict[str, int] = {}
+    for item in counters:
+        value = item.committed if item.committed is not None else item.attempted
+        totals[item.key.metric.name] = totals.get(item.key.metric.name, 0) + int(value or 0)
+    return totals
+
+
+def stage_msecs(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """Milliseconds spent in each step of the graph (``ReadPairs``, ``Score/Decode``, ``Score/LPIPS``,
+    ``WriteScores``, ...), when the runner reports Beam's execution-time metrics (the in-process
+    runner does); else empty. Each step's own time: fused downstream steps are not included."""
+    try:
+        counters = result.monitoring_metrics().query()["counters"]
+    except Exception:  # runners without system metrics
+        return {}
+    totals: dict[str, int] = {}
+    for item in counters:
+        step = item.key.step or ""
+        if item.key.metric.name != EXECUTION_MSECS or not step or step.startswith("ref_"):
+            continue
+        parts = step.split("/")
+        stage = "/".join(parts[:2]) if parts[0] == "Score" and len(parts) > 1 else parts[0]
+        value = item.committed if item.committed is not None else item.attempted
+        totals[stage] = totals.get(stage, 0) + int(value or 0)
+    return {stage: msecs for stage, msecs in totals.items() if msecs > 0}
+
+
+def run_plan(plan: JobPlan, pipeline_options: PipelineOptions) -> JobOutcome:
+    """Take the output, clear what --overwrite replaces, run the graph, wait; the output is released after."""
+    with OutputLock(plan.output):
+        prepare_output(plan)
+        pipeline = beam.Pipeline(options=pipeline_options)
+        build_graph(pipeline, plan)
+        started = time.monotonic()
+        result = pipeline.run()
+        result.wait_until_finish()
+        wall_s = time.monotonic() - started
+        remove_empty_staging(plan.output)
+    return JobOutcome(result, summarise(result), stage_msecs(result), wall_s)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> JobOutcome:
+    """Plan and run the batch job of a command line (``--input ... --output ...`` and Beam's options);
+    no report, no printing (:func:`pipeline.cli.main` adds them). Raises :class:`JobError`."""
+    try:
+        pipeline_options = parse_options(list(argv or []))
+    except OptionsError as error:
+        raise JobError(str(error)) from error
+    options = pipeline_options.view_as(LpipsPipeOptions)
+    return run_plan(plan_job(options), pipeline_options)

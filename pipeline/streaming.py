@@ -1,0 +1,269 @@
+"""Streaming: one long-lived job that scores files as they land (``--streaming``).
+
+``python -m pipeline --streaming --input 'incoming/*.parquet' --output out/ --watch_interval 10`` runs ONE
+unbounded Beam pipeline (the model loads once per worker): every ``--watch_interval`` seconds a
+``PeriodicImpulse`` tick matches ``--input``; a stateful step keeps the files it has seen; new files are cut
+into splits, read, scored by the same :class:`~transforms.stage.ScoreLPIPS` as a batch job, and written as
+Parquet per window of ``--window_s`` seconds of arrival time: ``OUT/scores/part-<window>-*.parquet`` and
+``OUT/errors/part-<window>-*.parquet``, each file finished when its window closes.
+
+The file rule: a file is read once, when its size and modification time have not changed since the
+previous poll and its footer (Parquet) or schema (JSON Lines) reads, so a half-written file is not read
+until it is complete; write files elsewhere and rename them in for the lowest latency. A file that
+changes after it was read is not scored again (a warning and the ``files_changed_after_read`` counter
+say so); a file whose columns differ from the first file's is refused (``files_rejected``, logged).
+
+It stops by itself after ``--watch_stop_after`` seconds (0 = until stopped): the ticks end, the last
+windows close and are written, the job finishes. SIGINT/SIGTERM cancel it: every window already written
+stays, and one line says what was written. The runner: ``--runner PrismRunner`` (the default, built by
+the set-up) or ``--runner FlinkRunner`` (see :mod:`pipeline.runners`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.coders import PickleCoder
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import window
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
+
+from pipeline import job
+from pipeline.options import LpipsPipeOptions
+from transforms import layout
+from transforms.metrics import counter
+from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_footer
+from transforms.stage import ReadSplits, WriteScores
+
+_LOGGER = logging.getLogger("lpips_pipe")
+POLL_KEY = "poll"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """A checked stream: the batch plan of the first file (schemas, configs) and the stream's timing."""
+
+    job: job.JobPlan
+    interval_s: float
+    stop_after_s: float
+    window_s: float
+
+
+def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) -> list[str]:
+    """Files matching ``--input`` now, or the first to land before ``deadline`` (their schema makes the
+    output schemas). Polls every ``--watch_interval`` seconds."""
+    announced = False
+    while True:
+        try:
+            files = match_inputs(options.input)
+        except (OSError, ValueError) as error:
+            raise job.JobError(f"--input {options.input}: {error}") from error
+        if files:
+            return files
+        if deadline is not None and time.monotonic() >= deadline:
+            raise job.JobError(f"no file matched --input {options.input} within --watch_stop_after "
+                               f"{options.watch_stop_after:g} s")
+        if not announced:
+            _LOGGER.info("streaming: waiting for the first file matching %s", options.input)
+            announced = True
+        time.sleep(options.watch_interval)
+
+
+def plan_stream(options: LpipsPipeOptions, started: float) -> StreamPlan:
+    """Check the stream as a batch job of the files already there (or of the first one to land)."""
+    if not options.input or not options.output:
+        raise job.JobError("--input GLOB and --output DIR are required")
+    if options.skip_existing:
+        raise job.JobError("--skip_existing is for batch runs; a stream reads each file once by itself")
+    deadline = started + options.watch_stop_after if options.watch_stop_after else None
+    files = wait_for_first_file(options, deadline)
+    first = job.plan_job(options, files=files[:1])
+    return StreamPlan(first, options.watch_interval, options.watch_stop_after,
+                      options.window_s or options.watch_interval)
+
+
+class NewFiles(beam.DoFn):
+    """Poll ticks -> paths of files to read, each once (the rule in the module docstring).
+
+    The state (one key): ``{path: (status, size, mtime)}`` with status ``pending`` (seen, waiting for a
+    stable size), ``read`` or ``changed``.
+    """
+
+    SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
+
+    def __init__(self, pattern: str) -> None:
+        self._pattern = pattern
+
+    def process(self, tick: tuple[str, Any], seen: Any = beam.DoFn.StateParam(SEEN)) -> Iterator[str]:
+        known: dict[str, tuple[str, int, float]] = seen.read() or {}
+        try:
+            metadata = beam.io.filesystems.FileSystems.match([self._pattern])[0].metadata_list
+        except Exception as error:  # a transient listing failure: try again at the next tick
+            _LOGGER.warning("streaming: cannot list %s (%s); retrying at the next poll", self._pattern, error)
+            return
+        for meta in sorted(metadata, key=lambda item: item.path):
+            now = (meta.size_in_bytes, meta.last_updated_in_seconds)
+            status, *before = known.get(meta.path, ("new", None, None))
+            if status in ("new", "pending"):
+                if status == "pending" and tuple(before) == now and self._complete(meta.path):
+                    known[meta.path] = ("read", *now)
+                    counter("files_read").inc()
+                    yield meta.path
+                else:
+                    known[meta.path] = ("pending", *now)
+            elif status == "read" and tuple(before) != now:
+                known[meta.path] = ("changed", *now)
+                counter("files_changed_after_read").inc()
+                _LOGGER.warning("streaming: %s changed after it was read; it is not scored again", meta.path)
+        seen.write(known)
+
+    @staticmethod
+    def _complete(path: str) -> bool:
+        try:
+            read_footer(path)
+        except Exception as error:  # still being written
+            _LOGGER.info("streaming: %s is not complete yet (%s); retrying at the next poll", path, error)
+            return False
+        return True
+
+
+class FileSplits(beam.DoFn):
+    """A new file -> its splits, if its columns are the stream's (else refused, counted and logged)."""
+
+    def __init__(self, first_file: str, schema: pa.Schema) -> None:
+        self._first = (first_file, schema)
+
+    def process(self, path: str) -> Iterator[ParquetSplit]:
+        try:
+            schema, splits = plan_file(path)
+            common_schema([self._first, (path, schema)])
+        except Exception as error:
+            counter("files_rejected").inc()
+            _LOGGER.error("streaming: %s is refused (%s); its rows are not scored", path, error)
+            return
+        yield from splits
+
+
+def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float) -> None:
+    """Ticks -> new files -> splits -> rows -> windows -> ScoreLPIPS -> Parquet per window."""
+    first = plan.job
+    stop = Timestamp.of(started_wall + plan.stop_after_s) if plan.stop_after_s else MAX_TIMESTAMP
+    rows = (
+        pipeline
+        | "Poll" >> PeriodicImpulse(start_timestamp=Timestamp.of(started_wall), stop_timestamp=stop,
+                                    fire_interval=plan.interval_s)
+        | "Key" >> beam.Map(lambda tick: (POLL_KEY, tick))
+        | "NewFiles" >> beam.ParDo(NewFiles(first.options.input))
+        | "FileSplits" >> beam.ParDo(FileSplits(first.files[0], first.input_schema))
+        | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns)
+        | "Windows" >> beam.WindowInto(window.FixedWindows(plan.window_s))
+    )
+    outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first))
+    _ = outputs | "WriteScores" >> WriteScores(first.output, first.schemas, first.options.num_shards)
+
+
+def written(output: str) -> dict[str, tuple[int, int]]:
+    """``{kind: (files, rows)}`` in ``output`` now, from the Parquet footers."""
+    found = {}
+    for kind in layout.KINDS:
+        files = layout.kind_files(output, kind)
+        rows = 0
+        for path in files:
+            with layout.open_parquet(path) as parquet:
+                rows += parquet.metadata.num_rows
+        found[kind] = (len(files), rows)
+    return found
+
+
+def main(pipeline_options: PipelineOptions) -> int:
+    """Plan, run until the stream stops (by itself or on SIGINT/SIGTERM), print what was written."""
+    from pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_summary  # printing lives there
+
+    options = pipeline_options.view_as(LpipsPipeOptions)
+    started, started_wall = time.monotonic(), time.time()
+    try:
+        plan = plan_stream(options, started)
+    except job.JobError as error:
+        print(f"lpips-pipe: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    runner = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions).runner
+    _LOGGER.info("streaming on %s: polling %s every %g s, windows of %g s, %s", runner, options.input,
+                 plan.interval_s, plan.window_s,
+                 f"stopping after {plan.stop_after_s:g} s" if plan.stop_after_s else "until stopped")
+    stopped_by: list[str] = []
+    try:
+        with job.OutputLock(options.output):
+            job.prepare_output(plan.job)
+            pipeline = beam.Pipeline(options=pipeline_options)
+            build_stream(pipeline, plan, started_wall)
+            result = pipeline.run()
+            cancel = _cancel_on_signals(result, stopped_by)
+            try:
+                result.wait_until_finish()
+            finally:
+                cancel()
+    except job.JobError as error:
+        print(f"lpips-pipe: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:
+        if not stopped_by:
+            print(f"lpips-pipe: error: the stream failed ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}); "
+                  f"{_written_line(options.output)}", file=sys.stderr)
+            return EXIT_FAILED
+    wall_s = time.monotonic() - started
+    job.remove_empty_staging(options.output)
+    counters = job.summarise(result) if not stopped_by else {}
+    if counters:
+        print(format_summary(counters, options.output, wall_s))
+    how = f"on {stopped_by[0]}" if stopped_by else "by itself"
+    print(f"lpips-pipe: streaming stopped {how} after {wall_s:.0f} s; {_written_line(options.output)}", flush=True)
+    if not options.no_report:
+        from pipeline.cli import _report
+
+        _report(options, job.JobOutcome(result, counters, {}, wall_s))
+    return EXIT_OK
+
+
+def _written_line(output: str) -> str:
+    found = written(output)
+    files_s, rows_s = found[layout.SCORES]
+    files_e, rows_e = found[layout.ERRORS]
+    return (f"written: {rows_s} score rows in {files_s} file(s) under {layout.kind_dir(output, layout.SCORES)}, "
+            f"{rows_e} error rows in {files_e} file(s) under {layout.kind_dir(output, layout.ERRORS)}")
+
+
+def _cancel_on_signals(result: Any, stopped_by: list[str]) -> Any:
+    """SIGINT/SIGTERM cancel the running job (windows already written stay); returns a function that puts
+    the earlier handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    earlier = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        _LOGGER.warning("streaming: %s received; cancelling the job (finished windows are kept)",
+                        signal.Signals(signum).name)
+        try:
+            result.cancel()
+        except Exception as error:  # already done
+            _LOGGER.info("cancel: %s", error)
+
+    for sig in earlier:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, previous in earlier.items():
+            signal.signal(sig, previous)
+
+    return restore

@@ -1,0 +1,161 @@
+"""The LPIPS scorer: device checks, the LPIPS head as a module of its own, the batched forward.
+
+:class:`LpipsScorer` builds the ``lpips.LPIPS`` backbone (and its input scaling
+layer) from the weights :mod:`transforms.weights` resolves, loaded strictly, and
+scores with :class:`LpipsHead`: unit-normalise each layer's features, squared
+difference, channel-weighted sum with the layer's ``lins.{i}.model.1.weight``,
+spatial mean, sum over layers (the head of ``lpips.LPIPS.forward``). The 1x1
+linear layers are applied as a channel-weighted sum, not ``Conv2d``: the conv's
+kernels depended on the batch size, and batches follow bundles, so runners gave
+scores ~3e-8 apart; with the weighted sum every runner writes byte-identical scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from transforms.weights import (
+    LPIPS_VERSION,
+    ModelConfig,
+    _build_lpips,
+    head_weights,
+    load_strict,
+    resolve_weights,
+    state_dict_sha256,
+)
+
+_EPS = 1e-10  # lpips.normalize_tensor's
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device in this process."""
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device on this worker")
+    return torch.device(device)
+
+
+def check_device(config: ModelConfig) -> None:
+    """Refuse, at planning, a device/precision this process cannot run (one-line ``ValueError``):
+    ``--device cuda`` when torch sees no GPU, ``--precision fp16`` on CPU (``--device cpu``, or
+    ``auto`` where there is no GPU). The launcher's view decides: for GPU workers started from a
+    machine without a GPU this refuses ``--device cuda``, as asked."""
+    has_cuda = cuda_available()
+    if config.device == "cuda" and not has_cuda:
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here "
+                         "(use --device cpu or auto)")
+    if config.precision == "fp16":
+        if config.device == "cpu":
+            raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        if config.device == "auto" and not has_cuda:
+            raise ValueError("--precision fp16 needs a CUDA device and --device auto finds none here; "
+                             "on CPU use bf16 or fp32")
+
+
+class LpipsHead(torch.nn.Module):
+    """The LPIPS v0.1 head (``lpips=True``, spatial average) over backbone features.
+
+    ``weights`` are the per-layer channel weights ``lins.{i}.model.1.weight``, each
+    ``(1, C, 1, 1)``, held as buffers. :meth:`forward` takes the features of the
+    references and the filled images stacked along the batch (references first) and
+    returns the raw scores, ``(N, 1, 1, 1)`` float32.
+    """
+
+    def __init__(self, weights: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        if not weights:
+            raise ValueError("LpipsHead needs the weights of at least one layer")
+        self.layers = len(weights)
+        for index, weight in enumerate(weights):
+            weight = weight.detach().to(torch.float32)
+            if weight.dim() != 4 or weight.shape[0] != 1 or weight.shape[2:] != (1, 1):
+                raise ValueError(f"head weight {index} has shape {tuple(weight.shape)}, expected (1, C, 1, 1)")
+            self.register_buffer(f"weight{index}", weight.clone())
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "LpipsHead":
+        """The head of a full LPIPS state dict (its ``lins.{i}.model.1.weight``)."""
+        return cls(head_weights(state))
+
+    def weight(self, layer: int) -> torch.Tensor:
+        return getattr(self, f"weight{layer}")
+
+    def forward(self, features: Sequence[torch.Tensor], count: int) -> torch.Tensor:  # noqa: D102
+        if len(features) != self.layers:
+            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(features)} feature maps")
+        total = 0
+        for layer, feature in enumerate(features):
+            feature = feature.float()
+            norm = torch.sqrt(torch.sum(feature ** 2, dim=1, keepdim=True))  # lpips.normalize_tensor
+            feature = feature / (norm + _EPS)
+            diff = (feature[:count] - feature[count:]) ** 2
+            # The 1x1 linear layer as a channel-weighted sum (batch-size invariant), then
+            # lpips.spatial_average.
+            total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
+        return total
+
+
+class LpipsScorer:
+    """Batched LPIPS v0.1 (``lpips=True``, spatial average) on uint8 image pairs.
+
+    Reference and edited images go through the backbone in one call; the head is
+    :class:`LpipsHead`, built from the loaded state dict.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        model = _build_lpips(config.net)
+        resolved = resolve_weights(config, model.state_dict())
+        load_strict(model, resolved.state_dict, resolved.source)
+        model.eval().requires_grad_(False)
+        state = model.state_dict()
+        self.weights_sha256 = state_dict_sha256(state)
+        self.weights_source = resolved.source
+        self.head = LpipsHead.from_state_dict(state).eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.net = config.net
+        self.lpips_version = LPIPS_VERSION
+        self.load_counted = False  # set by the Beam layer once it has counted this load
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_input(self, images: np.ndarray) -> torch.Tensor:
+        """``[0, 255] uint8 NHWC`` numpy -> ``[-1, 1] float32 NCHW`` (channels-last) on the device."""
+        tensor = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)  # = x / 127.5 - 1, in place
+
+    def raw_scores(self, references: np.ndarray, filled: np.ndarray) -> np.ndarray:
+        """Raw LPIPS of each pair, ``float32`` of shape ``(N,)``.
+
+        ``references`` and ``filled`` are ``[0, 255] uint8`` arrays of shape
+        ``(N, H, W, 3)`` (all pairs of one batch share H and W).
+        """
+        count = references.shape[0]
+        model = self.model
+        with torch.inference_mode():
+            both = self._to_input(np.concatenate([references, filled]))
+            with self._autocast():  # lower precision, if asked, for the backbone only; the head stays fp32
+                features = model.net.forward(model.scaling_layer(both))
+            total = self.head(features, count)
+        return total.float().reshape(count).cpu().numpy()

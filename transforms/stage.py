@@ -1,0 +1,181 @@
+"""The public Beam transforms: ``ReadPairs | ScoreLPIPS | WriteScores`` (the command line's whole graph).
+
+- :class:`ReadPairs`: Parquet / JSON Lines files -> input rows (plain dicts), streamed split by split.
+- :class:`ScoreLPIPS`: input rows -> :class:`ScoreOutputs` ``.scores`` / ``.errors`` (plain dicts); every
+  row lands in exactly one. It takes rows from any source: an image value may be encoded bytes, a Hugging
+  Face Image dict ``{bytes, path}``, a path/URI string, a ``PIL.Image.Image`` or an ``HxWx3 uint8`` numpy
+  array. Options are checked when the transform is built (a bad value, no weights: ``ValueError``).
+- :class:`WriteScores`: the two outputs -> ``OUT/scores/*.parquet`` and ``OUT/errors/*.parquet`` with
+  explicit schemas (:mod:`transforms.layout`).
+
+Everything else in ``transforms`` is free to move; these three (and ``masked_lpips``) are the promise,
+re-exported by the ``lpips_pipe`` package.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import apache_beam as beam
+
+from transforms import layout
+from transforms.model import ModelConfig, check_weights
+from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_file
+from transforms.progress import ProgressConfig
+from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
+from transforms.schemas import OutputSchemas, RowFormat
+from transforms.scoring import DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, LpipsModelHandler, ScorePairs
+from transforms.sink import WriteParquet, WriteWindowedParquet
+
+
+class ScoreOutputs(dict):
+    """The two outputs of :class:`ScoreLPIPS`: ``.scores`` and ``.errors`` (also ``result["scores"]``)."""
+
+    @property
+    def scores(self) -> beam.PCollection:
+        return self[layout.SCORES]
+
+    @property
+    def errors(self) -> beam.PCollection:
+        return self[layout.ERRORS]
+
+
+def _with_id(element: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
+    record_id, row = element
+    if layout.ID_FIELD in row:
+        return row
+    return {**row, layout.ID_FIELD: record_id}
+
+
+class ReadPairs(beam.PTransform):
+    """Input files -> one dict per row, every column as stored (images are not decoded here).
+
+    ``source`` is a path or glob (Parquet, JSON Lines; any Beam filesystem), planned when the transform is
+    built, or the splits of a job's plan. ``id_column``: the column holding record ids; without one, each
+    row gets ``id = "<file>:<row>"``. Relative image paths resolve against the folder of the file that names
+    them. Splits are spread over workers (a reshuffle of split descriptors,
+    never of rows), and rows stream from each split, so memory does not grow with the data.
+    """
+
+    def __init__(self, source: Union[str, Sequence[ParquetSplit]], id_column: Optional[str] = None,
+                 image_columns: Sequence[str] = ("ref_image", "edited_image")) -> None:
+        super().__init__()
+        if isinstance(source, str):
+            files = match_inputs(source)
+            if not files:
+                raise ValueError(f"no file matches {source}")
+            splits: list[ParquetSplit] = []
+            for path in files:
+                splits += plan_file(path)[1]
+            source = splits
+        self._splits = list(source)
+        self._id_column = id_column
+        self._image_columns = tuple(image_columns)
+
+    def expand(self, pipeline: beam.pvalue.PBegin) -> beam.PCollection:
+        return (pipeline
+                | "Splits" >> beam.Create(self._splits)
+                | "Read" >> ReadSplits(self._id_column, self._image_columns))
+
+
+class ReadSplits(beam.PTransform):
+    """A PCollection of :class:`ParquetSplit` -> one dict per row (see :class:`ReadPairs`); what a stream
+    uses as its files land."""
+
+    def __init__(self, id_column: Optional[str] = None,
+                 image_columns: Sequence[str] = ("ref_image", "edited_image")) -> None:
+        super().__init__()
+        self._id_column = id_column
+        self._image_columns = tuple(image_columns)
+
+    def expand(self, splits: beam.PCollection) -> beam.PCollection:
+        return (splits
+                | "Spread" >> beam.Reshuffle()  # splits, not rows: image bytes are streamed, never gathered
+                | "Rows" >> beam.ParDo(ReadParquetSplit(self._id_column, self._image_columns))
+                | "WithIds" >> beam.Map(_with_id))
+
+
+class ScoreLPIPS(beam.PTransform):
+    """Masked, area-normalised LPIPS of each input row (a dict), seed-exact in fp32 (SPEC 1).
+
+    ``scope``: ``unedit_area`` (measure outside the boxes), ``edit_area`` (inside) or ``full``;
+    ``mask_mode`` (``outer``/``inner``/``none``) overrides it and ``scope_column``. ``net``: ``alex``,
+    ``vgg``, ``squeeze``. ``max_side``: downscale both images to fit ``max_side x max_side`` first (0 = off).
+    ``precision``: ``fp32`` (exact), ``bf16``, ``fp16`` (CUDA). ``device``: ``auto``, ``cpu``, ``cuda``.
+    Column names are those of the command line. ``batch_pixels`` (0 = by device) bounds a forward's
+    pixels; ``model_copies`` > 0 shares models across a worker's SDK processes (GPU VMs).
+
+    Score dicts carry ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``, ``height``,
+    ``net``, ``lpips_version``, ``weights_sha256`` and the row's other non-image fields (one colliding
+    with an output name is kept as ``input_<name>``); error dicts carry the original row plus
+    ``error_stage``, ``error_type``, ``error_message``.
+    """
+
+    def __init__(self, scope: str = "unedit_area", net: str = "alex", max_side: int = 2048,
+                 precision: str = "fp32", device: str = "auto", *, mask_mode: Optional[str] = None,
+                 id_column: Optional[str] = "id", ref_column: str = "ref_image", edited_column: str = "edited_image",
+                 coords_column: str = "coords", scope_column: Optional[str] = None, coords_scale: str = "pixel",
+                 size_mismatch: str = "resize", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 weights: Optional[str] = None, allow_download: bool = False, torch_threads: int = 0,
+                 batch_pixels: int = 0, max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
+                 max_batch_duration_secs: float = 0, model_copies: int = 0,
+                 decode_threads: int = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
+                 progress: Optional[ProgressConfig] = None, check: bool = True) -> None:
+        super().__init__()
+        self.record_config = RecordConfig(
+            ref_column=ref_column, edited_column=edited_column, coords_column=coords_column,
+            scope_column=scope_column, scope=scope, mask_mode=mask_mode, coords_scale=coords_scale,
+            max_side=max_side, size_mismatch=size_mismatch, max_image_pixels=max_image_pixels,
+            max_image_bytes=max_image_bytes)
+        self.model_config = ModelConfig(net=net, weights=weights, allow_download=allow_download, device=device,
+                                        precision=precision, torch_threads=torch_threads)
+        if check:  # fail while the pipeline is built, not on a worker
+            check_weights(self.model_config)
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
+        self.handler = LpipsModelHandler(self.model_config, batch_pixels, max_batch_pairs, max_batch_duration_secs,
+                                         model_copies)
+        self._row_format = row_format or RowFormat(id_column, self.record_config.image_columns)
+        self._decode_threads = decode_threads
+        self._progress = progress
+
+    @classmethod
+    def from_configs(cls, record_config: RecordConfig, model_config: ModelConfig, **kwargs: Any) -> "ScoreLPIPS":
+        """The transform for already checked configs (the job's plan)."""
+        fields = {name: getattr(record_config, name) for name in (
+            "scope", "max_side", "mask_mode", "ref_column", "edited_column", "coords_column", "scope_column",
+            "coords_scale", "size_mismatch", "max_image_pixels", "max_image_bytes")}
+        fields.update({name: getattr(model_config, name) for name in (
+            "net", "precision", "device", "weights", "allow_download", "torch_threads")})
+        return cls(**fields, **kwargs)
+
+    def expand(self, rows: beam.PCollection) -> ScoreOutputs:
+        # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
+        outputs = ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
+                             self._progress).expand(rows)
+        return ScoreOutputs({layout.SCORES: outputs["scores"], layout.ERRORS: outputs["errors"]})
+
+
+class WriteScores(beam.PTransform):
+    """:class:`ScoreOutputs` -> ``OUT/scores/part[-tag]-*.parquet`` and ``OUT/errors/part[-tag]-*.parquet``
+    with the explicit ``schemas`` of the job (:func:`transforms.schemas.build_output_schemas` of the input
+    schema). ``num_shards`` 0 lets the runner decide; a windowed stream writes files per window."""
+
+    def __init__(self, output: str, schemas: OutputSchemas, num_shards: int = 0, tag: str = "") -> None:
+        super().__init__()
+        self._output = layout.absolute(output)
+        self._schemas = schemas
+        self._num_shards = num_shards
+        self._tag = tag
+
+    def expand(self, outputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        written = {}
+        for kind, schema in ((layout.SCORES, self._schemas.scores), (layout.ERRORS, self._schemas.errors)):
+            rows = outputs[kind]
+            if rows.is_bounded:
+                writer = WriteParquet(self._output, kind, schema, self._num_shards, self._tag)
+            else:
+                writer = WriteWindowedParquet(self._output, kind, schema, self._num_shards)
+            written[kind] = rows | f"Write{kind.title()}" >> writer
+        return written
