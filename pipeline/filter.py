@@ -366,7 +366,7 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
         for batch in _batches(path, stat_columns):
             stats.accumulate(_keys(batch, group_column), _scores(batch))
     if existing:  # every check passed: now replace the earlier outputs
-        FileSystems.delete(existing)
+        layout.delete(existing)
 
     out_schema = _output_schema(schema)
     outcome = FilterOutcome(provenance=provenance)

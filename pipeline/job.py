@@ -311,7 +311,7 @@ class OutputLock:
 
     def release(self) -> None:
         if self._held and FileSystems.exists(self.path):
-            FileSystems.delete([self.path])
+            layout.delete([self.path])
         self._held = False
 
     def __enter__(self) -> "OutputLock":
@@ -335,20 +335,20 @@ def _alive(pid: int) -> bool:
 def prepare_output(plan: JobPlan) -> None:
     """Clear what ``--overwrite`` replaces: earlier scores/errors, the report, and staging leftovers.
     Call with the output's lock held."""
-    stale = list(plan.existing_outputs) + [path for path in layout.report_paths(plan.output)
-                                           if FileSystems.exists(path)]
-    for path in [layout.staging_dir(plan.output)] + _legacy_temp_dirs(plan.output):
+    stale = list(plan.existing_outputs)
+    for path in [layout.report_dir(plan.output), layout.staging_dir(plan.output), *_legacy_temp_dirs(plan.output),
+                 *(FileSystems.join(plan.output, name) for name in layout.REPORT_FILES)]:  # reports beside old outputs
         if FileSystems.exists(path):
             stale.append(path)
     if stale and plan.options.overwrite:
-        FileSystems.delete(stale)
+        layout.delete(stale)
 
 
 def remove_empty_staging(output: str) -> None:
     """Drop ``OUT/_staging`` after a run that left nothing in it (a failed run's leftovers stay)."""
     staging = layout.staging_dir(output)
     if FileSystems.exists(staging) and not layout.match(FileSystems.join(layout.escape_glob(staging), "*", "*")):
-        FileSystems.delete([staging])
+        layout.delete([staging])
 
 
 def _legacy_temp_dirs(output: str) -> list[str]:
@@ -374,11 +374,12 @@ def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) ->
         row_format=plan.schemas.row_format, progress=progress, check=False)
 
 
-def build_graph(pipeline: beam.Pipeline, plan: JobPlan) -> None:
-    """``ReadPairs | ScoreLPIPS | WriteScores`` into ``pipeline``, plus the duplicate-id count."""
+def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None) -> None:
+    """``ReadPairs | ScoreLPIPS | WriteScores`` into ``pipeline``, plus the duplicate-id count. ``output``: the
+    path the sink writes to (default the plan's; see :func:`transforms.layout.glob_free`)."""
     rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns)
     outputs = rows | "Score" >> score_transform(plan, progress_config(plan))
-    _ = outputs | "WriteScores" >> WriteScores(plan.output, plan.schemas, plan.options.num_shards)
+    _ = outputs | "WriteScores" >> WriteScores(output or plan.output, plan.schemas, plan.options.num_shards)
     if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
         _ = (rows | "RecordIds" >> beam.Map(_keyed_by_id, plan.schemas.id_column)
              | "DuplicateIds" >> record_ids.CountDuplicateIds())
@@ -424,10 +425,10 @@ def stage_msecs(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
 
 def run_plan(plan: JobPlan, pipeline_options: PipelineOptions) -> JobOutcome:
     """Take the output, clear what --overwrite replaces, run the graph, wait; the output is released after."""
-    with OutputLock(plan.output):
+    with OutputLock(plan.output), layout.glob_free(plan.output) as output:
         prepare_output(plan)
         pipeline = beam.Pipeline(options=pipeline_options)
-        build_graph(pipeline, plan)
+        build_graph(pipeline, plan, output)
         started = time.monotonic()
         result = pipeline.run()
         result.wait_until_finish()

@@ -154,7 +154,7 @@ class FileSplits(beam.DoFn):
         yield from splits
 
 
-def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float) -> None:
+def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float, output: str) -> None:
     """Ticks -> new files -> splits -> rows -> windows -> ScoreLPIPS -> Parquet per window."""
     first = plan.job
     stop = Timestamp.of(started_wall + plan.stop_after_s) if plan.stop_after_s else MAX_TIMESTAMP
@@ -169,7 +169,7 @@ def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float)
         | "Windows" >> beam.WindowInto(window.FixedWindows(plan.window_s))
     )
     outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first))
-    _ = outputs | "WriteScores" >> WriteScores(first.output, first.schemas, first.options.num_shards)
+    _ = outputs | "WriteScores" >> WriteScores(output, first.schemas, first.options.num_shards)
 
 
 def written(output: str) -> dict[str, tuple[int, int]]:
@@ -202,10 +202,10 @@ def main(pipeline_options: PipelineOptions) -> int:
                  f"stopping after {plan.stop_after_s:g} s" if plan.stop_after_s else "until stopped")
     stopped_by: list[str] = []
     try:
-        with job.OutputLock(options.output):
+        with job.OutputLock(options.output), layout.glob_free(options.output) as output:
             job.prepare_output(plan.job)
             pipeline = beam.Pipeline(options=pipeline_options)
-            build_stream(pipeline, plan, started_wall)
+            build_stream(pipeline, plan, started_wall, output)
             result = pipeline.run()
             cancel = _cancel_on_signals(result, stopped_by)
             try:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from typing import Iterator
 
 import pyarrow as pa
@@ -143,6 +145,39 @@ def scores_files(spec: str) -> list[str]:
         return direct
     # A scores folder itself (OUT/scores) names its files.
     return match(FileSystems.join(escape_glob(spec), f"*{PARQUET_SUFFIX}"))
+
+
+def delete(paths: list[str]) -> None:
+    """Delete files or folders (recursively) given literally: local paths directly (Beam's delete would take
+    glob characters in them as a pattern), others through ``FileSystems``."""
+    remote = [path for path in paths if "://" in path]
+    for path in paths:
+        if "://" in path:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if remote:
+        FileSystems.delete(remote)
+
+
+@contextlib.contextmanager
+def glob_free(output: str) -> Iterator[str]:
+    """``output`` as a path without glob characters, for Beam's file sink, which matches its own paths as
+    patterns: a local output with ``[``, ``*`` or ``?`` is reached through a temporary symbolic link (removed
+    on exit); anything else is given as it is."""
+    if "://" in output or not has_glob(output):
+        yield output
+        return
+    os.makedirs(output, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="lpips-pipe-output-")
+    link = os.path.join(folder, "output")
+    os.symlink(os.path.abspath(output), link)
+    try:
+        yield link
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -34,8 +34,11 @@ quote at most :data:`QUOTE_CHARS` characters of a value and are capped at
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import threading
+from collections import OrderedDict
 import os
 import posixpath
 import re
@@ -173,6 +176,10 @@ class PreparedPair:
     filled: np.ndarray
     mask_mode: str
     mask_pixels: Optional[int]
+    # Identity of the decoded reference (digest of its encoded bytes and the preprocessing), set only when
+    # prepare_pair ran with a reference cache: rows with the same key have identical ``reference`` arrays,
+    # so the model may reuse the reference's features. ``None``: no reuse for this pair.
+    reference_key: Optional[str] = None
 
     @property
     def height(self) -> int:
@@ -641,13 +648,108 @@ def pixel_boxes(raw_boxes: list[Any], original_size: tuple[int, int], scored_siz
 # --------------------------------------------------------------------------- the pair
 
 
+class BoundedCache:
+    """A thread-safe LRU map bounded by the bytes of its values (the caller says each value's size).
+
+    A value larger than the whole bound is not kept. ``hits``/``misses`` count :meth:`get` calls. Used for
+    decoded references (:func:`prepare_pair`'s ``reference_cache``) and reference features (the scorer)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes_used = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self._entries: "OrderedDict[Any, tuple[Any, int]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._entries
+
+    def get(self, key: Any) -> Any:
+        """The value of ``key`` (now the most recently used), or ``None``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Keep ``value`` (``nbytes`` large), evicting the least recently used entries to stay in bound."""
+        nbytes = int(nbytes)
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes_used -= old[1]
+            while self._entries and self.bytes_used + nbytes > self.max_bytes:
+                _, (_, size) = self._entries.popitem(last=False)
+                self.bytes_used -= size
+                self.evictions += 1
+            self._entries[key] = (value, nbytes)
+            self.bytes_used += nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes_used = 0
+
+
+def reference_digest(data: bytes, config: RecordConfig) -> str:
+    """Key of a decoded reference: sha256 of its encoded bytes plus everything that shapes its pixels
+    (``max_side``; the pixel limit only decides whether it is an error)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{digest}:{config.max_side}:{config.max_image_pixels}"
+
+
+def _load_reference(value: Any, config: RecordConfig, base_dir: Optional[str],
+                    cache: Optional[BoundedCache]) -> tuple[Optional[Image.Image], np.ndarray, tuple[int, int],
+                                                            Optional[str]]:
+    """The reference of a row, downscaled: (image or ``None`` when it came from ``cache``, its array,
+    its original size, its key). Without a cache, or for a PIL image / array value, no key."""
+    column = config.ref_column
+    if cache is None or isinstance(value, Image.Image) or (isinstance(value, np.ndarray) and value.ndim >= 2):
+        image = load_image(value, column, config, base_dir)
+        original_size = image.size
+        if config.max_side:
+            image.thumbnail((config.max_side, config.max_side))
+        return image, np.asarray(image), original_size, None
+    data = read_image_bytes(value, column, config.max_image_bytes, base_dir)
+    key = reference_digest(data, config)
+    cached = cache.get(key)
+    if cached is not None:
+        array, original_size = cached
+        return None, array, original_size, key
+    image = decode_image(data, column, config.max_image_pixels)
+    original_size = image.size
+    if config.max_side:
+        image.thumbnail((config.max_side, config.max_side))
+    array = np.asarray(image)
+    if array.flags.writeable:  # shared between rows: never written
+        array = array.copy()
+        array.flags.writeable = False
+    cache.put(key, (array, original_size), array.nbytes)
+    return image, array, original_size, key
+
+
 def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
-                 base_dir: Optional[str] = None) -> PreparedPair:
+                 base_dir: Optional[str] = None, reference_cache: Optional[BoundedCache] = None) -> PreparedPair:
     """Decode, downscale, size-match, mask and composite one row (SPEC 1.1-1.6).
 
     ``base_dir`` is the folder relative image paths resolve against (the folder of
     the input file that names them); without it they resolve against the working
-    directory.
+    directory. ``reference_cache`` (a :class:`BoundedCache`) keeps decoded, downscaled
+    references by :func:`reference_digest`, so rows sharing a reference decode it once;
+    the pair then carries that ``reference_key``. The pixels are the same either way.
     """
     mask_mode = config.row_mask_mode(row)
     raw_boxes = None
@@ -657,26 +759,25 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
             raise RecordError(
                 "coords", "MissingCoords", f"{config.coords_column} is null but mask_mode={mask_mode} needs boxes"
             )
-    reference = load_image(row.get(config.ref_column), config.ref_column, config, base_dir)
+    _, reference_array, original_size, reference_key = _load_reference(
+        row.get(config.ref_column), config, base_dir, reference_cache)
     edited = load_image(row.get(config.edited_column), config.edited_column, config, base_dir)
-    original_size = reference.size
     if config.max_side:
-        reference.thumbnail((config.max_side, config.max_side))
         edited.thumbnail((config.max_side, config.max_side))
-    if edited.size != reference.size:
+    height, width = int(reference_array.shape[0]), int(reference_array.shape[1])
+    reference_size = (width, height)
+    if edited.size != reference_size:
         if config.size_mismatch == "error":
             raise RecordError(
                 "decode", "SizeMismatch",
                 f"edited image is {edited.size[0]}x{edited.size[1]}, reference is "
-                f"{reference.size[0]}x{reference.size[1]} (--size_mismatch error)",
+                f"{width}x{height} (--size_mismatch error)",
             )
-        edited = edited.resize(reference.size)
-    width, height = reference.size
-    reference_array = np.asarray(reference)
+        edited = edited.resize(reference_size)
     edited_array = np.asarray(edited)
     mask = None
     if raw_boxes is not None:
-        boxes = pixel_boxes(raw_boxes, original_size, reference.size, config.coords_scale)
+        boxes = pixel_boxes(raw_boxes, original_size, reference_size, config.coords_scale)
         mask = score_math.build_mask(boxes, width, height, mask_mode)
     return PreparedPair(
         record_id=record_id,
@@ -685,4 +786,5 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
         filled=score_math.composite(reference_array, edited_array, mask),
         mask_mode=mask_mode,
         mask_pixels=score_math.mask_pixels(mask),
+        reference_key=reference_key,
     )

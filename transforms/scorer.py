@@ -13,11 +13,13 @@ scores ~3e-8 apart; with the weighted sum every runner writes byte-identical sco
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import threading
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from transforms.records import BoundedCache
 from transforms.weights import (
     LPIPS_VERSION,
     ModelConfig,
@@ -104,6 +106,28 @@ class LpipsHead(torch.nn.Module):
             total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
         return total
 
+    @staticmethod
+    def normalise(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's features unit-normalised over channels, float32 (``lpips.normalize_tensor``): the
+        head's first step, done once for a reference whose features are reused."""
+        out = []
+        for feature in features:
+            feature = feature.float()
+            norm = torch.sqrt(torch.sum(feature ** 2, dim=1, keepdim=True))
+            out.append(feature / (norm + _EPS))
+        return out
+
+    def distance(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Raw scores ``(N, 1, 1, 1)`` from already normalised features (:meth:`normalise`) of N references
+        and N filled images: the rest of :meth:`forward`, the same operations in the same order."""
+        if len(references) != self.layers or len(filled) != self.layers:
+            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
+        total = 0
+        for layer, (reference, other) in enumerate(zip(references, filled)):
+            diff = (reference - other) ** 2
+            total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
+        return total
+
 
 class LpipsScorer:
     """Batched LPIPS v0.1 (``lpips=True``, spatial average) on uint8 image pairs.
@@ -131,6 +155,8 @@ class LpipsScorer:
         self.net = config.net
         self.lpips_version = LPIPS_VERSION
         self.load_counted = False  # set by the Beam layer once it has counted this load
+        self.reference_cache: Optional[BoundedCache] = None  # reference features, see raw_scores_reused
+        self._cache_lock = threading.Lock()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "fp32":
@@ -159,3 +185,76 @@ class LpipsScorer:
                 features = model.net.forward(model.scaling_layer(both))
             total = self.head(features, count)
         return total.float().reshape(count).cpu().numpy()
+
+    # ------------------------------------------------------------------ reference reuse
+
+    def normalised_features(self, images: np.ndarray) -> list[torch.Tensor]:
+        """Unit-normalised float32 backbone features of ``images`` (``(N, H, W, 3)`` uint8), one backbone call."""
+        model = self.model
+        with torch.inference_mode():
+            tensor = self._to_input(np.ascontiguousarray(images))
+            with self._autocast():
+                features = model.net.forward(model.scaling_layer(tensor))
+            return LpipsHead.normalise(features)
+
+    def _features_each(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
+        """Normalised features of each image (``(H, W, 3)``). On CPU one image per backbone call, always:
+        an image's features then never depend on the batch it came in, whatever the kernels do (and one
+        512x512 image per call costs the same per image as two here). On CUDA one call for all (throughput;
+        bit-identity across batch compositions is not promised on GPUs)."""
+        if not images:
+            return []
+        if self.device.type != "cuda" or len(images) == 1:
+            return [self.normalised_features(image[None]) for image in images]
+        batched = self.normalised_features(np.stack(images))
+        return [[layer[i:i + 1] for layer in batched] for i in range(len(images))]
+
+    def enable_reference_cache(self, max_bytes: int) -> BoundedCache:
+        """The reference-feature cache of this scorer (one per worker process), created on first use with
+        ``max_bytes``; later calls return it unchanged."""
+        with self._cache_lock:
+            if self.reference_cache is None:
+                self.reference_cache = BoundedCache(max_bytes)
+            return self.reference_cache
+
+    def raw_scores_reused(self, references: np.ndarray, filled: np.ndarray, keys: Sequence[Optional[str]],
+                          cache_bytes: int) -> np.ndarray:
+        """Raw LPIPS of each pair like :meth:`raw_scores`, reusing reference features across calls.
+
+        ``keys[i]`` identifies ``references[i]`` (:func:`transforms.records.reference_digest`; ``None``:
+        not cached). The normalised features of a keyed reference are computed once and kept in a cache of
+        at most ``cache_bytes`` bytes (LRU); each filled image is run anew (its composite differs per
+        candidate). The numbers do not depend on hits: a reference's features are computed the same way
+        (alone, one backbone call) whether cached or not, and each pair's head runs alone.
+        """
+        count = references.shape[0]
+        if len(keys) != count or filled.shape[0] != count:
+            raise ValueError(f"{count} references, {filled.shape[0]} filled images and {len(keys)} keys")
+        cache = self.enable_reference_cache(cache_bytes) if cache_bytes > 0 else None
+        reference_features: list[Optional[list[torch.Tensor]]] = [None] * count
+        missing: dict[Optional[str], list[int]] = {}
+        for index, key in enumerate(keys):
+            cached = cache.get(key) if cache is not None and key is not None else None
+            if cached is not None:
+                reference_features[index] = cached
+            elif key is not None and key in missing:  # the same reference twice in this batch
+                missing[key].append(index)
+            else:
+                missing[key if key is not None else ("unkeyed", index)] = [index]
+        order = list(missing)
+        computed = self._features_each([references[missing[key][0]] for key in order])
+        for key, features in zip(order, computed):
+            for index in missing[key]:
+                reference_features[index] = features
+            if cache is not None and isinstance(key, str):
+                cache.put(key, features, sum(t.element_size() * t.nelement() for t in features))
+        filled_features = self._features_each([filled[i] for i in range(count)])
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                total = self.head.distance(
+                    [torch.cat([f[layer] for f in reference_features]) for layer in range(self.head.layers)],
+                    [torch.cat([f[layer] for f in filled_features]) for layer in range(self.head.layers)])
+                return total.float().reshape(count).cpu().numpy()
+            scores = [self.head.distance(reference_features[i], filled_features[i]).reshape(())
+                      for i in range(count)]
+            return torch.stack(scores).float().numpy()

@@ -19,6 +19,7 @@ the job runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import defaultdict, deque
@@ -35,7 +36,7 @@ from transforms import score_math
 from transforms.metrics import NAMESPACE, counter
 from transforms.model import LpipsScorer, ModelConfig, cuda_available
 from transforms.progress import ProgressConfig
-from transforms.records import PreparedPair, RecordConfig, RecordError, prepare_pair
+from transforms.records import BoundedCache, PreparedPair, RecordConfig, RecordError, prepare_pair
 from transforms.schemas import RowFormat
 
 ERRORS = "errors"
@@ -46,6 +47,11 @@ GPU_BATCH_PIXELS = 2048 * 2048
 DEFAULT_BATCH_PIXELS = CPU_BATCH_PIXELS
 DEFAULT_MAX_BATCH_PAIRS = 32
 DEFAULT_DECODE_THREADS = 1
+# Reference reuse (--reference_cache_mb): per worker process, 7/8 of it holds reference features (alex,
+# fp32: ~10.6 MB for a 512x512 reference, ~170 MB at 2048x2048), 1/8 decoded references (0.8 MB at 512x512)
+# per decode DoFn instance. 256 MB fits ~21 512x512 references' features: enough for the candidates of a
+# reference that sit near each other in the input (or meet through --group_by_reference) on a CPU worker.
+DEFAULT_REFERENCE_CACHE_MB = 256
 SCOPE_NAMES = ("unedit_area", "edit_area")
 MAX_SCOPE_VALUES_COUNTED = 20
 
@@ -117,9 +123,22 @@ class PreparePairs(beam.DoFn):
         self._pending: deque = deque()
         self._scopes: set = set()
 
+    _reference_cache_bytes = 0  # see with_reference_cache
+    _reference_cache: Optional[BoundedCache] = None
+
+    def with_reference_cache(self, max_bytes: int) -> "PreparePairs":
+        """Keep up to ``max_bytes`` of decoded references (per DoFn instance), so rows sharing a reference
+        decode it once and carry its ``reference_key`` (0 = off). Returns ``self``."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._reference_cache_bytes = int(max_bytes)
+        return self
+
     def setup(self) -> None:
         if self._threads:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lpips-decode")
+        if self._reference_cache_bytes:
+            self._reference_cache = BoundedCache(self._reference_cache_bytes)
 
     def start_bundle(self) -> None:
         self._pending = deque()
@@ -127,7 +146,7 @@ class PreparePairs(beam.DoFn):
     def _prepare(self, row: dict[str, Any]) -> Any:
         record_id = row.get(self._row_format.id_column) if self._row_format.id_column else None
         try:
-            return prepare_pair(record_id, row, self._config)
+            return prepare_pair(record_id, row, self._config, reference_cache=self._reference_cache)
         except RecordError as error:
             return self._row_format.error_row(record_id, row, error.stage, error.error_type, error.message)
         except Exception as error:  # a decoder bug must not lose the row either
@@ -229,6 +248,20 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
                      scorer.weights_sha256, scorer.device)
         return scorer
 
+    _reference_cache_bytes = 0  # see with_reference_cache
+
+    def with_reference_cache(self, max_bytes: int) -> "LpipsModelHandler":
+        """Reuse reference features across pairs, keeping at most ``max_bytes`` of them per worker process
+        (0 = off, the fused reference+edited forward). Returns ``self``."""
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._reference_cache_bytes = int(max_bytes)
+        return self
+
+    @property
+    def reference_cache_bytes(self) -> int:
+        return self._reference_cache_bytes
+
     def run_inference(self, batch: Sequence[PreparedPair], model: LpipsScorer,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[ScoredPair]:
         _count_load_once(model)
@@ -250,8 +283,15 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
             return index, ScoredPair(batch[index], raw, model.net, model.lpips_version, model.weights_sha256, error)
 
         try:
-            raw = model.raw_scores(np.stack([batch[i].reference for i in chunk]),
-                                   np.stack([batch[i].filled for i in chunk]))
+            references = np.stack([batch[i].reference for i in chunk])
+            filled = np.stack([batch[i].filled for i in chunk])
+            if self._reference_cache_bytes:
+                # Reference features reused across pairs; every image alone through the backbone on CPU,
+                # so a score does not depend on cache hits or on the batch (LpipsScorer.raw_scores_reused).
+                raw = model.raw_scores_reused(references, filled, [batch[i].reference_key for i in chunk],
+                                              self._reference_cache_bytes)
+            else:
+                raw = model.raw_scores(references, filled)
         except Exception as error:  # the model's own failure: never a crash, never a lost row
             if len(chunk) == 1:
                 return [scored(chunk[0], None, (type(error).__name__, str(error)))]
@@ -338,7 +378,8 @@ class ScorePairs(beam.PTransform):
 
     def expand(self, rows: beam.PCollection) -> dict[str, beam.PCollection]:
         prepared = rows | "Decode" >> beam.ParDo(
-            PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress)).with_outputs(
+            PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress)
+            .with_reference_cache(decode_cache_bytes(self._model_handler.reference_cache_bytes))).with_outputs(
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
@@ -348,3 +389,62 @@ class ScorePairs(beam.PTransform):
             FailedBatchToErrors(self._row_format, self._progress))
         errors = (prepared[ERRORS], rows[ERRORS], failed_batches) | "AllErrors" >> beam.Flatten()
         return {"scores": rows.scores, "errors": errors}
+
+
+# --------------------------------------------------------------------------- reference reuse helpers
+
+
+def reference_cache_bytes(reference_cache_mb: int) -> tuple[int, int]:
+    """``--reference_cache_mb`` -> (reference-feature bytes per worker process, decoded-reference bytes per
+    decode DoFn instance): 7/8 and 1/8 of it."""
+    if reference_cache_mb < 0:
+        raise ValueError(f"reference_cache_mb must be >= 0, got {reference_cache_mb}")
+    total = int(reference_cache_mb) * 1024 * 1024
+    return total - total // 8, total // 8
+
+
+def decode_cache_bytes(feature_cache_bytes: int) -> int:
+    """The decoded-reference share that goes with a feature cache of ``feature_cache_bytes`` (1/7 of it)."""
+    return feature_cache_bytes // 7
+
+
+def reference_group_key(row: dict[str, Any], column: str) -> str:
+    """The key rows are grouped by (``--group_by_reference``): sha256 of the reference's encoded bytes, or
+    its path/URI string (not read here), or of the pixels of an in-memory image. Only where rows meet
+    depends on it, never a score."""
+    value = row.get(column) if isinstance(row, dict) else None
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "b:" + hashlib.sha256(value).hexdigest()
+    if isinstance(value, str):
+        return "p:" + value
+    if isinstance(value, np.ndarray):
+        return "a:" + hashlib.sha256(np.ascontiguousarray(value).tobytes() + str(value.shape).encode()).hexdigest()
+    tobytes = getattr(value, "tobytes", None)
+    if callable(tobytes) and hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
+        try:
+            return "i:" + hashlib.sha256(tobytes() + f"{value.mode}{value.size}".encode()).hexdigest()
+        except Exception:
+            pass
+    return "other:" + type(value).__name__  # nulls and odd values: they become error rows anyway
+
+
+class GroupByReference(beam.PTransform):
+    """Rows -> the same rows, those sharing a reference next to each other (a keyed shuffle by
+    :func:`reference_group_key`), so they meet in one worker and bundle and the reference caches hit.
+
+    Cost: every row, image bytes included, goes through a shuffle (GroupByKey) and the read stage no
+    longer fuses with scoring; Beam's local runners hold the shuffled rows in memory, so on them the
+    job's encoded inputs must fit in RAM (Dataflow/Flink shuffle to disk/service)."""
+
+    def __init__(self, ref_column: str = "ref_image") -> None:
+        super().__init__()
+        self._ref_column = ref_column
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+        column = self._ref_column
+        return (rows
+                | "KeyByReference" >> beam.Map(lambda row: (reference_group_key(row, column), row))
+                | "GroupByReference" >> beam.GroupByKey()
+                | "Ungroup" >> beam.FlatMap(lambda keyed: keyed[1]))
