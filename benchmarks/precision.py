@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 
 from pipeline.demo import demo_table  # noqa: E402
 from transforms import score_math  # noqa: E402
-from transforms.model import LpipsScorer, ModelConfig  # noqa: E402
+from transforms.scorer import LpipsScorer
+from transforms.weights import ModelConfig  # noqa: E402
 from transforms.records import RecordConfig, RecordError, prepare_pair  # noqa: E402
 
 VALIDATION = os.path.join(ROOT, "..", "shared", "validation")

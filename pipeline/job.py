@@ -32,15 +32,16 @@ from pipeline.options import (DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError,
                               record_config)
 from transforms import ids as record_ids
 from transforms import layout
-from transforms import model as lpips_model
 from transforms.metrics import NAMESPACE
-from transforms.model import ModelConfig
 from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_split_column
 from transforms.progress import ProgressConfig
 from transforms.records import RecordConfig, unsupported_uri_scheme
 from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
 from transforms.scoring import default_batch_pixels
+from transforms.scorer import check_device
 from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
+from transforms.weights import (LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, check_weights,
+                                resolve_weights, state_dict_sha256)
 
 _LOGGER = logging.getLogger("lpips_pipe")
 EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
@@ -113,7 +114,7 @@ def _configs(options: LpipsPipeOptions) -> tuple[RecordConfig, ModelConfig]:
     try:
         records, model = record_config(options), model_config(options)
         if runs_here(options):  # a CPU launcher of GPU workers (Dataflow) may ask for cuda
-            lpips_model.check_device(model)
+            check_device(model)
     except ValueError as error:
         raise JobError(str(error)) from error
     workers = local_workers(options)
@@ -194,11 +195,12 @@ def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records:
                 raise JobError(f"{splits[0].path}: column {column!r} holds {value[:120]!r}: {problem}")
 
 
-def expected_provenance(plan_model: ModelConfig, records: RecordConfig, weights_sha256: Optional[str]) -> dict:
-    """What earlier scores must match to be resumed from or filtered with these (``--allow_mixed`` off)."""
-    expected: dict = {"net": plan_model.net, "lpips_version": lpips_model.LPIPS_VERSION}
-    if weights_sha256:
-        expected["weights_sha256"] = weights_sha256
+def expected_provenance(model: ModelConfig, records: RecordConfig) -> dict:
+    """What earlier scores must match to be resumed from (``--allow_mixed`` off): net, lpips version, the
+    weights' digest, max_side, and the mask mode when every row has the job's."""
+    weights = resolve_weights(model)  # the digest every score row of this job will carry
+    expected: dict = {"net": model.net, "lpips_version": LPIPS_VERSION,
+                      "weights_sha256": state_dict_sha256(weights.state_dict), "max_side": records.max_side}
     if records.mask_mode is not None or records.scope_column is None:
         expected["mask_mode"] = records.row_mask_mode({})
     return expected
@@ -239,14 +241,14 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -
     schemas = output_schemas(schema, options, records, files[0])
     check_image_uris(splits, schema, records)
     try:
-        source = lpips_model.check_weights(model)
-    except (lpips_model.WeightsUnavailable, lpips_model.UnsafeWeightsFile, OSError, ValueError) as error:
+        source = check_weights(model)
+    except (WeightsUnavailable, UnsafeWeightsFile, OSError, ValueError) as error:
         raise JobError(f"weights: {error}") from error
     skipped = 0
     if earlier:
         try:
             if not options.allow_mixed:
-                record_ids.check_provenance(earlier, expected_provenance(model, records, None), False)
+                record_ids.check_provenance(earlier, expected_provenance(model, records), False)
             done, unreadable = record_ids.read_output_ids(earlier)
             splits, skipped = record_ids.plan_skips(splits, schemas.id_column, done)
         except record_ids.ResumeError as error:
@@ -370,8 +372,8 @@ def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) ->
     options = plan.options
     return ScoreLPIPS.from_configs(
         plan.records, plan.model, batch_pixels=plan.batch_pixels, max_batch_pairs=options.max_batch_pairs,
-        model_copies=options.model_copies, decode_threads=options.decode_threads,
-        row_format=plan.schemas.row_format, progress=progress, check=False)
+        max_batch_duration_secs=options.max_batch_duration_secs, model_copies=options.model_copies,
+        decode_threads=options.decode_threads, row_format=plan.schemas.row_format, progress=progress, check=False)
 
 
 def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None) -> None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
+                                                  StandardOptions, _BeamArgumentParser)
 
 from transforms import score_math
-from transforms.model import DEVICES, NETS, PRECISIONS, ModelConfig
+from transforms.weights import DEVICES, NETS, PRECISIONS, ModelConfig
 from transforms.records import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES,
                                 RecordConfig)
 from transforms.scoring import (CPU_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS,
-                                GPU_BATCH_PIXELS)
+                                DEFAULT_REFERENCE_CACHE_MB, GPU_BATCH_PIXELS)
 
 DEFAULT_ID_COLUMN = "id"
 # Beam's DirectRunner would first try the Prism runner, which downloads a binary; for a batch job it then
@@ -104,6 +105,12 @@ class LpipsPipeOptions(PipelineOptions):
                                 f"{CPU_BATCH_PIXELS} on CPU, {GPU_BATCH_PIXELS} on CUDA.")
         group.add_argument("--max_batch_pairs", type=_positive_int, default=DEFAULT_MAX_BATCH_PAIRS,
                            help="Most pairs in one forward.")
+        group.add_argument("--reference_cache_mb", type=_non_negative_int, default=DEFAULT_REFERENCE_CACHE_MB,
+                           help="Rows sharing a reference decode it and run its backbone once, keeping up to this "
+                                "many MB per worker process (0 = off). Same scores either way.")
+        group.add_argument("--group_by_reference", action="store_true",
+                           help="Shuffle rows by reference before scoring, so candidates of one reference meet in "
+                                "one worker even when far apart in the input (a shuffle of the rows).")
         group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,
                            help="Threads per worker decoding images ahead of the model (0 = decode inline).")
         group.add_argument("--watch_interval", type=_non_negative_float, default=0.0,
@@ -114,6 +121,9 @@ class LpipsPipeOptions(PipelineOptions):
         group.add_argument("--window_s", type=_non_negative_float, default=0.0,
                            help="With --streaming: rows are written in windows of S seconds of arrival time "
                                 "(0 = the watch interval).")
+        group.add_argument("--max_batch_duration_secs", type=_non_negative_float, default=0.0,
+                           help="With --streaming: a partial model batch is scored after this many seconds "
+                                "instead of waiting for the bundle's end (Beam's stateful batching; 0 = off).")
         group.add_argument("--model_copies", type=_non_negative_int, default=0,
                            help="Share this many models across the SDK processes of a worker (e.g. 1 on a GPU "
                                 "VM running N processes); 0 = one model per process.")
@@ -178,16 +188,23 @@ def parse_options(argv: Sequence[str]) -> PipelineOptions:
         standard.streaming = True
     if standard.streaming and not options.watch_interval:
         options.watch_interval = 10.0
-    if standard.runner is None:
-        if standard.streaming:
-            from pipeline import runners
+    if standard.runner is None and not standard.streaming:
+        standard.runner = DEFAULT_BATCH_RUNNER
+        return pipeline_options
+    from pipeline import runners  # only runs that may need a locally built runner
 
-            try:
-                standard.runner = runners.default_streaming_runner()
-            except runners.RunnerUnavailable as error:
-                raise OptionsError(str(error)) from error
-        else:
-            standard.runner = DEFAULT_BATCH_RUNNER
+    try:
+        if standard.runner is None:
+            standard.runner = runners.default_streaming_runner()
+        runners.configure_runner(pipeline_options)
+    except runners.RunnerUnavailable as error:
+        raise OptionsError(str(error)) from error
+    portable = pipeline_options.view_as(PortableOptions)
+    local_flink = pipeline_options.view_as(FlinkRunnerOptions).flink_master in ("[local]", "[auto]")
+    runner = str(standard.runner).rsplit(".", 1)[-1]
+    if portable.environment_type is None and not portable.job_endpoint and (
+            runner == "PrismRunner" or (runner == "FlinkRunner" and local_flink)):
+        portable.environment_type = "LOOPBACK"  # SDK workers in this process: nothing to start, no container
     return pipeline_options
 
 

@@ -16,3 +16,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi
+bash scripts/setup_runners.sh  # Prism + Flink runners (pinned, cached; never fails the set-up)

@@ -398,7 +398,7 @@ def test_a_pair_the_model_rejects_does_not_take_its_batch_down(seed_alex):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from transforms.model import ModelConfig
+    from transforms.weights import ModelConfig
     from transforms.schemas import build_output_schemas
     from transforms.scoring import LpipsModelHandler, ScorePairs
 

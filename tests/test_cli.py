@@ -281,3 +281,32 @@ def test_a_non_finite_score_is_an_error_row_not_a_score():
     assert (error["error_stage"], error["error_type"]) == ("model", "NonFiniteScore") and error["id"] == "x"
     fine = list(ToScoreRow(row_format).process(ScoredPair(pair, 0.25, "alex", "0.1", "f" * 64)))
     assert fine[0]["lpips"] == 0.25
+
+
+def test_resume_refuses_scores_made_otherwise_unless_allowed(pairs, tmp_path, capsys):
+    first = str(tmp_path / "first")
+    assert _run(capsys, "--input", pairs, "--output", first, "--no_report")[0] == 0
+    code, _, err = _run(capsys, "--input", pairs, "--output", str(tmp_path / "second"), "--skip_existing", first,
+                        "--max_side", "1024")
+    assert code == 2 and "max_side" in _one_line_error(err) and "--allow_mixed" in err
+    code, _, err = _run(capsys, "--input", pairs, "--output", str(tmp_path / "third"), "--skip_existing", first,
+                        "--scope", "edit_area")
+    assert code == 2 and "mask_mode" in _one_line_error(err)
+    code, stdout, _ = _run(capsys, "--input", pairs, "--output", str(tmp_path / "fourth"), "--skip_existing", first,
+                           "--max_side", "1024", "--allow_mixed", "--no_report")
+    assert code == 0 and "skipped 6" in stdout
+
+
+def test_errors_keep_the_inputs_schema_metadata(table, tmp_path, capsys):
+    features = b'{"info": {"features": {"ref_image": {"_type": "Image"}}}}'
+    rows = table.to_pylist()
+    rows[0]["edited_image"] = b"broken"
+    path = str(tmp_path / "hf.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema).replace_schema_metadata({b"huggingface": features}),
+                   path)
+    out = tmp_path / "out"
+    assert _run(capsys, "--input", path, "--output", str(out), "--no_report")[0] == 0
+    (errors_file,) = (out / "errors").iterdir()
+    assert pq.read_schema(errors_file).metadata[b"huggingface"] == features
+    (scores_file,) = (out / "scores").iterdir()
+    assert pq.read_schema(scores_file).metadata == {b"max_side": b"2048"}

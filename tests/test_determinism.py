@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli as job
-from pipeline.demo import PAIRS_SCHEMA, demo_table
+from tests.data_helpers import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
 from tests.test_faults import deadline
 

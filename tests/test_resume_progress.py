@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline import cli as job
 from pipeline import job as job_plan
 from pipeline import report as run_report
-from pipeline.demo import demo_table
+from tests.data_helpers import demo_table
 from pipeline.options import LpipsPipeOptions
 from transforms import ids as record_ids
 from transforms import progress

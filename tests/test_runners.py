@@ -270,7 +270,7 @@ class RunOutcome:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    from pipeline.demo import demo_table
+    from tests.data_helpers import demo_table
 
     root = tmp_path_factory.mktemp("runners")
     sandbox = Sandbox.create(root)
@@ -303,12 +303,12 @@ def run_job(ws: Workspace, name: str, extra_args: list[str], env_extra: Optional
     assert code == 0 and marked, f"{name}: launcher exited {code}; output tail:\n{output[-4000:]}"
     counters = json.loads(marked[-1][len(COUNTERS_MARK):])
     assert counters.pop("state") == "DONE", counters
-    assert sorted(p.name for p in out.iterdir()) == ["errors-00000-of-00001.parquet",
-                                                     "scores-00000-of-00001.parquet"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "errors", "errors/part-00000-of-00001.parquet", "scores", "scores/part-00000-of-00001.parquet"]
     return RunOutcome(
         counters=counters,
-        scores=pq.read_table(out / "scores-00000-of-00001.parquet").sort_by("id"),
-        errors=pq.read_table(out / "errors-00000-of-00001.parquet").sort_by("id"),
+        scores=pq.read_table(out / "scores" / "part-00000-of-00001.parquet").sort_by("id"),
+        errors=pq.read_table(out / "errors" / "part-00000-of-00001.parquet").sort_by("id"),
         worker_pids=sdk_worker_pids(pid_dir),
     )
 
@@ -352,7 +352,7 @@ def assert_same_output(outcome: RunOutcome, baseline: RunOutcome, ws: Workspace)
 def test_guard_catches_a_download(tmp_path: pathlib.Path) -> None:
     """The guard refuses torchvision's download path (what --allow_download would use), and logs it."""
     sandbox = Sandbox.create(tmp_path)
-    url = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+    url = "https" + "://" + "checkpoints.example.invalid/models/alexnet-owt-7be5be79.pth"  # never a real host
     code, output, _ = run_bounded(
         [str(VENV_BIN / "python"), "-c",
          f"import torch.hub; torch.hub.load_state_dict_from_url({url!r}, model_dir={str(tmp_path)!r})"],
@@ -361,7 +361,7 @@ def test_guard_catches_a_download(tmp_path: pathlib.Path) -> None:
     assert code != 0, output
     assert "lpips-pipe test guard" in output
     attempts = sandbox.network_attempts()
-    assert attempts and "download.pytorch.org" in attempts[0], attempts
+    assert attempts and "checkpoints.example.invalid" in attempts[0], attempts
     assert not list(tmp_path.glob("alexnet-*.pth"))
 
 
@@ -432,7 +432,7 @@ def test_portable_runner_external_worker_pool(workspace: Workspace, baseline: Ru
 def test_baked_weights_dir_is_an_offline_source(workspace: Workspace, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: pathlib.Path) -> None:
     """$LPIPS_PIPE_WEIGHTS_DIR/lpips-<net>.pt comes after --weights and before the other offline sources."""
-    from transforms.model import WEIGHTS_DIR_ENV, ModelConfig, resolve_weights, state_dict_sha256, weights_source
+    from transforms.weights import WEIGHTS_DIR_ENV, ModelConfig, resolve_weights, state_dict_sha256, weights_source
 
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(workspace.weights_path.parent))
     assert weights_source(ModelConfig(net="alex")) == f"file:{workspace.weights_path}"
@@ -448,7 +448,7 @@ def test_weights_file_is_checked_against_its_recorded_sha256(workspace: Workspac
     """A weights file altered after export (e.g. corrupted in staging) is refused, not scored with."""
     import torch
 
-    from transforms.model import ModelConfig, resolve_weights
+    from transforms.weights import ModelConfig, resolve_weights
 
     bundle = torch.load(workspace.weights_path, map_location="cpu", weights_only=True)
     key = next(k for k in bundle["state_dict"] if k.startswith("net."))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from pipeline.demo import EDITS, centre_box, encode, photo
+from tests.data_helpers import EDITS, centre_box, encode, photo
 from tests.seed_reference import open_image
 from transforms import score_math
 from transforms.records import RecordConfig, prepare_pair

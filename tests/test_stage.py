@@ -92,7 +92,8 @@ def test_bad_constructor_arguments_fail_when_the_pipeline_is_built():
     with pytest.raises(ValueError, match="net"):
         ScoreLPIPS(net="resnet")
     with pytest.raises(ValueError, match="fp16"):
-        from transforms.model import ModelConfig, check_device
+        from transforms.scorer import check_device
+        from transforms.weights import ModelConfig
 
         check_device(ModelConfig(device="cpu", precision="fp16"))
 

@@ -1,5 +1,6 @@
-"""The scoring transform is window-agnostic: under TestStream (streaming DirectRunner) every row is
-scored exactly once, in its own window, late rows included, with and without time-bounded batching."""
+"""The scoring transform is window-agnostic: under TestStream (the streaming DirectRunner, and Prism) every row
+is scored exactly once, in its own window, late rows included, with and without time-bounded batching (which
+loses a row on the local DirectRunner only: strict xfail)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from pipeline.demo import PAIRS_SCHEMA, demo_table
+from pipeline import runners
+from tests.data_helpers import PAIRS_SCHEMA, demo_table
 from transforms import score_math
-from transforms.model import ModelConfig
+from transforms.weights import ModelConfig
 from transforms.records import RecordConfig, prepare_pair
 from transforms.schemas import build_output_schemas
 from transforms.scoring import LpipsModelHandler, ScorePairs
@@ -27,15 +29,23 @@ def rows():
     return table
 
 
-@pytest.mark.parametrize("max_batch_duration_secs", [
-    0,  # batches close at bundle end (the default)
-    pytest.param(1, marks=pytest.mark.xfail(strict=True, reason=(
+PRISM = runners.prism_binary()
+needs_prism = pytest.mark.skipif(PRISM is None, reason=f"Prism is not built here ({runners.SETUP_STEP})")
+
+
+@pytest.mark.parametrize("runner,max_batch_duration_secs", [
+    ("BundleBasedDirectRunner", 0),  # batches close at bundle end (the default)
+    pytest.param("BundleBasedDirectRunner", 1, marks=pytest.mark.xfail(strict=True, reason=(
         "With Beam 2.77's stateful BatchElements (max_batch_duration_secs, a processing-time timer) the local "
         "streaming DirectRunner loses the on-time row of window [20, 30) when late rows follow, every run here; "
-        "the same stream of plain ints through BatchElements alone keeps it, so it depends on timing. Hence "
-        "the handler's max_batch_duration_secs is off by default and not offered on the command line."))),
+        "the same stream of plain ints through BatchElements alone keeps it, so it depends on timing. Prism "
+        "keeps every row (below), so --max_batch_duration_secs is offered for streams, which run on Prism or "
+        "Flink, never on this runner)."))),
+    pytest.param("PrismRunner", 0, marks=needs_prism),
+    pytest.param("PrismRunner", 1, marks=needs_prism),
 ])
-def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_scorer, max_batch_duration_secs):
+def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_scorer, runner,
+                                                                  max_batch_duration_secs):
     records = RecordConfig()
     schemas = build_output_schemas(PAIRS_SCHEMA, records, "id")
     stream = (
@@ -55,7 +65,9 @@ def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_sco
         expected_scores.append((row["id"], timestamp // WINDOW_SECONDS * WINDOW_SECONDS, round(value, 5)))
 
     handler = LpipsModelHandler(ModelConfig(device="cpu"), max_batch_duration_secs=max_batch_duration_secs)
-    with beam.Pipeline(runner="BundleBasedDirectRunner", options=PipelineOptions(["--streaming"])) as pipeline:
+    argv = ["--streaming"] + ([f"--prism_location={PRISM}", "--environment_type=LOOPBACK"]
+                              if runner == "PrismRunner" else [])
+    with beam.Pipeline(runner=runner, options=PipelineOptions(argv)) as pipeline:
         outputs = (pipeline | stream | beam.WindowInto(window.FixedWindows(WINDOW_SECONDS))
                    | ScorePairs(records, handler, schemas.row_format, decode_threads=1))
         scores = outputs["scores"] | "ScoreWindows" >> beam.Map(

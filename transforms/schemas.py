@@ -37,6 +37,7 @@ def _is_image_type(kind: pa.DataType) -> bool:
     return False
 
 
+MAX_SIDE_KEY = "max_side"  # key-value metadata of scores files
 SCORE_NAMES = frozenset([ID_FIELD, *(field.name for field in SCORE_FIELDS)])
 ERROR_NAMES = frozenset(field.name for field in ERROR_FIELDS)
 
@@ -157,4 +158,5 @@ def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_colum
     if id_column != ID_FIELD:
         error_fields.append(pa.field(ID_FIELD, id_type))
     errors = pa.schema([*error_fields, *ERROR_FIELDS], metadata=input_schema.metadata)
-    return OutputSchemas(scores=scores.remove_metadata(), errors=errors, row_format=row_format, id_column=id_column)
+    scores = scores.with_metadata({MAX_SIDE_KEY: str(config.max_side)})  # resume refuses mixing max_side
+    return OutputSchemas(scores=scores, errors=errors, row_format=row_format, id_column=id_column)

@@ -52,6 +52,8 @@ DEFAULT_DECODE_THREADS = 1
 # per decode DoFn instance. 256 MB fits ~21 512x512 references' features: enough for the candidates of a
 # reference that sit near each other in the input (or meet through --group_by_reference) on a CPU worker.
 DEFAULT_REFERENCE_CACHE_MB = 256
+# With reuse on CPU, Beam batches hold up to this many default budgets (8 pairs of 512x512).
+REUSE_CPU_BATCH_FACTOR = 8
 SCOPE_NAMES = ("unedit_area", "edit_area")
 MAX_SCOPE_VALUES_COUNTED = 20
 
@@ -256,6 +258,15 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._reference_cache_bytes = int(max_bytes)
+        # With reuse a CPU forward holds 2 images whatever the batch (LpipsScorer._features_each), so a
+        # batch of several pairs costs no cache locality; it lets a cached reference's candidates fill a
+        # forward (2 filled images) instead of padding one alone. Memory: the batch's uint8 arrays only.
+        target = self._batch_pixels
+        if max_bytes and self._batch_pixels == CPU_BATCH_PIXELS and not (
+                self._model_config.device == "cuda" or (self._model_config.device == "auto" and cuda_available())):
+            target = self._batch_pixels * REUSE_CPU_BATCH_FACTOR
+        self._batching_kwargs["min_batch_size"] = target
+        self._batching_kwargs["max_batch_size"] = target
         return self
 
     @property

@@ -19,12 +19,13 @@ from typing import Any, Optional, Sequence, Union
 import apache_beam as beam
 
 from transforms import layout
-from transforms.model import ModelConfig, check_weights
+from transforms.weights import ModelConfig, check_weights
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_file
 from transforms.progress import ProgressConfig
 from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat
-from transforms.scoring import DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, LpipsModelHandler, ScorePairs
+from transforms.scoring import (DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, DEFAULT_REFERENCE_CACHE_MB,
+                                GroupByReference, LpipsModelHandler, ScorePairs, reference_cache_bytes)
 from transforms.sink import WriteParquet, WriteWindowedParquet
 
 
@@ -104,6 +105,10 @@ class ScoreLPIPS(beam.PTransform):
     ``precision``: ``fp32`` (exact), ``bf16``, ``fp16`` (CUDA). ``device``: ``auto``, ``cpu``, ``cuda``.
     Column names are those of the command line. ``batch_pixels`` (0 = by device) bounds a forward's
     pixels; ``model_copies`` > 0 shares models across a worker's SDK processes (GPU VMs).
+    ``reference_cache_mb`` (default 256, 0 = off): rows with the same reference (same encoded bytes, same
+    ``max_side``) decode it once and run its backbone once, within this many MB per worker process; scores
+    are the same bits with or without hits. ``group_by_reference``: shuffle rows by reference first, so
+    candidates of one reference meet even when they are far apart in the input (costs a shuffle of the rows).
 
     Score dicts carry ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``, ``height``,
     ``net``, ``lpips_version``, ``weights_sha256`` and the row's other non-image fields (one colliding
@@ -121,7 +126,8 @@ class ScoreLPIPS(beam.PTransform):
                  batch_pixels: int = 0, max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
                  max_batch_duration_secs: float = 0, model_copies: int = 0,
                  decode_threads: int = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
-                 progress: Optional[ProgressConfig] = None, check: bool = True) -> None:
+                 progress: Optional[ProgressConfig] = None, check: bool = True,
+                 reference_cache_mb: int = DEFAULT_REFERENCE_CACHE_MB, group_by_reference: bool = False) -> None:
         super().__init__()
         self.record_config = RecordConfig(
             ref_column=ref_column, edited_column=edited_column, coords_column=coords_column,
@@ -136,6 +142,9 @@ class ScoreLPIPS(beam.PTransform):
             raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
         self.handler = LpipsModelHandler(self.model_config, batch_pixels, max_batch_pairs, max_batch_duration_secs,
                                          model_copies)
+        feature_bytes, _ = reference_cache_bytes(reference_cache_mb)  # ValueError when < 0
+        self.handler.with_reference_cache(feature_bytes)
+        self._group_by_reference = bool(group_by_reference)
         self._row_format = row_format or RowFormat(id_column, self.record_config.image_columns)
         self._decode_threads = decode_threads
         self._progress = progress
@@ -151,6 +160,8 @@ class ScoreLPIPS(beam.PTransform):
         return cls(**fields, **kwargs)
 
     def expand(self, rows: beam.PCollection) -> ScoreOutputs:
+        if self._group_by_reference:
+            rows = rows | "ByReference" >> GroupByReference(self.record_config.ref_column)
         # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
         outputs = ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
                              self._progress).expand(rows)
