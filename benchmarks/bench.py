@@ -94,7 +94,7 @@ def part_seed(path: str) -> dict:
     import pyarrow.parquet as pq
 
     from tests.seed_reference import SeedLPIPSPipe, open_image
-    from transforms.model import ModelConfig, resolve_weights
+    from transforms.weights import ModelConfig, resolve_weights
 
     seed = SeedLPIPSPipe(resolve_weights(ModelConfig(net="alex")).state_dict, net="alex")
     table = pq.read_table(path)
@@ -113,7 +113,8 @@ def part_bound(path: str, precision: str, device: str, pairs: int, reuse: bool) 
     import pyarrow.parquet as pq
     import torch
 
-    from transforms.model import LpipsScorer, ModelConfig
+    from transforms.scorer import LpipsScorer
+    from transforms.weights import ModelConfig
     from transforms.records import BoundedCache, RecordConfig, prepare_pair
     from transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
 

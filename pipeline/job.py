@@ -373,7 +373,9 @@ def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) ->
     return ScoreLPIPS.from_configs(
         plan.records, plan.model, batch_pixels=plan.batch_pixels, max_batch_pairs=options.max_batch_pairs,
         max_batch_duration_secs=options.max_batch_duration_secs, model_copies=options.model_copies,
-        decode_threads=options.decode_threads, row_format=plan.schemas.row_format, progress=progress, check=False)
+        decode_threads=options.decode_threads, reference_cache_mb=options.reference_cache_mb,
+        group_by_reference=options.group_by_reference, row_format=plan.schemas.row_format, progress=progress,
+        check=False)
 
 
 def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None) -> None:

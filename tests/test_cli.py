@@ -310,3 +310,14 @@ def test_errors_keep_the_inputs_schema_metadata(table, tmp_path, capsys):
     assert pq.read_schema(errors_file).metadata[b"huggingface"] == features
     (scores_file,) = (out / "scores").iterdir()
     assert pq.read_schema(scores_file).metadata == {b"max_side": b"2048"}
+
+
+def test_a_model_shared_across_processes_gives_the_same_rows(pairs, tmp_path, capsys):
+    """--model_copies 1: Beam serves one model to the worker's processes (a proxy); same rows as one per process."""
+    outputs = {}
+    for name, extra in (("own", []), ("shared", ["--model_copies", "1"])):
+        out = tmp_path / name
+        code, stdout, err = _run(capsys, "--input", pairs, "--output", str(out), "--no_report", *extra)
+        assert code == 0 and "model loads 1" in stdout, err
+        outputs[name] = pq.read_table(out / "scores").sort_by("id").to_pylist()
+    assert outputs["shared"] == outputs["own"]

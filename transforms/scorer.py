@@ -159,6 +159,11 @@ class LpipsScorer:
         self.reference_cache: Optional[BoundedCache] = None  # reference features, see raw_scores_reused
         self._cache_lock = threading.Lock()
 
+    def identity(self) -> tuple[str, str, str]:
+        """``(net, lpips_version, weights_sha256)``: what every score row records. A method, so that a model
+        shared across processes (a proxy, which forwards calls but not attributes) answers it too."""
+        return self.net, self.lpips_version, self.weights_sha256
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "fp32":
             return contextlib.nullcontext()

@@ -1,7 +1,7 @@
 """Beam wiring of the scoring step: rows -> prepared pairs -> batched LPIPS -> output rows.
 
 Only glue lives here: decoding rules are in :mod:`transforms.records`, score math in
-:mod:`transforms.score_math`, the model in :mod:`transforms.model`, the output
+:mod:`transforms.score_math`, the model in :mod:`transforms.scorer`, the output
 contract in :mod:`transforms.schemas`.
 
 - :class:`PreparePairs` turns an input row (a dict) into a :class:`PreparedPair` or
@@ -34,7 +34,8 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import score_math
 from transforms.metrics import NAMESPACE, counter
-from transforms.model import LpipsScorer, ModelConfig, cuda_available
+from transforms.scorer import LpipsScorer, cuda_available
+from transforms.weights import ModelConfig
 from transforms.progress import ProgressConfig
 from transforms.records import BoundedCache, PreparedPair, RecordConfig, RecordError, prepare_pair
 from transforms.schemas import RowFormat
@@ -276,22 +277,24 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     def run_inference(self, batch: Sequence[PreparedPair], model: LpipsScorer,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[ScoredPair]:
         _count_load_once(model)
+        identity = model.identity()  # one call per batch, also through a shared model's proxy
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, pair in enumerate(batch):
             by_size[(pair.height, pair.width)].append(index)
         results: list[Optional[ScoredPair]] = [None] * len(batch)
         for indices in by_size.values():
             for start in range(0, len(indices), self._max_batch_pairs):
-                for index, scored in self._score_chunk(batch, indices[start:start + self._max_batch_pairs], model):
+                for index, scored in self._score_chunk(batch, indices[start:start + self._max_batch_pairs], model,
+                                                       identity):
                     results[index] = scored
         return results  # type: ignore[return-value]
 
-    def _score_chunk(self, batch: Sequence[PreparedPair], chunk: list[int],
-                     model: LpipsScorer) -> list[tuple[int, ScoredPair]]:
+    def _score_chunk(self, batch: Sequence[PreparedPair], chunk: list[int], model: LpipsScorer,
+                     identity: tuple[str, str, str]) -> list[tuple[int, ScoredPair]]:
         """One forward for ``chunk``; if it fails, each pair alone, so that one pair the model cannot take
         (e.g. an image under 31x31 pixels for alex) fails alone, not the pairs that shared its batch."""
         def scored(index: int, raw: Optional[float], error: Optional[tuple[str, str]] = None) -> tuple:
-            return index, ScoredPair(batch[index], raw, model.net, model.lpips_version, model.weights_sha256, error)
+            return index, ScoredPair(batch[index], raw, *identity, error)
 
         try:
             references = np.stack([batch[i].reference for i in chunk])
@@ -307,7 +310,7 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
             if len(chunk) == 1:
                 return [scored(chunk[0], None, (type(error).__name__, str(error)))]
             _LOGGER.warning("LPIPS failed on a batch of %d pairs (%s); scoring them one at a time", len(chunk), error)
-            return [item for index in chunk for item in self._score_chunk(batch, [index], model)]
+            return [item for index in chunk for item in self._score_chunk(batch, [index], model, identity)]
         return [scored(index, float(value)) for index, value in zip(chunk, raw)]
 
     def get_num_bytes(self, batch: Sequence[PreparedPair]) -> int:
