@@ -48,7 +48,8 @@ def _peak_rss_mb() -> float:
 
 def make_pairs(path: str, pairs: int, size: int, edits: int = 4, shuffle: bool = False) -> None:
     """``pairs`` rows: references that are distinct crops of the demo photos, each with ``edits`` candidates
-    (the demo's edits, in turn) on consecutive rows; ``shuffle`` spreads them randomly instead."""
+    on consecutive rows, the demo's edits in turn over all rows (local, leaking and global edits, so scores are
+    not all 0.0 whatever ``edits`` is); ``shuffle`` spreads them randomly instead."""
     import random
 
     import pyarrow.parquet as pq
@@ -77,7 +78,7 @@ def make_pairs(path: str, pairs: int, size: int, edits: int = 4, shuffle: bool =
         for k in range(edits):
             if len(rows) == pairs:
                 break
-            edit, apply = edit_items[k % len(edit_items)]
+            edit, apply = edit_items[len(rows) % len(edit_items)]  # every edit kind, whatever --edits is
             rows.append({"id": f"{name}/{copy}/{k}/{edit}", "edit": edit, "ref_image": encoded,
                          "edited_image": encode(apply(reference, box)), "coords": [list(map(float, box))]})
         reference_index += 1

@@ -26,7 +26,7 @@ _WHERE = {
     "ScoreLPIPS": "transforms.stage",
     "ReadPairs": "transforms.stage",
     "WriteScores": "transforms.stage",
-    "ScoreOutputs": "transforms.stage",
+    "ScoreOutputs": "transforms.scoring",
     "masked_lpips": "transforms.masked",
     "RecordError": "transforms.records",
     "run": "pipeline.job",
@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from pipeline.job import run
     from transforms.masked import masked_lpips
     from transforms.records import RecordError
-    from transforms.stage import ReadPairs, ScoreLPIPS, ScoreOutputs, WriteScores
+    from transforms.scoring import ScoreOutputs
+    from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,8 @@ summary and writes the report. Exit codes:
 - 1: the job itself failed (a worker died, a filesystem error); the message says what was written;
 - 2: a mistake found before anything ran (a bad option, no input, a bad file, no weights, the output in
   use or already holding results): one line, nothing written;
-- 3: the job ran but more rows failed than ``--max_error_fraction`` allows (by default: every row failed).
+- 3: the job ran but more rows failed than ``--max_error_fraction`` allows (by default: every row failed);
+- 130: interrupted (Ctrl-C) in a batch run; a stream stops on SIGINT/SIGTERM with exit 0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import job
 from pipeline import report as run_report
@@ -26,7 +27,7 @@ from transforms import layout
 
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def format_summary(totals: dict[str, int], output: str, wall_s: Optional[float] = None) -> str:
@@ -116,13 +117,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipeline_options = parse_options(args)
         options = pipeline_options.view_as(LpipsPipeOptions)
         if pipeline_options.view_as(StandardOptions).streaming:
-            from pipeline import streaming
-
-            return streaming.main(pipeline_options)
+            return _stream(pipeline_options, options)
         plan = job.plan_job(options)
     except (job.JobError, OptionsError) as error:
         _print_error(str(error))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        _print_error("interrupted before the job started; nothing was written")
+        return EXIT_INTERRUPTED
     _LOGGER.info("scoring %d file(s), %d rows, with LPIPS %s, weights from %s", len(plan.files), plan.input_rows,
                  options.net, plan.weights_source)
     try:
@@ -130,19 +132,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except job.JobError as error:  # e.g. another run took the output between planning and start
         _print_error(str(error))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        _print_error(f"interrupted; {describe_written(options.output)}")
+        return EXIT_INTERRUPTED
     except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
         _LOGGER.debug("the job failed", exc_info=True)
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        _print_error(f"the job failed ({type(error).__name__}: {reason}); {describe_written(options.output)}")
+        _print_error(f"the job failed ({_reason(error)}); {describe_written(options.output)}")
         return EXIT_FAILED
     print(format_summary(outcome.counters, options.output, outcome.wall_s))
+    return _finish(options, outcome.counters, outcome)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _finish(options: LpipsPipeOptions, counters: dict[str, int], outcome: job.JobOutcome) -> int:
+    """Report, then the exit code: 3 when more rows failed than --max_error_fraction allows."""
     if not options.no_report:
         _report(options, outcome)
-    verdict = error_fraction_verdict(outcome.counters, options.max_error_fraction)
+    verdict = error_fraction_verdict(counters, options.max_error_fraction)
     if verdict:
         _print_error(f"{verdict}; exit {EXIT_TOO_MANY_ERRORS}")
         return EXIT_TOO_MANY_ERRORS
     return EXIT_OK
+
+
+def _stream(pipeline_options: PipelineOptions, options: LpipsPipeOptions) -> int:
+    """``--streaming``: run until the stream stops, then say what was written."""
+    from pipeline import streaming  # imports PeriodicImpulse and state specs only when streaming
+
+    try:
+        outcome = streaming.run_stream(pipeline_options)
+    except job.JobError as error:
+        _print_error(str(error))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _print_error(f"interrupted before the stream started; {streaming.written_line(options.output)}")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        _LOGGER.debug("the stream failed", exc_info=True)
+        _print_error(f"the stream failed ({_reason(error)}); {streaming.written_line(options.output)}")
+        return EXIT_FAILED
+    if outcome.counters:
+        print(format_summary(outcome.counters, options.output, outcome.wall_s))
+    how = f"on {outcome.stopped_by}" if outcome.stopped_by else "by itself"
+    print(f"{PROG}: streaming stopped {how} after {outcome.wall_s:.0f} s; {streaming.written_line(options.output)}",
+          flush=True)
+    return _finish(options, outcome.counters, job.JobOutcome(None, outcome.counters, {}, outcome.wall_s))
 
 
 if __name__ == "__main__":

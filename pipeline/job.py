@@ -79,9 +79,9 @@ class JobPlan:
 
 @dataclasses.dataclass
 class JobOutcome:
-    """A finished job: Beam's result, its lpips_pipe counters, time per step, wall time."""
+    """A finished job: Beam's result (``None`` for a stream), its lpips_pipe counters, time per step, wall time."""
 
-    result: beam.runners.runner.PipelineResult
+    result: Optional[beam.runners.runner.PipelineResult]
     counters: dict[str, int]
     stage_msecs: dict[str, int]
     wall_s: float

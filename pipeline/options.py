@@ -129,7 +129,7 @@ class LpipsPipeOptions(PipelineOptions):
                                 "VM running N processes); 0 = one model per process.")
         group.add_argument("--allow_mixed", action="store_true",
                            help="Let --skip_existing resume from scores made with another net, lpips version, "
-                                "weights or mask mode (default: refuse, naming the field).")
+                                "weights, mask mode or max_side (default: refuse, naming the field).")
         group.add_argument("--max_error_fraction", type=_fraction, default=1.0,
                            help="Exit 3 when more than this fraction of the rows went to errors (default 1.0: "
                                 "only when every row failed).")
@@ -137,7 +137,7 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Output files per output (0 = let the runner decide).")
         group.add_argument("--skip_existing", default=None, metavar="DIR_OR_GLOB",
                            help="Resume: skip input rows whose id is already in these earlier outputs (a directory "
-                                "means its scores-*.parquet; or a file/glob of Parquet files with an id column).")
+                                "means its scores/*.parquet; or a file/glob of Parquet files with an id column).")
         group.add_argument("--no_report", action="store_true",
                            help="Do not write report.md / report.json / histogram.png into --output after the run.")
         group.add_argument("--report_group_column", default=None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
-import sys
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -32,7 +31,7 @@ from typing import Any, Iterator, Optional
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.coders import PickleCoder
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms import window
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
@@ -185,57 +184,47 @@ def written(output: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def main(pipeline_options: PipelineOptions) -> int:
-    """Plan, run until the stream stops (by itself or on SIGINT/SIGTERM), print what was written."""
-    from pipeline.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, format_summary  # printing lives there
+@dataclasses.dataclass
+class StreamOutcome:
+    """A stream that ended: its counters (empty when it was cancelled: the runner reports none then), wall
+    time, and the signal that stopped it (``None``: it stopped by itself)."""
 
+    counters: dict[str, int]
+    wall_s: float
+    stopped_by: Optional[str]
+
+
+def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
+    """Plan (:class:`job.JobError` for a mistake), then run until the stream stops, by itself after
+    ``--watch_stop_after`` or on SIGINT/SIGTERM (the job is cancelled; finished windows stay)."""
     options = pipeline_options.view_as(LpipsPipeOptions)
     started, started_wall = time.monotonic(), time.time()
-    try:
-        plan = plan_stream(options, started)
-    except job.JobError as error:
-        print(f"lpips-pipe: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    runner = pipeline_options.view_as(beam.options.pipeline_options.StandardOptions).runner
+    plan = plan_stream(options, started)
+    runner = pipeline_options.view_as(StandardOptions).runner
     _LOGGER.info("streaming on %s: polling %s every %g s, windows of %g s, %s", runner, options.input,
                  plan.interval_s, plan.window_s,
                  f"stopping after {plan.stop_after_s:g} s" if plan.stop_after_s else "until stopped")
     stopped_by: list[str] = []
-    try:
-        with job.OutputLock(options.output), layout.glob_free(options.output) as output:
-            job.prepare_output(plan.job)
-            pipeline = beam.Pipeline(options=pipeline_options)
-            build_stream(pipeline, plan, started_wall, output)
-            result = pipeline.run()
-            cancel = _cancel_on_signals(result, stopped_by)
-            try:
-                result.wait_until_finish()
-            finally:
-                cancel()
-    except job.JobError as error:
-        print(f"lpips-pipe: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as error:
-        if not stopped_by:
-            print(f"lpips-pipe: error: the stream failed ({type(error).__name__}: "
-                  f"{str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}); "
-                  f"{_written_line(options.output)}", file=sys.stderr)
-            return EXIT_FAILED
-    wall_s = time.monotonic() - started
+    with job.OutputLock(options.output), layout.glob_free(options.output) as output:
+        job.prepare_output(plan.job)
+        pipeline = beam.Pipeline(options=pipeline_options)
+        build_stream(pipeline, plan, started_wall, output)
+        result = pipeline.run()
+        restore = _cancel_on_signals(result, stopped_by)
+        try:
+            result.wait_until_finish()
+        except Exception:  # a cancelled job reports itself as failed on some runners
+            if not stopped_by:
+                raise
+        finally:
+            restore()
     job.remove_empty_staging(options.output)
     counters = job.summarise(result) if not stopped_by else {}
-    if counters:
-        print(format_summary(counters, options.output, wall_s))
-    how = f"on {stopped_by[0]}" if stopped_by else "by itself"
-    print(f"lpips-pipe: streaming stopped {how} after {wall_s:.0f} s; {_written_line(options.output)}", flush=True)
-    if not options.no_report:
-        from pipeline.cli import _report
-
-        _report(options, job.JobOutcome(result, counters, {}, wall_s))
-    return EXIT_OK
+    return StreamOutcome(counters, time.monotonic() - started, stopped_by[0] if stopped_by else None)
 
 
-def _written_line(output: str) -> str:
+def written_line(output: str) -> str:
+    """What the output folder holds now (files and rows of each kind, from the Parquet footers)."""
     found = written(output)
     files_s, rows_s = found[layout.SCORES]
     files_e, rows_e = found[layout.ERRORS]

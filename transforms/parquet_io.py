@@ -1,9 +1,8 @@
-"""Inputs (Parquet and JSON Lines) and Parquet outputs, on any Beam filesystem.
+"""Inputs (Parquet and JSON Lines), on any Beam filesystem; writing is :mod:`transforms.sink`'s.
 
 Reading is a DoFn over splits planned at job start, so each row keeps its file and position
 (``<file>:<row>`` ids when the input has no id column) and every column arrives as it is stored (error rows
-must carry the whole original row). Writing uses Beam's ``WriteToParquet`` with the explicit schemas of
-:mod:`transforms.schemas`.
+must carry the whole original row).
 
 Planning refuses, with :class:`InputError` (one line naming the file), everything that would otherwise fail
 on a worker: a directory given as ``--input``, a FIFO or other non-regular file, an empty file, bytes that are
@@ -537,26 +536,3 @@ class ReadParquetSplit(beam.DoFn):
 
 
 ReadInputSplit = ReadParquetSplit
-
-
-# --- writing ----------------------------------------------------------------------------------------
-
-
-def output_files(output_dir: str) -> list[str]:
-    """Existing scores / errors files under ``output_dir`` (``OUT/scores/*.parquet``, ``OUT/errors/*.parquet``
-    and the older flat ``OUT/scores-*.parquet`` / ``OUT/errors-*.parquet``)."""
-    return layout.output_files(output_dir)
-
-
-def write_parquet(pcoll: beam.PCollection, output_dir: str, prefix: str, schema: pa.Schema,
-                  num_shards: int) -> beam.PCollection:
-    """Write ``pcoll`` of dict rows as ``output_dir/prefix-SSSSS-of-NNNNN.parquet``.
-
-    An empty collection still writes one empty file with the schema.
-    """
-    return pcoll | f"Write{prefix.title()}" >> beam.io.WriteToParquet(
-        FileSystems.join(output_dir, prefix),
-        schema,
-        file_name_suffix=".parquet",
-        num_shards=num_shards,
-    )

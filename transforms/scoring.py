@@ -374,8 +374,41 @@ class FailedBatchToErrors(beam.DoFn):
             yield self._row_format.error_row(pair.record_id, pair.row, "model", error_type, message)
 
 
+SCORES = "scores"
+# Error rows are made in three places; each is its own PCollection, and ``errors`` (all of them) is their
+# Flatten, made only when asked for: Beam's in-process runner buffers every element of a flattened
+# PCollection (error rows carry their images), so the command line writes the three parts directly.
+ERROR_PARTS = ("errors_decode", "errors_model", "errors_failed_batches")
+
+
+class ScoreOutputs(dict):
+    """The outputs of :class:`ScorePairs` / ``ScoreLPIPS``: ``.scores`` and ``.errors`` (also
+    ``result["scores"]``, ``result["errors"]``), plus ``.error_parts``, the error rows of decoding, of the
+    model and of failed batches, before they are flattened into ``errors`` (on first use)."""
+
+    @property
+    def scores(self) -> beam.PCollection:
+        return self[SCORES]
+
+    @property
+    def errors(self) -> beam.PCollection:
+        return self[ERRORS]
+
+    @property
+    def error_parts(self) -> tuple[beam.PCollection, ...]:
+        return tuple(dict.__getitem__(self, name) for name in ERROR_PARTS if dict.__contains__(self, name))
+
+    def __missing__(self, key: str) -> beam.PCollection:
+        if key != ERRORS or not self.error_parts:
+            raise KeyError(key)
+        label = f"AllErrors({self[SCORES].producer.full_label})"
+        self[ERRORS] = errors = self.error_parts | label >> beam.Flatten()
+        return errors
+
+
 class ScorePairs(beam.PTransform):
-    """Input rows (dicts) -> ``{"scores": score rows, "errors": error rows}`` (dicts).
+    """Input rows (dicts) -> :class:`ScoreOutputs`: score rows and error rows (dicts); every row lands in
+    exactly one.
 
     ``row_format`` says where the id is and which columns pass through (:class:`RowFormat`);
     ``progress`` turns on progress lines (:mod:`transforms.progress`).
@@ -390,7 +423,7 @@ class ScorePairs(beam.PTransform):
         self._row_format = row_format
         self._progress = progress
 
-    def expand(self, rows: beam.PCollection) -> dict[str, beam.PCollection]:
+    def expand(self, rows: beam.PCollection) -> ScoreOutputs:
         prepared = rows | "Decode" >> beam.ParDo(
             PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress)
             .with_reference_cache(decode_cache_bytes(self._model_handler.reference_cache_bytes))).with_outputs(
@@ -401,8 +434,7 @@ class ScorePairs(beam.PTransform):
             ERRORS, main="scores")
         failed_batches = failed.failed_inferences | "FailedBatches" >> beam.ParDo(
             FailedBatchToErrors(self._row_format, self._progress))
-        errors = (prepared[ERRORS], rows[ERRORS], failed_batches) | "AllErrors" >> beam.Flatten()
-        return {"scores": rows.scores, "errors": errors}
+        return ScoreOutputs(zip((SCORES, *ERROR_PARTS), (rows.scores, prepared[ERRORS], rows[ERRORS], failed_batches)))
 
 
 # --------------------------------------------------------------------------- reference reuse helpers

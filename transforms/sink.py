@@ -1,65 +1,137 @@
 """Writing scores and errors as Parquet (the layout of :mod:`transforms.layout`).
 
-Beam's ``WriteToParquet`` with the explicit schemas of :mod:`transforms.schemas`, with one change: the
-sink's temporary files go to ``OUT/_staging/<kind>-<uuid>/`` instead of beside the outputs, so the
-``OUT/scores`` and ``OUT/errors`` folders only ever hold finished Parquet files (readers can open the folder while a stream
-runs, and a crashed run leaves its finished bundles in one place). Bounded input writes ``part-SSSSS-of-
-NNNNN.parquet`` (an empty collection still writes one empty file with the schema); a windowed, unbounded
-input (a stream) goes through Beam's ``fileio.WriteToFiles`` and writes files per window,
-``part-<window start>-<window end>-<pane>-SSSSS-of-NNNNN.parquet``, each complete when its window closes.
-(Beam 2.77's ``WriteToParquet`` of an unbounded input makes the Prism runner panic; ``WriteToFiles`` runs
-on Prism and Flink.)
+Bounded input (:class:`WriteParquet`): each bundle's rows are written, as they arrive, ``ROWS_PER_WRITE`` at a
+time, into a staged file ``OUT/_staging/<kind>-<run>/<uuid>.parquet`` by a DoFn that runs fused with the
+step producing the rows, and only the staged files' paths go on. When every bundle is done, one step moves
+them into ``OUT/<kind>/part-SSSSS-of-NNNNN.parquet`` (``--num_shards N`` merges them into at most N files,
+row group by row group); an empty collection still gets one empty file with the schema. Nothing holds rows:
+several PCollections of one kind (the error rows of decoding, of the model, of failed batches) are each
+staged where they are made, so no ``Flatten`` of rows is needed before writing. (Beam's in-process runner
+buffers every element of a flattened PCollection, and Beam's ``WriteToParquet`` buffered up to 1,000 rows
+and 64 MB per writer: with error rows carrying their images, memory grew with the data.) ``OUT/scores`` and
+``OUT/errors`` only ever hold finished files, and a crashed run leaves its finished bundles in ``_staging``.
+
+Windowed, unbounded input (a stream, :class:`WriteWindowedParquet`) goes through Beam's
+``fileio.WriteToFiles`` and writes files per window, ``part-<window start>-<window end>-SSSSS-of-NNNNN.parquet``,
+each complete when its window closes. (Beam 2.77's ``WriteToParquet`` of an unbounded input makes the Prism
+runner panic; ``WriteToFiles`` runs on Prism and Flink.)
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io import fileio, parquetio
+from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.value_provider import StaticValueProvider
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms import layout
 
-ROWS_PER_WRITE = 64  # rows buffered before they go to the Parquet writer (bounded memory per open file)
+ROWS_PER_WRITE = 64  # rows held as Python objects before they are written (error rows carry their images)
 
 
-class _StagedParquetSink(parquetio._ParquetSink):  # pylint: disable=protected-access
-    """Beam's Parquet sink with its temporary directory ``<staging>/<kind>-<uuid>``."""
+def _mkdirs(directory: str) -> None:
+    if not FileSystems.exists(directory):
+        try:
+            FileSystems.mkdirs(directory)
+        except OSError:  # made meanwhile by another writer
+            if not FileSystems.exists(directory):
+                raise
 
-    def __init__(self, staging: str, kind: str, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+
+class _StageRows(beam.DoFn):
+    """Rows (dicts) -> one staged Parquet file per bundle, written as the rows arrive; emits its path."""
+
+    def __init__(self, staging: str, schema: pa.Schema) -> None:
         self._staging = staging
-        self._kind = kind
+        self._schema = schema
 
-    def initialize_write(self) -> str:
-        directory = FileSystems.split(self.file_path_prefix.get())[0]
-        if not FileSystems.exists(directory):  # Beam's final rename does not create OUT/<kind>/
-            try:
-                FileSystems.mkdirs(directory)
-            except OSError:  # made meanwhile by another window's writer
-                if not FileSystems.exists(directory):
-                    raise
-        return super().initialize_write()
+    def start_bundle(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self._path: Optional[str] = None
+        self._handle: Optional[BinaryIO] = None
+        self._writer: Optional[pq.ParquetWriter] = None
 
-    def _create_temp_dir(self, file_path_prefix: str) -> str:
-        return FileSystems.join(self._staging, f"{self._kind}-{uuid.uuid1().hex}")
+    def _write_rows(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            _mkdirs(self._staging)
+            self._path = FileSystems.join(self._staging, f"{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}")
+            self._handle = FileSystems.create(self._path)
+            self._writer = pq.ParquetWriter(self._handle, self._schema)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
+        self._rows = []
+
+    def process(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= ROWS_PER_WRITE:
+            self._write_rows()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        self._write_rows()
+        if self._writer is not None:
+            self._writer.close()
+            self._handle.close()
+            yield GlobalWindows.windowed_value(self._path)
 
 
-class WriteParquet(beam.io.WriteToParquet):
-    """``WriteToParquet`` of dict rows to ``OUT/<kind>/part[-tag]-SSSSS-of-NNNNN.parquet``, staging in
-    ``OUT/_staging``. ``num_shards`` 0 lets the runner decide."""
+class _Publish(beam.DoFn):
+    """All staged paths of one kind -> the final files (moved, or merged into ``num_shards`` files)."""
 
-    def __init__(self, output: str, kind: str, schema: pa.Schema, num_shards: int = 0, tag: str = "") -> None:
-        prefix = layout.shard_prefix(output, kind, tag)
-        super().__init__(prefix, schema, file_name_suffix=layout.PARQUET_SUFFIX, num_shards=num_shards)
-        self._sink = _StagedParquetSink(
-            layout.staging_dir(output), kind, prefix, schema, "none", False, False, layout.PARQUET_SUFFIX, num_shards,
-            None, "application/x-parquet", None)
+    def __init__(self, output: str, kind: str, schema: pa.Schema, num_shards: int) -> None:
+        self._output, self._kind, self._schema, self._num_shards = output, kind, schema, num_shards
+
+    def _final(self, index: int, count: int) -> str:
+        return f"{layout.shard_prefix(self._output, self._kind)}-{index:05d}-of-{count:05d}{layout.PARQUET_SUFFIX}"
+
+    def _merge(self, sources: Sequence[str], destination: str) -> None:
+        with FileSystems.create(destination) as handle:
+            writer = pq.ParquetWriter(handle, self._schema)
+            for source in sources:
+                with layout.open_parquet(source) as parquet:
+                    for group in range(parquet.num_row_groups):
+                        writer.write_table(parquet.read_row_group(group))
+            writer.close()
+
+    def process(self, staged: list[str]) -> Iterator[str]:
+        _mkdirs(layout.kind_dir(self._output, self._kind))
+        staged = sorted(set(staged))
+        shards = max(self._num_shards or len(staged), 1)
+        groups = [group for group in (staged[index::shards] for index in range(shards)) if group] or [[]]
+        for index, group in enumerate(groups):
+            destination = self._final(index, len(groups))
+            if len(group) == 1:
+                FileSystems.rename(group, [destination])
+            else:  # several staged files into one, or none: an empty file with the schema
+                self._merge(group, destination)
+                if group:
+                    FileSystems.delete(group)
+            yield destination
+
+
+class WriteParquet(beam.PTransform):
+    """Dict rows of one kind, from one or more PCollections, -> ``OUT/<kind>/part-SSSSS-of-NNNNN.parquet``
+    with ``schema``, staging in ``OUT/_staging``. ``num_shards`` 0: one file per bundle that had rows."""
+
+    def __init__(self, output: str, kind: str, schema: pa.Schema, num_shards: int = 0) -> None:
+        super().__init__()
+        self._output, self._kind, self._schema, self._num_shards = output, kind, schema, num_shards
+
+    def expand(self, parts: Any) -> beam.PCollection:
+        parts = list(parts) if isinstance(parts, (list, tuple)) else [parts]
+        staging = FileSystems.join(layout.staging_dir(self._output), f"{self._kind}-{uuid.uuid4().hex}")
+        staged = [part | f"Stage{index}" >> beam.ParDo(_StageRows(staging, self._schema))
+                  for index, part in enumerate(parts)]
+        paths = staged[0] if len(staged) == 1 else tuple(staged) | "StagedFiles" >> beam.Flatten()  # paths only
+        return (paths
+                | "AllStaged" >> beam.combiners.ToList()
+                | "Publish" >> beam.ParDo(_Publish(self._output, self._kind, self._schema, self._num_shards)))
 
 
 class ParquetFileSink(fileio.FileSink):

@@ -19,26 +19,14 @@ from typing import Any, Optional, Sequence, Union
 import apache_beam as beam
 
 from transforms import layout
-from transforms.weights import ModelConfig, check_weights
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_file
 from transforms.progress import ProgressConfig
 from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat
 from transforms.scoring import (DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, DEFAULT_REFERENCE_CACHE_MB,
-                                GroupByReference, LpipsModelHandler, ScorePairs, reference_cache_bytes)
+                                GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs, reference_cache_bytes)
 from transforms.sink import WriteParquet, WriteWindowedParquet
-
-
-class ScoreOutputs(dict):
-    """The two outputs of :class:`ScoreLPIPS`: ``.scores`` and ``.errors`` (also ``result["scores"]``)."""
-
-    @property
-    def scores(self) -> beam.PCollection:
-        return self[layout.SCORES]
-
-    @property
-    def errors(self) -> beam.PCollection:
-        return self[layout.ERRORS]
+from transforms.weights import ModelConfig, check_weights
 
 
 def _with_id(element: tuple[Any, dict[str, Any]]) -> dict[str, Any]:
@@ -163,30 +151,34 @@ class ScoreLPIPS(beam.PTransform):
         if self._group_by_reference:
             rows = rows | "ByReference" >> GroupByReference(self.record_config.ref_column)
         # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
-        outputs = ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
-                             self._progress).expand(rows)
-        return ScoreOutputs({layout.SCORES: outputs["scores"], layout.ERRORS: outputs["errors"]})
+        return ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
+                          self._progress).expand(rows)
 
 
 class WriteScores(beam.PTransform):
-    """:class:`ScoreOutputs` -> ``OUT/scores/part[-tag]-*.parquet`` and ``OUT/errors/part[-tag]-*.parquet``
-    with the explicit ``schemas`` of the job (:func:`transforms.schemas.build_output_schemas` of the input
-    schema). ``num_shards`` 0 lets the runner decide; a windowed stream writes files per window."""
+    """:class:`ScoreOutputs` (or a dict with ``scores`` and ``errors``) -> ``OUT/scores/part-*.parquet`` and
+    ``OUT/errors/part-*.parquet`` with the explicit ``schemas`` of the job
+    (:func:`transforms.schemas.build_output_schemas` of the input schema). ``num_shards`` 0: one file per
+    bundle that had rows; N: at most N files. A windowed stream writes files per window. The error rows of
+    a :class:`ScoreOutputs` are written part by part, never flattened first (see :mod:`transforms.sink`)."""
 
-    def __init__(self, output: str, schemas: OutputSchemas, num_shards: int = 0, tag: str = "") -> None:
+    def __init__(self, output: str, schemas: OutputSchemas, num_shards: int = 0) -> None:
         super().__init__()
         self._output = layout.absolute(output)
         self._schemas = schemas
         self._num_shards = num_shards
-        self._tag = tag
 
     def expand(self, outputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        parts = {layout.SCORES: [outputs[layout.SCORES]],
+                 layout.ERRORS: list(getattr(outputs, "error_parts", ()) or [outputs[layout.ERRORS]])}
         written = {}
         for kind, schema in ((layout.SCORES, self._schemas.scores), (layout.ERRORS, self._schemas.errors)):
-            rows = outputs[kind]
-            if rows.is_bounded:
-                writer = WriteParquet(self._output, kind, schema, self._num_shards, self._tag)
+            if all(part.is_bounded for part in parts[kind]):
+                writer: beam.PTransform = WriteParquet(self._output, kind, schema, self._num_shards)
+                written[kind] = tuple(parts[kind]) | f"Write{kind.title()}" >> writer
             else:
-                writer = WriteWindowedParquet(self._output, kind, schema, self._num_shards)
-            written[kind] = rows | f"Write{kind.title()}" >> writer
+                rows = parts[kind][0] if len(parts[kind]) == 1 else \
+                    tuple(parts[kind]) | f"All{kind.title()}" >> beam.Flatten()
+                written[kind] = rows | f"Write{kind.title()}" >> WriteWindowedParquet(
+                    self._output, kind, schema, self._num_shards)
         return written
