@@ -134,7 +134,7 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Exit 3 when more than this fraction of the rows went to errors (default 1.0: "
                                 "only when every row failed).")
         group.add_argument("--num_shards", type=_non_negative_int, default=0,
-                           help="Output files per output (0 = let the runner decide).")
+                           help="At most this many files per output, merged at the end (0 = one file per bundle that had rows).")
         group.add_argument("--skip_existing", default=None, metavar="DIR_OR_GLOB",
                            help="Resume: skip input rows whose id is already in these earlier outputs (a directory "
                                 "means its scores/*.parquet; or a file/glob of Parquet files with an id column).")
