@@ -45,38 +45,29 @@ def _mkdirs(directory: str) -> None:
 
 
 class _StageRows(beam.DoFn):
-    """Rows (dicts) -> one staged Parquet file per bundle, written as the rows arrive; emits its path."""
+    """Rows (dicts) -> one staged Parquet file per bundle, written as the rows arrive (through
+    :class:`ParquetFileSink`); emits its path at the end of the bundle."""
 
     def __init__(self, staging: str, schema: pa.Schema) -> None:
         self._staging = staging
         self._schema = schema
 
     def start_bundle(self) -> None:
-        self._rows: list[dict[str, Any]] = []
         self._path: Optional[str] = None
         self._handle: Optional[BinaryIO] = None
-        self._writer: Optional[pq.ParquetWriter] = None
+        self._sink = ParquetFileSink(self._schema)
 
-    def _write_rows(self) -> None:
-        if not self._rows:
-            return
-        if self._writer is None:
+    def process(self, row: dict[str, Any]) -> None:
+        if self._handle is None:  # a bundle without rows stages nothing
             _mkdirs(self._staging)
             self._path = FileSystems.join(self._staging, f"{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}")
             self._handle = FileSystems.create(self._path)
-            self._writer = pq.ParquetWriter(self._handle, self._schema)
-        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self._schema))
-        self._rows = []
-
-    def process(self, row: dict[str, Any]) -> None:
-        self._rows.append(row)
-        if len(self._rows) >= ROWS_PER_WRITE:
-            self._write_rows()
+            self._sink.open(self._handle)
+        self._sink.write(row)
 
     def finish_bundle(self) -> Iterator[Any]:
-        self._write_rows()
-        if self._writer is not None:
-            self._writer.close()
+        if self._handle is not None:
+            self._sink.flush()
             self._handle.close()
             yield GlobalWindows.windowed_value(self._path)
 
