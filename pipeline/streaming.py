@@ -59,16 +59,17 @@ class StreamPlan:
 
 
 def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) -> list[str]:
-    """Files matching ``--input`` now, or the first to land before ``deadline`` (their schema makes the
-    output schemas). Polls every ``--watch_interval`` seconds."""
+    """Complete files matching ``--input`` now, or the first to land complete before ``deadline`` (their
+    schema makes the output schemas). Polls every ``--watch_interval`` seconds."""
     announced = False
     while True:
         try:
             files = match_inputs(options.input)
         except (OSError, ValueError) as error:
             raise job.JobError(f"--input {options.input}: {error}") from error
-        if files:
-            return files
+        complete = [path for path in files if NewFiles.complete(path)]  # a half-written first file waits
+        if complete:
+            return complete
         if deadline is not None and time.monotonic() >= deadline:
             raise job.JobError(f"no file matched --input {options.input} within --watch_stop_after "
                                f"{options.watch_stop_after:g} s")
@@ -114,7 +115,7 @@ class NewFiles(beam.DoFn):
             now = (meta.size_in_bytes, meta.last_updated_in_seconds)
             status, *before = known.get(meta.path, ("new", None, None))
             if status in ("new", "pending"):
-                if status == "pending" and tuple(before) == now and self._complete(meta.path):
+                if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
                     counter("files_read").inc()
                     yield meta.path
@@ -127,7 +128,8 @@ class NewFiles(beam.DoFn):
         seen.write(known)
 
     @staticmethod
-    def _complete(path: str) -> bool:
+    def complete(path: str) -> bool:
+        """Whether ``path``'s footer (Parquet) or schema (JSON Lines) reads: not still being written."""
         try:
             read_footer(path)
         except Exception as error:  # still being written
