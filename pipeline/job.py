@@ -36,7 +36,7 @@ from transforms.metrics import NAMESPACE
 from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_split_column
 from transforms.progress import ProgressConfig
 from transforms.records import RecordConfig, unsupported_uri_scheme
-from transforms.schemas import InputSchemaError, OutputSchemas, build_output_schemas
+from transforms.schemas import OutputSchemas, build_output_schemas
 from transforms.scoring import default_batch_pixels
 from transforms.scorer import check_device
 from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
@@ -169,7 +169,7 @@ def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: Record
         if id_column is not None and id_column in schema.names:
             record_ids.check_id_type(schema.field(id_column))
         return build_output_schemas(schema, records, id_column)
-    except (InputSchemaError, ValueError) as error:
+    except ValueError as error:  # InputSchemaError, or check_id_type's InputError
         raise JobError(f"{source}: {error}") from error
 
 

