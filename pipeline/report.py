@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageDraw, ImageFont
 
 from transforms import layout
 
@@ -463,17 +464,67 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> bytes:
-    """histogram.png: LPIPS stacked per mask mode (or per group, largest first), and measured fraction."""
-    from matplotlib.figure import Figure  # Agg canvas by default: no display, no pyplot global state
-    from matplotlib.ticker import MaxNLocator
+# Matplotlib's tab10: the series colours of the LPIPS panel (8 series + "other" fit).
+SERIES_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf")
+HISTOGRAM_SIZE = (1100, 420)
 
+
+def _step(span: float, most: int, whole: bool = False) -> float:
+    """The smallest 1, 2, 2.5 or 5 × 10^k tick step cutting ``span`` into at most ``most`` parts (whole numbers
+    when ``whole``)."""
+    raw = max(span / most, 1.0 if whole else 1e-12)
+    power = 10.0 ** math.floor(math.log10(raw))
+    return next(factor * power for factor in (1, 2, 2.5, 5, 10)
+                if factor * power >= raw * (1 - 1e-9) and not (whole and factor * power % 1))
+
+
+def _panel(image: Image.Image, box: tuple[int, int, int, int], edges: np.ndarray, stacks: Sequence[np.ndarray],
+           colors: Sequence[str], title: str, xlabel: str, fonts: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked bars of ``stacks`` (counts per bin of ``edges``) in ``box``, the plot area, with a frame,
+    ticks, tick labels (whole numbers on y), title, x label and the y label "pairs". Returns the bins' pixel
+    edges on x and their stacked totals."""
+    draw, (small, medium) = ImageDraw.Draw(image), fonts
+    left, top, right, bottom = box
+    totals = np.sum(stacks, axis=0) if len(stacks) else np.zeros(len(edges) - 1)
+    high = max(1.0, float(totals.max()) * 1.05)
+    x_of = lambda x: round(left + (x - edges[0]) / (edges[-1] - edges[0]) * (right - left))  # noqa: E731
+    y_of = lambda y: round(bottom - y / high * (bottom - top))  # noqa: E731
+    base = np.zeros(len(edges) - 1)
+    for counts, color in zip(stacks, colors):
+        for i in np.flatnonzero(counts):
+            draw.rectangle((x_of(edges[i]), y_of(base[i] + counts[i]), x_of(edges[i + 1]), y_of(base[i])),
+                           fill=color)
+        base = base + counts
+    draw.rectangle(box, outline="black")
+    step = _step(high, 6, whole=True)
+    for y in np.arange(0.0, high + step * 1e-6, step):
+        draw.line((left - 4, y_of(y), left, y_of(y)), fill="black")
+        draw.text((left - 7, y_of(y)), f"{y:.0f}", fill="black", font=small, anchor="rm")
+    step = _step(edges[-1] - edges[0], 6)
+    for x in np.arange(edges[0], edges[-1] + step * 1e-6, step):
+        draw.line((x_of(x), bottom, x_of(x), bottom + 4), fill="black")
+        draw.text((x_of(x), bottom + 7), f"{x:.3g}", fill="black", font=small, anchor="mt")
+    draw.text(((left + right) / 2, top - 8), title, fill="black", font=medium, anchor="md")
+    draw.text(((left + right) / 2, bottom + 26), xlabel, fill="black", font=medium, anchor="mt")
+    ylabel = Image.new("RGB", (60, 20), "white")
+    ImageDraw.Draw(ylabel).text((30, 10), "pairs", fill="black", font=medium, anchor="mm")
+    image.paste(ylabel.rotate(90, expand=True), (left - 62, (top + bottom) // 2 - 30))
+    return np.array([x_of(edge) for edge in edges]), totals
+
+
+def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> bytes:
+    """histogram.png, drawn with Pillow: LPIPS stacked per mask mode (or per group, largest first), and
+    measured fraction."""
     split_by = group_column if group_column and group_column in scores.column_names else "mask_mode"
     lpips = _column(scores, layout.LPIPS_FIELD)
     finite = np.isfinite(lpips)
     fractions = _column(scores, "measured_fraction")[finite]
-    figure = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
-    left, right = figure.subplots(1, 2, width_ratios=(3, 2))
+    image = Image.new("RGB", HISTOGRAM_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    fonts = (ImageFont.load_default(size=12), ImageFont.load_default(size=14))
+    left_box, right_box = (70, 30, 640, 350), (750, 30, 1080, 350)  # plot areas, about 3 : 2 wide
+    xlabel = "LPIPS (area-normalised; lower = closer to the reference)"
     if finite.any():
         values = lpips[finite]
         top = float(np.quantile(values, 0.99)) if len(values) > 20 else float(values.max())
@@ -490,27 +541,33 @@ def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> by
         labels, series = [], []
         for code, key in enumerate(shown + ["other"]):
             if (codes == code).any():
-                series.append(np.minimum(values[codes == code], top))
+                series.append(np.histogram(np.minimum(values[codes == code], top), bins=bins)[0])
                 labels.append(f"{key[:40]} (n={int((codes == code).sum())})")
-        left.hist(series, bins=bins, stacked=True, label=labels)
-        left.legend(title=split_by.replace("_", " ")[:40], fontsize="small")
         note = f"; {clipped} above {top:.3g} in the last bin" if clipped else ""
-        left.set_title(f"LPIPS of {len(values)} scored pairs{note}", fontsize="medium")
+        pixels, totals = _panel(image, left_box, bins, series, SERIES_COLORS,
+                                f"LPIPS of {len(values)} scored pairs{note}", xlabel, fonts)
+        # legend: title and one swatch per series, in the upper corner whose bars are lower
+        rows = [split_by.replace("_", " ")[:40]] + labels
+        width = 30 + max(int(draw.textlength(row, font=fonts[0])) for row in rows)
+        height = 8 + 18 * len(rows)
+        corners = [(left_box[0] + 8, left_box[1] + 8), (left_box[2] - 8 - width, left_box[1] + 8)]
+        under = [totals[(pixels[1:] > x) & (pixels[:-1] < x + width)].max(initial=0) for x, _ in corners]
+        x, y = corners[int(under[1] <= under[0])]
+        draw.rectangle((x, y, x + width, y + height), fill="white", outline="#999999")
+        draw.text((x + width / 2, y + 5), rows[0], fill="black", font=fonts[0], anchor="ma")
+        for index, (row, color) in enumerate(zip(rows[1:], SERIES_COLORS), start=1):
+            draw.rectangle((x + 6, y + 7 + 18 * index, x + 20, y + 17 + 18 * index), fill=color)
+            draw.text((x + 26, y + 12 + 18 * index), row, fill="black", font=fonts[0], anchor="lm")
     else:
-        left.text(0.5, 0.5, "no scored pairs", ha="center", va="center", transform=left.transAxes)
-        left.set_title("LPIPS", fontsize="medium")
-    left.set_xlabel("LPIPS (area-normalised; lower = closer to the reference)")
-    left.set_ylabel("pairs")
-    fraction_values = fractions[np.isfinite(fractions)]
-    right.hist(fraction_values, bins=np.linspace(0.0, 1.0, 21), color="tab:gray")
-    right.set_xlim(0.0, 1.0)
-    right.set_xlabel("measured fraction (mask pixels / image pixels)")
-    right.set_ylabel("pairs")
-    right.set_title("Share of each image that was measured", fontsize="medium")
-    for axes in (left, right):
-        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _panel(image, left_box, np.linspace(0.0, 1.0, 41), [], SERIES_COLORS, "LPIPS", xlabel, fonts)
+        draw.text(((left_box[0] + left_box[2]) / 2, (left_box[1] + left_box[3]) / 2), "no scored pairs",
+                  fill="black", font=fonts[1], anchor="mm")
+    fraction_bins = np.linspace(0.0, 1.0, 21)
+    counts = np.histogram(fractions[np.isfinite(fractions)], bins=fraction_bins)[0]
+    _panel(image, right_box, fraction_bins, [counts], ["#7f7f7f"], "Share of each image that was measured",
+           "measured fraction (mask pixels / image pixels)", fonts)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -107,6 +109,50 @@ def test_histogram_is_a_readable_png(finished):
         pixels = np.asarray(image.convert("L"))
     assert (pixels < 128).mean() > 0.01  # bars, axes and labels drawn, not a blank canvas
     assert "![LPIPS and measured fraction histograms](histogram.png)" in finished["markdown"]
+    empty = _decode(run_report.render_histogram(pa.table({})))
+    with Image.open(path) as image:
+        assert not np.array_equal(np.asarray(image.convert("RGB")), empty)  # the run's bars, not an empty frame
+
+
+def _decode(png: bytes) -> np.ndarray:
+    """``png`` as an RGB array, after checking it is a PNG of the report's size."""
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.format == "PNG" and image.size == run_report.HISTOGRAM_SIZE == (1100, 420)
+        return np.asarray(image.convert("RGB"))
+
+
+def _pixels_of(pixels: np.ndarray, color: str) -> int:
+    return int((pixels == np.array(Image.new("RGB", (1, 1), color).getpixel((0, 0)))).all(axis=-1).sum())
+
+
+def test_histogram_draws_each_series_and_the_fractions():
+    """Series in tab10 order (largest first, the rest as "other") on the left, gray fraction bars on the right."""
+    rng = np.random.default_rng(0)
+    groups = [f"g{index}" for index in range(run_report.MAX_HISTOGRAM_SERIES + 2) for _ in range(30 - index)]
+    scores = pa.table({"lpips": rng.uniform(0.0, 0.5, len(groups)), "measured_fraction": rng.uniform(0, 1, len(groups)),
+                       "mask_mode": ["outer"] * len(groups), "group": groups})
+    pixels = _decode(run_report.render_histogram(scores, "group"))
+    empty = _decode(run_report.render_histogram(pa.table({})))
+    left, right = slice(0, 700), slice(700, None)
+    for color in run_report.SERIES_COLORS[:run_report.MAX_HISTOGRAM_SERIES + 1]:  # 8 groups + "other"
+        assert _pixels_of(pixels[:, left], color) > 100, color
+    assert _pixels_of(pixels[:, left], run_report.SERIES_COLORS[run_report.MAX_HISTOGRAM_SERIES + 1]) == 0
+    assert _pixels_of(pixels[:, right], "#7f7f7f") > 5000 and _pixels_of(empty[:, right], "#7f7f7f") < 100
+    assert _pixels_of(empty, run_report.SERIES_COLORS[0]) == 0
+    by_mode = _decode(run_report.render_histogram(scores))  # no group column: one series, mask_mode "outer"
+    assert _pixels_of(by_mode[:, left], run_report.SERIES_COLORS[0]) > 1000
+    assert _pixels_of(by_mode[:, left], run_report.SERIES_COLORS[1]) == 0
+
+
+def test_histogram_does_not_import_matplotlib():
+    code = ("import sys, pyarrow as pa; from pipeline import report; "
+            "png = report.render_histogram(pa.table({'lpips': [0.1, 0.2, float('nan')], "
+            "'measured_fraction': [0.5, 1.0, 0.2], 'mask_mode': ['outer', 'inner', 'outer']})); "
+            "assert png.startswith(b'\\x89PNG'), png[:8]; "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_report_command_rerenders_with_the_runs_counters(finished, tmp_path, capsys):
@@ -147,7 +193,8 @@ def test_no_scores_still_renders():
     report = run_report.build_report("mem", pa.table({}), pa.table({}))
     assert report.counts["scored"] == 0 and report.by_mask_mode[0].count == 0
     assert "No errors." in run_report.render_markdown(report)
-    assert run_report.render_histogram(pa.table({})).startswith(b"\x89PNG")
+    pixels = _decode(run_report.render_histogram(pa.table({})))
+    assert (pixels.min(axis=-1) < 128).mean() > 0.002  # frames, ticks, labels and "no scored pairs" drawn
 
 
 def test_no_report_flag_and_overwrite_clears_a_stale_report(finished, tmp_path):
