@@ -30,7 +30,7 @@ setup(
     extras_require={"demo": ["scikit-image"], "uris": ["fsspec"]},
     entry_points={
         "console_scripts": [
-            "lpips-pipe=pipeline.cli:main",
+            "lpips-pipe=pipeline.cli:console_main",
             "lpips-pipe-export-weights=pipeline.export_weights:main",
             "lpips-pipe-filter=pipeline.filter:main",
             "lpips-pipe-report=pipeline.report:main",

@@ -2,6 +2,6 @@
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

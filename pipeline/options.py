@@ -8,7 +8,7 @@ config dataclasses built from them (:func:`record_config`, :func:`model_config`)
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Optional, Sequence
 
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
                                                   StandardOptions, _BeamArgumentParser)
@@ -18,7 +18,7 @@ from transforms.weights import DEVICES, NETS, PRECISIONS, ModelConfig
 from transforms.records import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES,
                                 RecordConfig)
 from transforms.scoring import (CPU_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS,
-                                DEFAULT_REFERENCE_CACHE_MB, GPU_BATCH_PIXELS)
+                                DEFAULT_REFERENCE_CACHE_MB, GPU_BATCH_PIXELS, MAX_AUTO_DECODE_THREADS)
 
 DEFAULT_ID_COLUMN = "id"
 # Beam's DirectRunner would first try the Prism runner, which downloads a binary; for a batch job it then
@@ -42,6 +42,11 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def _decode_threads(text: str) -> Optional[int]:
+    """``auto`` (``None``: sized from the worker's cores) or a count >= 0."""
+    return None if text.strip().lower() == "auto" else _non_negative_int(text)
 
 
 def _non_negative_float(text: str) -> float:
@@ -111,8 +116,11 @@ class LpipsPipeOptions(PipelineOptions):
         group.add_argument("--group_by_reference", action="store_true",
                            help="Shuffle rows by reference before scoring, so candidates of one reference meet in "
                                 "one worker even when far apart in the input (a shuffle of the rows).")
-        group.add_argument("--decode_threads", type=_non_negative_int, default=DEFAULT_DECODE_THREADS,
-                           help="Threads per worker decoding images ahead of the model (0 = decode inline).")
+        group.add_argument("--decode_threads", type=_decode_threads, default=DEFAULT_DECODE_THREADS,
+                           metavar="N|auto",
+                           help="Threads per worker decoding images ahead of the model (0 = decode inline). "
+                                "Default auto: 1 on a CPU worker, its cores but one (at most "
+                                f"{MAX_AUTO_DECODE_THREADS}) on a CUDA worker.")
         group.add_argument("--watch_interval", type=_non_negative_float, default=0.0,
                            help="With --streaming: look for new files matching --input every S seconds "
                                 "(default 10 when streaming). Given alone it turns --streaming on.")

@@ -170,3 +170,63 @@ def test_model_file_reads_from_memory_buffer():
     buffer = io.BytesIO()
     torch.save({"x": torch.ones(2)}, buffer)
     assert torch.equal(lpips_weights._load_torch_state(buffer.getvalue(), "test")["x"], torch.ones(2))
+
+
+# --------------------------------------------------------------------------- CPU lanes, allocator, bf16
+
+
+def test_cpu_lanes_share_out_the_threads():
+    assert [lpips_scorer.cpu_lanes(threads) for threads in (1, 2, 3, 4, 16, 64)] == [
+        (1, 1), (2, 1), (3, 1), (4, 1), (4, 4), (4, 16)]
+
+
+def _demo_pairs(count: int, size: int):
+    from tests.data_helpers import small_pairs
+    from transforms.records import RecordConfig, prepare_pair
+
+    return [prepare_pair(row["id"], row, RecordConfig()) for row in small_pairs(count, size=size).to_pylist()]
+
+
+def test_side_by_side_lanes_give_the_bits_of_one_call_at_a_time(alex_scorer):
+    pairs = _demo_pairs(7, 128)  # an odd count: a padded last call
+    refs, filled = np.stack([p.reference for p in pairs]), np.stack([p.filled for p in pairs])
+    keys = [None] * len(pairs)
+    assert alex_scorer.lanes == min(torch.get_num_threads(), lpips_scorer.MAX_CPU_LANES)
+    laned = alex_scorer.raw_scores_reused(refs, filled, keys, 0)
+    lanes = alex_scorer.lanes
+    try:
+        alex_scorer.lanes = 1
+        serial = alex_scorer.raw_scores_reused(refs, filled, keys, 0)
+    finally:
+        alex_scorer.lanes = lanes
+    assert laned.tobytes() == serial.tobytes()
+    fused = np.concatenate([alex_scorer.raw_scores(p.reference[None], p.filled[None]) for p in pairs])
+    assert fused.tobytes() == laned.tobytes()
+
+
+def test_allocator_tuning_keeps_a_users_setting(monkeypatch):
+    monkeypatch.setattr(lpips_scorer, "_ALLOCATOR_TUNED", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert lpips_scorer.tune_cpu_allocator() is False
+    assert lpips_scorer._ALLOCATOR_TUNED is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    first = lpips_scorer.tune_cpu_allocator()
+    assert lpips_scorer._ALLOCATOR_TUNED is True and lpips_scorer.tune_cpu_allocator() is False  # once
+    import platform
+    assert first is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_bf16_keeps_the_first_slice_in_fp32_and_stays_within_one_percent(alex_scorer):
+    bf16 = LpipsScorer(ModelConfig(net="alex", device="cpu", precision="bf16"))
+    pairs = _demo_pairs(12, 256)
+    with torch.inference_mode():
+        features = bf16._backbone(bf16.model.scaling_layer(bf16._to_input(np.stack([pairs[0].reference]))))
+    assert features[0].dtype == torch.float32 and all(f.dtype == torch.bfloat16 for f in features[1:])
+    refs, filled = np.stack([p.reference for p in pairs]), np.stack([p.filled for p in pairs])
+    exact = alex_scorer.raw_scores_reused(refs, filled, [None] * len(pairs), 0)
+    low = bf16.raw_scores_reused(refs, filled, [None] * len(pairs), 0)
+    scored = exact > 1e-3
+    assert scored.sum() >= 6
+    assert np.max(np.abs(low[scored] - exact[scored]) / exact[scored]) <= 0.01
+    assert not np.array_equal(low, exact)  # it did run in bf16

@@ -22,7 +22,7 @@ from tests.seed_reference import open_image
 from transforms.weights import ModelConfig
 from transforms.records import RecordConfig
 from transforms.schemas import build_output_schemas
-from transforms.scoring import LpipsModelHandler, ScorePairs
+from transforms.scoring import LpipsModelHandler, PreparePairs, ScorePairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_ROWS = {  # id -> (column overrides, expected error_type)
@@ -86,6 +86,64 @@ def test_score_pairs_transform_routes_every_row(good_table, seed_scores, decode_
                     label="Scores")
         errors = outputs["errors"] | beam.Map(lambda row: (row["id"], row["error_stage"], row["error_type"]))
         assert_that(errors, equal_to([("bad/nan_box", "coords", "BadBox")]), label="Errors")
+
+
+def test_decode_threads_are_sized_from_the_workers_cores():
+    from transforms.scoring import auto_decode_threads
+
+    assert [auto_decode_threads("cpu", cores) for cores in (1, 2, 64)] == [1, 1, 1]
+    assert [auto_decode_threads("cuda", cores) for cores in (1, 2, 8, 64)] == [1, 1, 7, 16]
+    assert auto_decode_threads("auto", 8) == (7 if torch_cuda() else 1)
+    dofn = PreparePairs(RecordConfig(), build_output_schemas(PAIRS_SCHEMA, RecordConfig(), "id").row_format,
+                        decode_threads=None, device="cpu")
+    dofn.setup()
+    try:
+        assert dofn._threads == 1 and dofn._pool is not None
+    finally:
+        dofn.teardown()
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("ahead_pairs", [1, 6])
+def test_decoding_runs_a_model_batch_ahead_and_keeps_the_order(good_table, monkeypatch, ahead_pairs):
+    """With a decode thread, up to a batch's pixels of rows (at least 2 per thread) are decoding while the
+    bundle's thread is elsewhere (in the model's forward); results come out in input order."""
+    import time as _time
+
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    import transforms.scoring as scoring
+
+    rows = good_table.to_pylist()
+    real_prepare = scoring.prepare_pair
+
+    def slow_prepare(*args, **kwargs):
+        _time.sleep(0.02)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "prepare_pair", slow_prepare)
+    pixels = 96 * 96
+    dofn = PreparePairs(RecordConfig(), build_output_schemas(PAIRS_SCHEMA, RecordConfig(), "id").row_format,
+                        decode_threads=1, ahead_pixels=ahead_pairs * pixels)
+    dofn.setup()
+    out, most_pending = [], 0
+    try:
+        dofn.start_bundle()
+        for row in rows:
+            for result in dofn.process(row, timestamp=Timestamp(0), window=GlobalWindow()):
+                out.append(result.value if hasattr(result, "value") else result)
+            most_pending = max(most_pending, len(dofn._pending))
+        out += [result.value for result in dofn.finish_bundle()]
+    finally:
+        dofn.teardown()
+    assert [pair.record_id for pair in out] == [row["id"] for row in rows]
+    assert most_pending == max(2, ahead_pairs)
 
 
 def test_cli_scores_good_rows_and_routes_bad_rows(mixed_file, seed_scores, tmp_path):

@@ -431,6 +431,24 @@ def test_composite_all_and_nothing():
     np.testing.assert_array_equal(score_math.composite(reference, edited, np.zeros((3, 4), np.uint8)), reference)
 
 
+@SETTINGS
+@given(image_pair_and_mask(), st.lists(st.tuples(*[st.integers(-40, 60)] * 4), max_size=4),
+       st.sampled_from(score_math.MASK_MODES))
+def test_composite_boxes_equals_composite_through_the_mask(args, raw_boxes, mode):
+    """Boxes past the edges, negative, empty, reversed or overlapping: the region copies give the pixels the
+    mask gives, and leave the inputs alone."""
+    reference, edited, _ = args
+    height, width = reference.shape[:2]
+    boxes = [score_math.to_pixel_box(box, width, height) for box in raw_boxes]
+    before = (reference.copy(), edited.copy())
+    by_mask = score_math.composite(reference, edited, score_math.build_mask(boxes, width, height, mode))
+    by_boxes = score_math.composite_boxes(reference, edited, boxes, mode)
+    np.testing.assert_array_equal(by_boxes, by_mask)
+    np.testing.assert_array_equal(reference, before[0])
+    np.testing.assert_array_equal(edited, before[1])
+    assert mode == "none" or (by_boxes is not reference and by_boxes is not edited)
+
+
 # ----------------------------------------------------------------------------- normalisation
 
 

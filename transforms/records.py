@@ -471,7 +471,7 @@ def decode_image(data: bytes, column: str, max_image_pixels: int) -> Image.Image
             width, height = image.size
             _check_pixels(width, height, column, max_image_pixels)
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")  # RGB: convert() would only copy
     except RecordError:
         raise
     except Image.DecompressionBombError as error:
@@ -775,15 +775,16 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
             )
         edited = edited.resize(reference_size)
     edited_array = np.asarray(edited)
-    mask = None
+    mask, filled = None, edited_array
     if raw_boxes is not None:
         boxes = pixel_boxes(raw_boxes, original_size, reference_size, config.coords_scale)
-        mask = score_math.build_mask(boxes, width, height, mask_mode)
+        mask = score_math.build_mask(boxes, width, height, mask_mode)  # for its pixel count
+        filled = score_math.composite_boxes(reference_array, edited_array, boxes, mask_mode)
     return PreparedPair(
         record_id=record_id,
         row=row,
         reference=reference_array,
-        filled=score_math.composite(reference_array, edited_array, mask),
+        filled=filled,
         mask_mode=mask_mode,
         mask_pixels=score_math.mask_pixels(mask),
         reference_key=reference_key,

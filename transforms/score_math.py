@@ -151,9 +151,27 @@ def composite(reference: np.ndarray, edited: np.ndarray, mask: Optional[np.ndarr
     return np.where(mask[:, :, None].astype(bool), edited, reference)
 
 
+def composite_boxes(reference: np.ndarray, edited: np.ndarray, boxes: Iterable[Box], mask_mode: str) -> np.ndarray:
+    """``composite(reference, edited, build_mask(boxes, W, H, mask_mode))``, the same pixels, by copying the
+    boxes' regions (each clipped as :func:`build_mask` clips it) instead of choosing every pixel through the
+    mask: ``outer`` takes the reference inside the boxes and the edited image elsewhere, ``inner`` the edited
+    image inside and the reference elsewhere, ``none`` the edited image. Always a new array, except for
+    ``none`` (``edited`` itself, as :func:`composite` without a mask)."""
+    if mask_mode == "none":
+        return edited
+    if mask_mode not in ("outer", "inner"):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    height, width = reference.shape[:2]
+    out, inside = (edited.copy(), reference) if mask_mode == "outer" else (reference.copy(), edited)
+    for box in boxes:
+        x1, y1, x2, y2 = clip_box(box, width, height)
+        out[y1:y2, x1:x2] = inside[y1:y2, x1:x2]
+    return out
+
+
 def mask_pixels(mask: Optional[np.ndarray]) -> Optional[int]:
     """Number of measured pixels of ``mask``; ``None`` without a mask."""
-    return None if mask is None else int(mask.sum(dtype=np.int64))
+    return None if mask is None else int(np.count_nonzero(mask))
 
 
 def measured_fraction(mask_pixels: Optional[int], width: int, height: int) -> float:

@@ -19,9 +19,12 @@ the job runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import os
+import sys
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +32,39 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+
+@contextlib.contextmanager
+def _without_model_manager() -> Iterator[None]:
+    """Import ``apache_beam.ml.inference.base`` without its optional ``ModelManager`` module.
+
+    The base module imports ``ModelManager`` (and with it ``scipy.optimize``, ~0.2 s of every start-up)
+    inside ``try/except ImportError``, and imports it again where ``use_model_manager=True`` needs it; our
+    handler never asks for it. So, inside this block only, that module reads as missing; later imports of it
+    work as usual. The same ``except`` also drops the ``resource`` module the base measures model loads with:
+    it is put back."""
+    name, base_name = "apache_beam.ml.inference.model_manager", "apache_beam.ml.inference.base"
+    if name in sys.modules or base_name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]  # "import it" raises ImportError
+    try:
+        yield
+    finally:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+        base = sys.modules.get(base_name)
+        if base is not None and getattr(base, "resource", False) is None:
+            try:
+                import resource
+            except ImportError:  # not on this platform: as Beam would have it
+                pass
+            else:
+                base.resource = resource  # type: ignore[attr-defined]
+
+
+with _without_model_manager():
+    from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import score_math
@@ -47,7 +82,8 @@ CPU_BATCH_PIXELS = 512 * 512
 GPU_BATCH_PIXELS = 2048 * 2048
 DEFAULT_BATCH_PIXELS = CPU_BATCH_PIXELS
 DEFAULT_MAX_BATCH_PAIRS = 32
-DEFAULT_DECODE_THREADS = 1
+DEFAULT_DECODE_THREADS: Optional[int] = None  # sized from the worker's cores: auto_decode_threads
+MAX_AUTO_DECODE_THREADS = 16
 # Reference reuse (--reference_cache_mb): per worker process, 7/8 of it holds reference features (alex,
 # fp32: ~10.6 MB for a 512x512 reference, ~170 MB at 2048x2048), 1/8 decoded references (0.8 MB at 512x512)
 # per decode DoFn instance. 256 MB fits ~21 512x512 references' features: enough for the candidates of a
@@ -65,6 +101,27 @@ def default_batch_pixels(device: str) -> int:
     if device == "cuda" or (device == "auto" and cuda_available()):
         return GPU_BATCH_PIXELS
     return CPU_BATCH_PIXELS
+
+
+
+def worker_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_decode_threads(device: str, cores: Optional[int] = None) -> int:
+    """Decode threads of a worker when none are given, from its ``cores``: on a CUDA worker every core but
+    one (the forward leaves them free, and decoding is then what bounds the rate), at most
+    :data:`MAX_AUTO_DECODE_THREADS`; on a CPU worker 1 (the forward takes every core; one thread lets the
+    next batch decode while this one is in the forward)."""
+    cores = worker_cores() if cores is None else cores
+    if device == "cuda" or (device == "auto" and cuda_available()):
+        return max(1, min(cores - 1, MAX_AUTO_DECODE_THREADS))
+    return 1
+
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -106,24 +163,27 @@ def _count_scope(row: dict[str, Any], config: RecordConfig, seen: set) -> None:
 class PreparePairs(beam.DoFn):
     """An input row (dict) -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
 
-    With ``decode_threads > 0`` rows are decoded on a thread pool (Pillow and numpy
-    release the GIL), up to ``2 * decode_threads`` ahead, so decoding can overlap the
-    model's forward that runs downstream in the same fused stage. That pays where the
-    forward leaves CPU cores idle (a GPU worker); on a CPU worker whose forward uses every
-    core it measured neutral (benchmarks/bench.py). Each result keeps its input's window
-    and timestamp; order within a bundle is kept.
+    With ``decode_threads > 0`` (``None``: :func:`auto_decode_threads` on the worker, for ``device``) rows
+    are decoded on a thread pool (Pillow and numpy release the GIL) while the model's forward runs downstream in the same fused stage: up to
+    ``ahead_pixels`` of pairs (a model batch's worth; at least ``2 * decode_threads`` pairs) are
+    decoded ahead, so the next batch is decoding while this one is in the forward. Each result
+    keeps its input's window and timestamp; order within a bundle is kept.
     """
 
-    def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: int = 0,
-                 progress: Optional[ProgressConfig] = None) -> None:
-        if decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
+    def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: Optional[int] = 0,
+                 progress: Optional[ProgressConfig] = None, ahead_pixels: int = 0, device: str = "auto") -> None:
+        if (decode_threads is not None and decode_threads < 0) or ahead_pixels < 0:
+            raise ValueError(f"decode_threads and ahead_pixels must be >= 0, got {decode_threads}, {ahead_pixels}")
         self._config = config
         self._row_format = row_format
-        self._threads = decode_threads
+        self._threads_asked = decode_threads
+        self._device = device
+        self._threads = decode_threads or 0
+        self._ahead_pixels = ahead_pixels
         self._progress = progress
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: deque = deque()
+        self._pair_pixels = 0  # the largest decoded pair so far: what an undecoded pending pair may hold
         self._scopes: set = set()
 
     _reference_cache_bytes = 0  # see with_reference_cache
@@ -138,6 +198,8 @@ class PreparePairs(beam.DoFn):
         return self
 
     def setup(self) -> None:
+        if self._threads_asked is None:
+            self._threads = auto_decode_threads(self._device)
         if self._threads:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lpips-decode")
         if self._reference_cache_bytes:
@@ -160,6 +222,7 @@ class PreparePairs(beam.DoFn):
         # an earlier element (or in finish_bundle) carry that element's window explicitly.
         result_value = result if timestamp is None else WindowedValue(result, timestamp, [window])
         if isinstance(result, PreparedPair):
+            self._pair_pixels = max(self._pair_pixels, result.pixels)
             _count_scope(result.row, self._config, self._scopes)
             return result_value
         _count_error(result["error_stage"], result["error_type"])
@@ -173,9 +236,22 @@ class PreparePairs(beam.DoFn):
             yield self._output(self._prepare(element))
             return
         self._pending.append((self._pool.submit(self._prepare, element), timestamp, window))
-        while self._pending and (len(self._pending) > 2 * self._threads or self._pending[0][0].done()):
+        while self._pending and (self._too_far_ahead() or self._pending[0][0].done()):
             future, done_timestamp, done_window = self._pending.popleft()
             yield self._output(future.result(), done_timestamp, done_window)
+
+    MAX_AHEAD_PAIRS = 64
+
+    def _too_far_ahead(self) -> bool:
+        """Whether the oldest pending row must be waited for: more than ``2 * decode_threads`` pending and
+        (before any pair is decoded, or) more than ``ahead_pixels`` of pairs the size of the largest so far,
+        or more than :data:`MAX_AHEAD_PAIRS`."""
+        pending = len(self._pending)
+        if pending <= 2 * self._threads:
+            return False
+        if pending > self.MAX_AHEAD_PAIRS or not self._pair_pixels:
+            return True
+        return pending * self._pair_pixels > self._ahead_pixels
 
     def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
@@ -244,6 +320,16 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     @property
     def batch_pixels(self) -> int:
         return self._batch_pixels
+
+    @property
+    def device(self) -> str:
+        """The ``--device`` the model runs on (``auto``, ``cpu`` or ``cuda``)."""
+        return self._model_config.device
+
+    @property
+    def batch_target_pixels(self) -> int:
+        """The pixels Beam gathers into one batch (``batch_pixels``, or more with reuse on CPU)."""
+        return int(self._batching_kwargs["max_batch_size"])
 
     def load_model(self) -> LpipsScorer:
         scorer = LpipsScorer(self._model_config)
@@ -415,7 +501,8 @@ class ScorePairs(beam.PTransform):
     """
 
     def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, row_format: RowFormat,
-                 decode_threads: int = DEFAULT_DECODE_THREADS, progress: Optional[ProgressConfig] = None) -> None:
+                 decode_threads: Optional[int] = DEFAULT_DECODE_THREADS,
+                 progress: Optional[ProgressConfig] = None) -> None:
         super().__init__()
         self._decode_threads = decode_threads
         self._record_config = record_config
@@ -425,7 +512,9 @@ class ScorePairs(beam.PTransform):
 
     def expand(self, rows: beam.PCollection) -> ScoreOutputs:
         prepared = rows | "Decode" >> beam.ParDo(
-            PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress)
+            PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress,
+                         ahead_pixels=self._model_handler.batch_target_pixels,
+                         device=self._model_handler.device)
             .with_reference_cache(decode_cache_bytes(self._model_handler.reference_cache_bytes))).with_outputs(
             ERRORS, main="pairs"
         )

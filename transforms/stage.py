@@ -113,7 +113,7 @@ class ScoreLPIPS(beam.PTransform):
                  weights: Optional[str] = None, allow_download: bool = False, torch_threads: int = 0,
                  batch_pixels: int = 0, max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
                  max_batch_duration_secs: float = 0, model_copies: int = 0,
-                 decode_threads: int = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
+                 decode_threads: Optional[int] = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
                  progress: Optional[ProgressConfig] = None, check: bool = True,
                  reference_cache_mb: int = DEFAULT_REFERENCE_CACHE_MB, group_by_reference: bool = False) -> None:
         super().__init__()
@@ -126,8 +126,9 @@ class ScoreLPIPS(beam.PTransform):
                                         precision=precision, torch_threads=torch_threads)
         if check:  # fail while the pipeline is built, not on a worker
             check_weights(self.model_config)
-        if decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
+        if decode_threads is not None and decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 or None (sized from the worker's cores), got "
+                             f"{decode_threads}")
         self.handler = LpipsModelHandler(self.model_config, batch_pixels, max_batch_pairs, max_batch_duration_secs,
                                          model_copies)
         feature_bytes, _ = reference_cache_bytes(reference_cache_mb)  # ValueError when < 0
