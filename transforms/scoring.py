@@ -236,7 +236,9 @@ class PreparePairs(beam.DoFn):
             yield self._output(self._prepare(element))
             return
         self._pending.append((self._pool.submit(self._prepare, element), timestamp, window))
-        while self._pending and (self._too_far_ahead() or self._pending[0][0].done()):
+        # Only the oldest beyond the look-ahead, even when more are done: what stays pending is decoding
+        # while the batch this yield completes is in the forward (finish_bundle hands out the rest).
+        while self._pending and self._too_far_ahead():
             future, done_timestamp, done_window = self._pending.popleft()
             yield self._output(future.result(), done_timestamp, done_window)
 
