@@ -11,7 +11,8 @@
 #      error against fp32 (max abs, max relative) -- with and without reference reuse;
 #   3. decode vs forward: decode+composite core-ms per pair (one CPU thread) against forward ms per pair,
 #      and how many decode threads (of this worker's cores) keep the GPU fed;
-#   4. end to end (python -m pipeline --device cuda): pairs/s with --decode_threads 1 and cores-1.
+#   4. end to end (python -m pipeline --device cuda): pairs/s with --decode_threads 1 and auto (the default:
+#      the worker's cores but one on CUDA).
 # Exits non-zero (set -e) at the first step that fails, saying which.
 set -euo pipefail
 
@@ -156,10 +157,7 @@ EOF
 
 CURRENT="4 end to end"
 step "4. end to end: python -m pipeline --device $DEVICE"
-CORES="$(nproc)"
-THREADS="1"
-if [ "$CORES" -gt 2 ]; then THREADS="1 $(( CORES - 1 ))"; fi
-for threads in $THREADS; do
+for threads in 1 auto; do
   for precision in fp32 bf16; do
     start=$(date +%s.%N)
     timeout 300 "$PY" -m pipeline --input "$WORK/pairs.parquet" --output "$WORK/out-$precision-$threads" \
