@@ -162,7 +162,8 @@ def part_bound(path: str, precision: str, device: str, pairs: int, reuse: bool) 
     sgemm = 3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9
     return {"pairs": len(prepared), "decode_core_s": decode_core, "decode_wall_s": decode_wall,
             "forward_core_s": forward_core, "forward_wall_s": forward_wall,
-            "sgemm_gflops": sgemm, "threads": torch.get_num_threads()}
+            "sgemm_gflops": sgemm, "threads": torch.get_num_threads(),
+            "lanes": f"{scorer.lanes} lane(s) x {scorer.lane_threads} thread(s)" if reuse else "one fused call"}
 
 
 # --------------------------------------------------------------------------- driver
@@ -304,7 +305,7 @@ def main() -> None:
                      f"(sgemm {part['sgemm_gflops']:.0f})"))
         notes.append(f"bound {name}: decode+composite {decode_core * 1e3:.1f} core-ms/pair, forward "
                      f"{forward_core * 1e3:.1f} core-ms/pair ({part['forward_wall_s'] / per * 1e3:.1f} wall-ms, "
-                     f"{part['threads']} threads) -> {cores} / ({decode_core * 1e3:.1f} + {forward_core * 1e3:.1f}) "
+                     f"{part['threads']} threads, {part['lanes']}) -> {cores} / ({decode_core * 1e3:.1f} + {forward_core * 1e3:.1f}) "
                      f"ms = {bound:.1f} pairs/s")
         print(notes[-1], flush=True)
 
