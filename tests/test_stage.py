@@ -126,6 +126,17 @@ def test_read_pairs_score_write_is_the_command_line_graph(rows, tmp_path):
     assert errors.num_rows == 0 and scores.schema.field("lpips").type == "double"
 
 
+def test_read_pairs_from_a_glob_refuses_files_with_other_columns(tmp_path):
+    table = small_pairs(2, size=32)
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(table.drop_columns(["edit"]), tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match=r"b\.parquet has other columns than .*a\.parquet.*missing edit"):
+        ReadPairs(str(tmp_path / "*.parquet"))
+    pq.write_table(table, tmp_path / "b.parquet")
+    read = ReadPairs(str(tmp_path / "*.parquet"))
+    assert read.schema is not None and read.schema.names == table.schema.names
+
+
 def test_the_package_is_typed_and_lazy():
     assert (ROOT / "lpips_pipe" / "py.typed").exists()
     assert set(lpips_pipe.__all__) >= {"ScoreLPIPS", "ReadPairs", "WriteScores", "masked_lpips"}

@@ -103,7 +103,6 @@ def default_batch_pixels(device: str) -> int:
     return CPU_BATCH_PIXELS
 
 
-
 def worker_cores() -> int:
     """The CPU cores this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -164,10 +163,10 @@ class PreparePairs(beam.DoFn):
     """An input row (dict) -> :class:`PreparedPair`, or an error row on the ``errors`` tag.
 
     With ``decode_threads > 0`` (``None``: :func:`auto_decode_threads` on the worker, for ``device``) rows
-    are decoded on a thread pool (Pillow and numpy release the GIL) while the model's forward runs downstream in the same fused stage: up to
-    ``ahead_pixels`` of pairs (a model batch's worth; at least ``2 * decode_threads`` pairs) are
-    decoded ahead, so the next batch is decoding while this one is in the forward. Each result
-    keeps its input's window and timestamp; order within a bundle is kept.
+    are decoded on a thread pool (Pillow and numpy release the GIL) while the model's forward runs
+    downstream in the same fused stage: up to ``ahead_pixels`` of pairs (a model batch's worth; at least
+    ``2 * decode_threads`` pairs) are decoded ahead, so the next batch is decoding while this one is in the
+    forward. Each result keeps its input's window and timestamp; order within a bundle is kept.
     """
 
     def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: Optional[int] = 0,

@@ -17,9 +17,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 import apache_beam as beam
+import pyarrow as pa
 
 from transforms import layout
-from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_file
+from transforms.parquet_io import ParquetSplit, ReadParquetSplit, common_schema, match_inputs, plan_file
 from transforms.progress import ProgressConfig
 from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat
@@ -44,18 +45,26 @@ class ReadPairs(beam.PTransform):
     row gets ``id = "<file>:<row>"``. Relative image paths resolve against the folder of the file that names
     them. Splits are spread over workers (a reshuffle of split descriptors,
     never of rows), and rows stream from each split, so memory does not grow with the data.
+
+    Planned from a path or glob, the files must share their column names (a ``ValueError`` naming the first
+    that differs, as the command line says it), and ``schema`` is their common schema (``None`` for splits).
     """
 
     def __init__(self, source: Union[str, Sequence[ParquetSplit]], id_column: Optional[str] = None,
                  image_columns: Sequence[str] = ("ref_image", "edited_image")) -> None:
         super().__init__()
+        self.schema: Optional[pa.Schema] = None
         if isinstance(source, str):
             files = match_inputs(source)
             if not files:
                 raise ValueError(f"no file matches {source}")
             splits: list[ParquetSplit] = []
+            schemas = []
             for path in files:
-                splits += plan_file(path)[1]
+                schema, file_splits = plan_file(path)
+                schemas.append((path, schema))
+                splits += file_splits
+            self.schema = common_schema(schemas)  # InputError (a ValueError) when the files' columns differ
             source = splits
         self._splits = list(source)
         self._id_column = id_column
@@ -97,6 +106,8 @@ class ScoreLPIPS(beam.PTransform):
     ``max_side``) decode it once and run its backbone once, within this many MB per worker process; scores
     are the same bits with or without hits. ``group_by_reference``: shuffle rows by reference first, so
     candidates of one reference meet even when they are far apart in the input (costs a shuffle of the rows).
+    ``decode_threads`` (default ``None``: 1 on a CPU worker, its cores but one on a CUDA worker; 0 = inline)
+    decode the next model batch while this one is in the forward.
 
     Score dicts carry ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``, ``height``,
     ``net``, ``lpips_version``, ``weights_sha256`` and the row's other non-image fields (one colliding
