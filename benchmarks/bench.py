@@ -194,7 +194,7 @@ def run_e2e(path: str, out: str, precision: str, extra: list[str]) -> tuple[floa
 
 
 def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
-    """``python -m pipeline`` in this (fresh) process. The reuse flags are handed to ``ScoreLPIPS`` here
+    """``python -m pipeline`` in this (fresh) process (``cli.console_main``). The reuse flags are handed to ``ScoreLPIPS`` here
     in case the job does not forward them (``setdefault``: a no-op when it does)."""
     from pipeline import cli
     from pipeline.options import LpipsPipeOptions, parse_options
@@ -211,7 +211,8 @@ def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
         return original(cls, record_config, model_config, **kwargs)
 
     ScoreLPIPS.from_configs = classmethod(from_configs)
-    code = cli.main(argv)
+    sys.argv = ["lpips-pipe", *argv]
+    code = cli.console_main()  # what `python -m pipeline` runs, its way of ending included
     if code != 0:
         raise SystemExit(f"python -m pipeline exited {code}")
     return {}
