@@ -33,7 +33,7 @@ from pipeline.options import (DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError,
 from transforms import ids as record_ids
 from transforms import layout
 from transforms.metrics import NAMESPACE
-from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_split_column
+from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column
 from transforms.progress import ProgressConfig
 from transforms.records import RecordConfig, unsupported_uri_scheme
 from transforms.schemas import OutputSchemas, build_output_schemas
@@ -146,17 +146,9 @@ def check_output(output: str) -> None:
 
 def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
     """The common schema of ``files`` (the same columns in each) and their splits."""
-    schemas, splits = [], []
-    for path in files:
-        try:
-            schema, file_splits = plan_file(path)
-        except (OSError, ValueError) as error:
-            raise JobError(str(error)) from error
-        schemas.append((path, schema))
-        splits += file_splits
     try:
-        return common_schema(schemas), splits
-    except ValueError as error:
+        return plan_files(files)
+    except (OSError, ValueError) as error:
         raise JobError(str(error)) from error
 
 

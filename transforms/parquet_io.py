@@ -283,6 +283,18 @@ def common_schema(schemas: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
     return merged
 
 
+def plan_files(paths: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
+    """The common schema of ``paths`` (:func:`common_schema`: the same column names in each) and their
+    splits, in file order. :class:`InputError` (or ``OSError``) naming the file otherwise."""
+    schemas: list[tuple[str, pa.Schema]] = []
+    splits: list[ParquetSplit] = []
+    for path in paths:
+        schema, file_splits = plan_file(path)
+        schemas.append((path, schema))
+        splits += file_splits
+    return common_schema(schemas), splits
+
+
 def _merge_types(path: str, name: str, left: pa.DataType, right: pa.DataType, strings_win: bool,
                  where: str = "") -> pa.DataType:
     if left.equals(right):

@@ -20,7 +20,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from transforms import layout
-from transforms.parquet_io import ParquetSplit, ReadParquetSplit, common_schema, match_inputs, plan_file
+from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
 from transforms.progress import ProgressConfig
 from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat
@@ -58,14 +58,7 @@ class ReadPairs(beam.PTransform):
             files = match_inputs(source)
             if not files:
                 raise ValueError(f"no file matches {source}")
-            splits: list[ParquetSplit] = []
-            schemas = []
-            for path in files:
-                schema, file_splits = plan_file(path)
-                schemas.append((path, schema))
-                splits += file_splits
-            self.schema = common_schema(schemas)  # InputError (a ValueError) when the files' columns differ
-            source = splits
+            self.schema, source = plan_files(files)  # InputError (a ValueError) when the files' columns differ
         self._splits = list(source)
         self._id_column = id_column
         self._image_columns = tuple(image_columns)
