@@ -135,16 +135,8 @@ class LpipsHead(torch.nn.Module):
     def forward(self, features: Sequence[torch.Tensor], count: int) -> torch.Tensor:  # noqa: D102
         if len(features) != self.layers:
             raise ValueError(f"LpipsHead has {self.layers} layers, got {len(features)} feature maps")
-        total = 0
-        for layer, feature in enumerate(features):
-            feature = feature.float()
-            norm = torch.sqrt(torch.sum(feature ** 2, dim=1, keepdim=True))  # lpips.normalize_tensor
-            feature = feature / (norm + _EPS)
-            diff = (feature[:count] - feature[count:]) ** 2
-            # The 1x1 linear layer as a channel-weighted sum (batch-size invariant), then
-            # lpips.spatial_average.
-            total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
-        return total
+        normalised = self.normalise(features)
+        return self.distance([feature[:count] for feature in normalised], [feature[count:] for feature in normalised])
 
     @staticmethod
     def normalise(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -159,12 +151,14 @@ class LpipsHead(torch.nn.Module):
 
     def distance(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw scores ``(N, 1, 1, 1)`` from already normalised features (:meth:`normalise`) of N references
-        and N filled images: the rest of :meth:`forward`, the same operations in the same order."""
+        and N filled images: the rest of :meth:`forward`."""
         if len(references) != self.layers or len(filled) != self.layers:
             raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
         total = 0
         for layer, (reference, other) in enumerate(zip(references, filled)):
             diff = (reference - other) ** 2
+            # The 1x1 linear layer as a channel-weighted sum (batch-size invariant), then
+            # lpips.spatial_average.
             total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
         return total
 
@@ -200,7 +194,7 @@ class LpipsScorer:
         self.lpips_version = LPIPS_VERSION
         self.load_counted = False  # set by the Beam layer once it has counted this load
         self.reference_cache: Optional[BoundedCache] = None  # reference features, see raw_scores_reused
-        self._cache_lock = threading.Lock()
+        self._lock = threading.Lock()  # the reference cache and the lane pool, made on first use
 
     def identity(self) -> tuple[str, str, str]:
         """``(net, lpips_version, weights_sha256)``: what every score row records. A method, so that a model
@@ -306,7 +300,7 @@ class LpipsScorer:
         return [item for items in done for item in items]
 
     def _lanes(self) -> ThreadPoolExecutor:
-        with self._cache_lock:
+        with self._lock:
             if self._lane_pool is None:
                 threads = self.lane_threads
                 self._lane_pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="lpips-lane",
@@ -316,7 +310,7 @@ class LpipsScorer:
     def enable_reference_cache(self, max_bytes: int) -> BoundedCache:
         """The reference-feature cache of this scorer (one per worker process), created on first use with
         ``max_bytes``; later calls return it unchanged."""
-        with self._cache_lock:
+        with self._lock:
             if self.reference_cache is None:
                 self.reference_cache = BoundedCache(max_bytes)
             return self.reference_cache
