@@ -194,25 +194,12 @@ def run_e2e(path: str, out: str, precision: str, extra: list[str]) -> tuple[floa
 
 
 def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
-    """``python -m pipeline`` in this (fresh) process (``cli.console_main``). The reuse flags are handed to ``ScoreLPIPS`` here
-    in case the job does not forward them (``setdefault``: a no-op when it does)."""
+    """``python -m pipeline`` in this (fresh) process (``cli.console_main``, its way of ending included)."""
     from pipeline import cli
-    from pipeline.options import LpipsPipeOptions, parse_options
-    from transforms.stage import ScoreLPIPS
 
-    argv = ["--input", path, "--output", out, "--overwrite", "--precision", precision, "--num_shards", "1",
-            *extra]
-    options = parse_options(argv).view_as(LpipsPipeOptions)
-    original = ScoreLPIPS.from_configs.__func__
-
-    def from_configs(cls, record_config, model_config, **kwargs):
-        kwargs.setdefault("reference_cache_mb", options.reference_cache_mb)
-        kwargs.setdefault("group_by_reference", options.group_by_reference)
-        return original(cls, record_config, model_config, **kwargs)
-
-    ScoreLPIPS.from_configs = classmethod(from_configs)
-    sys.argv = ["lpips-pipe", *argv]
-    code = cli.console_main()  # what `python -m pipeline` runs, its way of ending included
+    sys.argv = ["lpips-pipe", "--input", path, "--output", out, "--overwrite", "--precision", precision,
+                "--num_shards", "1", *extra]
+    code = cli.console_main()
     if code != 0:
         raise SystemExit(f"python -m pipeline exited {code}")
     return {}

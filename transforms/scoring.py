@@ -175,9 +175,9 @@ class PreparePairs(beam.DoFn):
             raise ValueError(f"decode_threads and ahead_pixels must be >= 0, got {decode_threads}, {ahead_pixels}")
         self._config = config
         self._row_format = row_format
-        self._threads_asked = decode_threads
+        self._decode_threads = decode_threads
         self._device = device
-        self._threads = decode_threads or 0
+        self._threads = 0  # the pool's size, set in setup()
         self._ahead_pixels = ahead_pixels
         self._progress = progress
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -197,8 +197,8 @@ class PreparePairs(beam.DoFn):
         return self
 
     def setup(self) -> None:
-        if self._threads_asked is None:
-            self._threads = auto_decode_threads(self._device)
+        self._threads = (auto_decode_threads(self._device) if self._decode_threads is None
+                         else self._decode_threads)
         if self._threads:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="lpips-decode")
         if self._reference_cache_bytes:
