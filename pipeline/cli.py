@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -31,35 +31,41 @@ PROG = "lpips-pipe"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
-def format_summary(totals: dict[str, int], output: str, wall_s: Optional[float] = None) -> str:
+def format_summary(totals: Mapping[str, int], output: str, wall_s: Optional[float] = None) -> str:
     """The counters of a run, a few lines long."""
+    counters = totals if isinstance(totals, layout.Counters) else layout.Counters(totals)
     lines = [
-        f"{PROG}: read {totals.get('rows_read', 0)} rows, scored {totals.get('pairs_scored', 0)}, "
-        f"errors {totals.get('errors', 0)}, skipped {totals.get('rows_skipped', 0)} (id already in earlier "
-        f"outputs); model loads {totals.get('model_loads', 0)}",
+        f"{PROG}: read {counters.rows_read} rows, scored {counters.pairs_scored}, "
+        f"errors {counters.errors}, skipped {counters.rows_skipped} (id already in earlier "
+        f"outputs); model loads {counters.model_loads}",
     ]
-    for name in sorted(totals):
-        if name.startswith("errors."):
-            lines.append(f"  {name[len('errors.'):]}: {totals[name]}")
-    if totals.get("unknown_scope_rows"):
-        values = sorted(name[len("unknown_scope."):] for name in totals if name.startswith("unknown_scope."))
+    if counters.rows_kept:
+        lines.append(f"  resumed: kept {counters.rows_kept} rows an interrupted run had finished (not scored again)")
+    if counters.files_kept:
+        lines.append(f"  resumed: {counters.files_kept} file(s) an earlier run of this stream had finished are not "
+                     "read again")
+    for name, value in counters.errors_by_type().items():
+        lines.append(f"  {name}: {value}")
+    if counters.unknown_scope_rows:
+        values = sorted(counters.unknown_scope_values())
         lines.append(f"  scope other than unedit_area/edit_area (scored as the full image): "
-                     f"{totals['unknown_scope_rows']} rows, values {', '.join(map(repr, values))}")
-    if totals.get("duplicate_ids"):
-        lines.append(f"  duplicate ids: {totals['duplicate_ids']} id(s) on {totals.get('duplicate_id_rows', 0)} rows "
+                     f"{counters.unknown_scope_rows} rows, values {', '.join(map(repr, values))}")
+    if counters.duplicate_ids:
+        lines.append(f"  duplicate ids: {counters.duplicate_ids} id(s) on {counters.duplicate_id_rows} rows "
                      "(every row scored or errored, none merged)")
     if wall_s is not None:
-        pairs = totals.get("pairs_scored", 0)
-        lines.append(f"  {pairs} pairs, {totals.get('pixels_scored', 0):,} pixels in {wall_s:.1f} s "
+        pairs = counters.pairs_scored
+        lines.append(f"  {pairs} pairs, {counters.pixels_scored:,} pixels in {wall_s:.1f} s "
                      f"({pairs / wall_s if wall_s > 0 else 0.0:.2f} pairs/s)")
     lines.append(f"  outputs: {layout.kind_dir(output, layout.SCORES)}, {layout.kind_dir(output, layout.ERRORS)}")
     return "\n".join(lines)
 
 
-def error_fraction_verdict(totals: dict[str, int], max_error_fraction: float) -> Optional[str]:
+def error_fraction_verdict(totals: Mapping[str, int], max_error_fraction: float) -> Optional[str]:
     """Why the run must exit 3, or ``None``: more errors than ``max_error_fraction`` of the finished rows, or
     every row failed."""
-    errors, scored = totals.get("errors", 0), totals.get("pairs_scored", 0)
+    counters = totals if isinstance(totals, layout.Counters) else layout.Counters(totals)
+    errors, scored = counters.errors, counters.pairs_scored
     finished = errors + scored
     if not finished or not errors:
         return None

@@ -123,13 +123,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     errors = _read_all(layout.kind_files(out, layout.ERRORS))
     print(f"\nunedit_area LPIPS by edit (lower = the unedited area was left alone), {scores.num_rows} pairs:")
     by_edit: dict[str, list[float]] = {}
-    for edit, value in zip(scores.column("edit").to_pylist(), scores.column("lpips").to_pylist()):
+    for edit, value in zip(scores.column("edit").to_pylist(), scores.column(layout.LPIPS_FIELD).to_pylist()):
         by_edit.setdefault(edit, []).append(value)
     for edit, values in sorted(by_edit.items(), key=lambda item: np.mean(item[1])):
         print(f"  {edit:18s} n={len(values)}  mean={np.mean(values):.4f}  max={np.max(values):.4f}")
     print(f"errors ({errors.num_rows}):")
-    for row_id, kind, message in zip(errors.column("id").to_pylist(), errors.column("error_type").to_pylist(),
-                                     errors.column("error_message").to_pylist()):
+    for row_id, kind, message in zip(errors.column(layout.ID_FIELD).to_pylist(), errors.column(layout.ERROR_TYPE_FIELD).to_pylist(),
+                                     errors.column(layout.ERROR_MESSAGE_FIELD).to_pylist()):
         print(f"  {row_id}: {kind}: {message[:90]}")
     return 0
 
@@ -144,8 +144,8 @@ def _read_all(paths: Sequence[str]) -> pa.Table:
             tables.append(parquet.read())
     if not tables:
         return pa.table({"id": pa.array([], pa.string()), "edit": pa.array([], pa.string()),
-                         "lpips": pa.array([], pa.float64()), "error_type": pa.array([], pa.string()),
-                         "error_message": pa.array([], pa.string())})
+                         layout.LPIPS_FIELD: pa.array([], pa.float64()), layout.ERROR_TYPE_FIELD: pa.array([], pa.string()),
+                         layout.ERROR_MESSAGE_FIELD: pa.array([], pa.string())})
     return pa.concat_tables(tables, promote_options="permissive")
 
 

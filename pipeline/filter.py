@@ -62,16 +62,14 @@ from transforms import filtering, layout
 PROG = "lpips-pipe-filter"
 SCORE_COLUMN = layout.LPIPS_FIELD
 ID_COLUMN = layout.ID_FIELD
-Z_COLUMN = "lpips_z"
-TIER_COLUMN = "tier"
-SUMMARY_JSON = "filter.json"
-OUTPUTS = ("kept", "rejected")
-SOURCE_OUTPUTS = ("kept_source", "rejected_source", "unscored_source")
+Z_COLUMN = layout.Z_FIELD
+TIER_COLUMN = layout.TIER_FIELD
+SUMMARY_JSON = layout.FILTER_SUMMARY
+OUTPUTS = layout.FILTER_OUTPUTS
+SOURCE_OUTPUTS = layout.FILTER_SOURCE_OUTPUTS
 BATCH_ROWS = 65536
 SOURCE_BATCH_ROWS = 256  # source rows carry images: a small batch bounds memory
-# Mixed values of these refuse the filter unless --allow_mixed (mask_mode also unless grouped by it).
-MIXED_FIELDS = layout.PROVENANCE_FIELDS
-MASK_MODE = "mask_mode"
+MASK_MODE = layout.MASK_MODE_FIELD
 
 
 class FilterError(Exception):
@@ -204,39 +202,14 @@ def _keys(batch: pa.RecordBatch, group_column: Optional[str]) -> Optional[list[A
     return batch.column(group_column).to_pylist() if group_column else None
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and value != value
-
-
-def check_provenance(files: Sequence[str], schema: pa.Schema, group_column: Optional[str],
-                     allow_mixed: bool) -> dict[str, list[Any]]:
-    """Distinct values of each provenance column across ``files`` (reading only those columns); raises
-    :class:`FilterError` on mixed values unless ``allow_mixed`` (``mask_mode`` may differ when it is the
-    group column)."""
-    fields = [name for name in MIXED_FIELDS if name in schema.names]
-    seen: dict[str, dict[Any, str]] = {name: {} for name in fields}  # value -> first file holding it
-    if fields:
-        for path in files:
-            for batch in _batches(path, fields):
-                for name in fields:
-                    column = batch.column(name)
-                    try:
-                        values = pc.unique(column).to_pylist()
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                        values = column.to_pylist()
-                    for value in values:
-                        key = "NaN" if _is_nan(value) else value
-                        seen[name].setdefault(key, path)
-    found = {name: sorted(values, key=lambda value: (value is None, str(value))) for name, values in seen.items()}
-    if not allow_mixed:
-        for name in fields:
-            if len(found[name]) <= 1 or (name == MASK_MODE and group_column == MASK_MODE):
-                continue
-            where = "; ".join(f"{value!r} first in {seen[name][value]}" for value in found[name][:4])
-            hint = " or --group_column mask_mode (a rule per mask mode)" if name == MASK_MODE else ""
-            raise FilterError(f"the scores mix {name} values {found[name]} ({where}): they were not made the same "
-                              f"way; filter each run separately, or pass --allow_mixed{hint}")
-    return found
+def check_provenance(files: Sequence[str], group_column: Optional[str], allow_mixed: bool) -> dict[str, list[Any]]:
+    """Distinct values of each provenance field across ``files`` (:func:`transforms.layout.check_provenance`,
+    reading only those columns); :class:`FilterError` on mixed values unless ``allow_mixed`` (``mask_mode``
+    may differ when it is the group column)."""
+    try:
+        return layout.check_provenance(files, None, allow_mixed, mixed_mask_modes=group_column == MASK_MODE)
+    except layout.ProvenanceError as error:
+        raise FilterError(str(error)) from error
 
 
 def _source_plan(files: Sequence[str], id_column: str, scores_id_type: pa.DataType) -> pa.DataType:
@@ -358,7 +331,7 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     if existing and not overwrite:
         raise FilterError(f"--output {output} already holds filter outputs (e.g. {existing[0]}); "
                           "pass --overwrite to replace them")
-    provenance = check_provenance(files, schema, group_column, allow_mixed)
+    provenance = check_provenance(files, group_column, allow_mixed)
 
     stats = filtering.GroupedStats()  # pass 1: per-group statistics from two columns
     stat_columns = [SCORE_COLUMN] + ([group_column] if group_column and group_column != SCORE_COLUMN else [])

@@ -160,9 +160,15 @@ def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: Record
     try:
         if id_column is not None and id_column in schema.names:
             record_ids.check_id_type(schema.field(id_column))
-        return build_output_schemas(schema, records, id_column)
+        return build_output_schemas(schema, records, id_column, model_settings(options))
     except ValueError as error:  # InputSchemaError, or check_id_type's InputError
         raise JobError(f"{source}: {error}") from error
+
+
+def model_settings(options: LpipsPipeOptions) -> dict:
+    """What the scores files record of the model (:func:`transforms.schemas.job_settings`)."""
+    return {"net": options.net, "weights": layout.absolute(options.weights) if options.weights else None,
+            "precision": options.precision}
 
 
 URI_SAMPLE_ROWS = 64
@@ -191,10 +197,10 @@ def expected_provenance(model: ModelConfig, records: RecordConfig) -> dict:
     """What earlier scores must match to be resumed from (``--allow_mixed`` off): net, lpips version, the
     weights' digest, max_side, and the mask mode when every row has the job's."""
     weights = resolve_weights(model)  # the digest every score row of this job will carry
-    expected: dict = {"net": model.net, "lpips_version": LPIPS_VERSION,
-                      "weights_sha256": state_dict_sha256(weights.state_dict), "max_side": records.max_side}
+    expected: dict = {layout.NET_FIELD: model.net, layout.LPIPS_VERSION_FIELD: LPIPS_VERSION,
+                      layout.WEIGHTS_FIELD: state_dict_sha256(weights.state_dict), layout.MAX_SIDE_KEY: records.max_side}
     if records.mask_mode is not None or records.scope_column is None:
-        expected["mask_mode"] = records.row_mask_mode({})
+        expected[layout.MASK_MODE_FIELD] = records.row_mask_mode({})
     return expected
 
 
@@ -240,7 +246,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -
     if earlier:
         try:
             if not options.allow_mixed:
-                record_ids.check_provenance(earlier, expected_provenance(model, records), False)
+                record_ids.check_provenance(earlier, expected_provenance(model, records))
             done, unreadable = record_ids.read_output_ids(earlier)
             splits, skipped = record_ids.plan_skips(splits, schemas.id_column, done)
         except record_ids.ResumeError as error:

@@ -33,7 +33,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -56,12 +56,9 @@ MAX_HISTOGRAM_SERIES = 8
 DUPLICATE_EXAMPLES = 5
 # One group for every missing key: None (null) and NaN alike.
 NULL_LABEL = "null/NaN"
-# Counters of rows whose per-row scope was neither unedit_area nor edit_area (scored as the full image).
-UNKNOWN_SCOPE_ROWS = "unknown_scope_rows"
-UNKNOWN_SCOPE_PREFIX = "unknown_scope."
 KNOWN_SCOPES = ("unedit_area", "edit_area")
-SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, "measured_fraction", "mask_mode")
-ERROR_COLUMNS = (layout.ID_FIELD, "error_stage", "error_type")
+SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, layout.MEASURED_FRACTION_FIELD, layout.MASK_MODE_FIELD)
+ERROR_COLUMNS = (layout.ID_FIELD, layout.ERROR_STAGE_FIELD, layout.ERROR_TYPE_FIELD)
 PROG = "lpips-pipe-report"
 
 
@@ -232,12 +229,11 @@ def fraction_buckets(fractions: np.ndarray) -> dict[str, int]:
     return {name: int(mask.sum()) for name, mask in zip(FRACTION_BUCKETS, edges)}
 
 
-def unknown_scopes(counters: dict[str, int]) -> dict[str, Any]:
+def unknown_scopes(counters: Mapping[str, int]) -> dict[str, Any]:
     """``{"rows": N, "values": {value: rows}}`` from the job's ``unknown_scope_rows`` and
     ``unknown_scope.<value>`` counters (at most 20 values are counted by the job); ``{}`` when none."""
-    rows = int(counters.get(UNKNOWN_SCOPE_ROWS, 0) or 0)
-    values = {name[len(UNKNOWN_SCOPE_PREFIX):]: int(count) for name, count in counters.items()
-              if name.startswith(UNKNOWN_SCOPE_PREFIX) and count}
+    counters = layout.Counters(counters)
+    rows, values = counters.unknown_scope_rows, counters.unknown_scope_values()
     if not rows and not values:
         return {}
     values = dict(sorted(values.items(), key=lambda item: (-item[1], item[0])))
@@ -255,7 +251,7 @@ def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Opti
     non_finite = int((~finite).sum())
     finite_rows = scores.filter(pa.array(finite)) if non_finite else scores
     lpips = lpips_all[finite]
-    fractions = _column(finite_rows, "measured_fraction")
+    fractions = _column(finite_rows, layout.MEASURED_FRACTION_FIELD)
     by_group: list[ScoreSummary] = []
     if group_column and scores.num_rows:
         if group_column in scores.column_names:
@@ -264,8 +260,8 @@ def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Opti
             notes.append(f"group column {group_column!r} is not in the scores; no per-group table")
     error_types: dict[tuple[str, str], int] = {}
     if errors.num_rows:
-        stages = _labels(errors, "error_stage")
-        kinds = _labels(errors, "error_type")
+        stages = _labels(errors, layout.ERROR_STAGE_FIELD)
+        kinds = _labels(errors, layout.ERROR_TYPE_FIELD)
         for stage, kind in zip(stages, kinds):
             error_types[(stage, kind)] = error_types.get((stage, kind), 0) + 1
     id_columns = [table.column(layout.ID_FIELD) for table in (scores, errors)
@@ -274,7 +270,7 @@ def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Opti
                       key=lambda item: (-item[1], item[0]))
     by_mask_mode = [_summary("all", lpips)]
     if finite_rows.num_rows:
-        by_mask_mode += _by(_labels(finite_rows, "mask_mode"), lpips)
+        by_mask_mode += _by(_labels(finite_rows, layout.MASK_MODE_FIELD), lpips)
     repeated = repeated_ids(id_columns)
     return Report(
         output=output, counts=_counts(counters, len(lpips), non_finite, errors.num_rows, repeated),
@@ -282,7 +278,7 @@ def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Opti
                               key=lambda item: (-item[2], item[0], item[1])),
         by_mask_mode=by_mask_mode, by_group=by_group, group_column=group_column,
         measured_fraction=fraction_buckets(fractions),
-        measured_fraction_quantiles=_summary("measured_fraction", fractions).quantiles,
+        measured_fraction_quantiles=_summary(layout.MEASURED_FRACTION_FIELD, fractions).quantiles,
         duplicate_examples=[(_json_value(value), n) for value, n in repeated[:DUPLICATE_EXAMPLES]],
         stage_seconds=stages_s, wall_s=wall_s, counters=counters, notes=notes,
         unknown_scope=unknown_scopes(counters),
@@ -335,21 +331,26 @@ def repeated_ids(columns: Sequence[pa.ChunkedArray]) -> list[tuple[Any, int]]:
     return sorted(repeated, key=lambda item: (-item[1], label(item[0])))
 
 
-def _counts(counters: dict[str, int], scored: int, non_finite: int, errors: int,
+def _counts(counters: Mapping[str, int], scored: int, non_finite: int, errors: int,
             repeated: list[tuple[Any, int]]) -> dict[str, int]:
-    skipped = int(counters.get("rows_skipped", 0))
+    counters = layout.Counters(counters)
+    name = layout.CounterName
+    skipped, kept = counters.rows_skipped, counters.rows_kept
     return {
-        "input_rows": int(counters.get("rows_read", scored + non_finite + errors + skipped)),
+        "input_rows": counters.rows_read if counters.has(name.ROWS_READ) else scored + non_finite + errors + skipped,
         "skipped": skipped,
+        # finished by an interrupted run into the same output and kept in place (restart)
+        "kept": kept,
         "scored": scored,
         # rows of scores files (older runs) whose lpips is NaN, infinite or null: in no quantile
         "non_finite_scores": non_finite,
         "errors": errors,
         # counted by the job when it has an id column; else (or without counters) read off the outputs
-        "duplicate_ids": int(counters.get("duplicate_ids", len(repeated))),
-        "duplicate_id_rows": int(counters.get("duplicate_id_rows", sum(n for _, n in repeated))),
-        "model_loads": int(counters.get("model_loads", 0)),
-        "pixels_scored": int(counters.get("pixels_scored", 0)),
+        "duplicate_ids": counters.duplicate_ids if counters.has(name.DUPLICATE_IDS) else len(repeated),
+        "duplicate_id_rows": (counters.duplicate_id_rows if counters.has(name.DUPLICATE_ID_ROWS)
+                              else sum(n for _, n in repeated)),
+        "model_loads": counters.model_loads,
+        "pixels_scored": counters.pixels_scored,
     }
 
 
@@ -392,6 +393,8 @@ def render_markdown(report: Report) -> str:
              "## Counts", "", "| rows | count |", "| --- | ---: |",
              f"| input rows | {counts['input_rows']} |",
              f"| skipped (id already in earlier outputs, `--skip_existing`) | {counts['skipped']} |",
+             *([f"| kept (finished by an interrupted run, not scored again) | {counts['kept']} |"]
+               if counts.get("kept") else []),
              f"| scored | {counts['scored']} |"]
     if counts.get("non_finite_scores"):
         lines.append(f"| non-finite scores (NaN/inf/null lpips; not in the quantiles) | "
@@ -516,10 +519,10 @@ def _panel(image: Image.Image, box: tuple[int, int, int, int], edges: np.ndarray
 def render_histogram(scores: pa.Table, group_column: Optional[str] = None) -> bytes:
     """histogram.png, drawn with Pillow: LPIPS stacked per mask mode (or per group, largest first), and
     measured fraction."""
-    split_by = group_column if group_column and group_column in scores.column_names else "mask_mode"
+    split_by = group_column if group_column and group_column in scores.column_names else layout.MASK_MODE_FIELD
     lpips = _column(scores, layout.LPIPS_FIELD)
     finite = np.isfinite(lpips)
-    fractions = _column(scores, "measured_fraction")[finite]
+    fractions = _column(scores, layout.MEASURED_FRACTION_FIELD)[finite]
     image = Image.new("RGB", HISTOGRAM_SIZE, "white")
     draw = ImageDraw.Draw(image)
     fonts = (ImageFont.load_default(size=12), ImageFont.load_default(size=14))

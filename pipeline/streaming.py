@@ -40,6 +40,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 from pipeline import job
 from pipeline.options import LpipsPipeOptions
 from transforms import layout
+from transforms.layout import CounterName
 from transforms.metrics import counter
 from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_footer
 from transforms.stage import ReadSplits, WriteScores
@@ -117,13 +118,13 @@ class NewFiles(beam.DoFn):
             if status in ("new", "pending"):
                 if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
-                    counter("files_read").inc()
+                    counter(CounterName.FILES_READ).inc()
                     yield meta.path
                 else:
                     known[meta.path] = ("pending", *now)
             elif status == "read" and tuple(before) != now:
                 known[meta.path] = ("changed", *now)
-                counter("files_changed_after_read").inc()
+                counter(CounterName.FILES_CHANGED_AFTER_READ).inc()
                 _LOGGER.warning("streaming: %s changed after it was read; it is not scored again", meta.path)
         seen.write(known)
 
@@ -149,7 +150,7 @@ class FileSplits(beam.DoFn):
             schema, splits = plan_file(path)
             common_schema([self._first, (path, schema)])
         except Exception as error:
-            counter("files_rejected").inc()
+            counter(CounterName.FILES_REJECTED).inc()
             _LOGGER.error("streaming: %s is refused (%s); its rows are not scored", path, error)
             return
         yield from splits

@@ -11,8 +11,8 @@ input rows whose id is already there, and each :class:`~transforms.parquet_io.Pa
 marks as a bitmask. Workers then skip those rows without decoding them (a split skipped whole is not even
 opened), so the graph stays small and no worker holds the id set. Null ids are never skipped: they
 identify nothing. Inputs without an id column use ``<file>:<row>`` ids, so they resume only against
-outputs of the same input paths. :func:`check_provenance` refuses to resume onto scores made another way
-(other net, LPIPS version, weights, mask mode, max side) unless mixing is allowed.
+outputs of the same input paths. :func:`transforms.layout.check_provenance` refuses to resume onto scores made
+another way (other net, LPIPS version, weights, mask mode, max side) unless mixing is allowed.
 
 Duplicate ids are counted, never merged: every row is still scored or errored (SPEC 3), and
 :class:`CountDuplicateIds` records how many ids appeared on more than one row.
@@ -21,7 +21,7 @@ Duplicate ids are counted, never merged: every row is still scored or errored (S
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -29,12 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms import layout
-from transforms.layout import ID_FIELD, PROVENANCE_FIELDS
+from transforms.layout import ID_FIELD, CounterName
 from transforms.metrics import counter
 from transforms.parquet_io import InputError, ParquetSplit, read_split_column
 
 _LOGGER = logging.getLogger(__name__)
-MAX_SIDE_FIELD = "max_side"  # checked by check_provenance when a scores file records it
 
 
 class ResumeError(ValueError):
@@ -102,7 +101,7 @@ def read_output_ids(paths: Sequence[str], column: str = ID_FIELD) -> tuple[pa.Ch
             unreadable.append(path)
     if not chunks:
         return pa.chunked_array([], type=pa.null()), unreadable
-    chunks = [_plain(chunk) for chunk in chunks]
+    chunks = [layout.plain_values(chunk) for chunk in chunks]
     types = {chunk.type for chunk in chunks}
     if len(types) > 1:
         try:
@@ -112,16 +111,6 @@ def read_output_ids(paths: Sequence[str], column: str = ID_FIELD) -> tuple[pa.Ch
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
             raise ResumeError(f"earlier outputs disagree on the id type ({sorted(map(str, types))})") from error
     return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], type=chunks[0].type), unreadable
-
-
-def _plain(values: Any) -> Any:
-    """Dictionary-encoded ids decoded (``is_in`` and casts want the value type)."""
-    if pa.types.is_dictionary(values.type):
-        if isinstance(values, pa.ChunkedArray):
-            return pa.chunked_array([chunk.dictionary_decode() for chunk in values.chunks],
-                                    type=values.type.value_type)
-        return values.dictionary_decode()
-    return values
 
 
 def input_ids(path: str, id_column: Optional[str], num_rows: int,
@@ -144,7 +133,7 @@ def mark_done(ids: pa.Array, done: pa.Array) -> np.ndarray:
     """``bool[len(ids)]``: ids found in ``done`` (cast to the ids' type); null ids are never found."""
     if len(done) == 0 or len(ids) == 0:
         return np.zeros(len(ids), dtype=bool)
-    ids, done = _plain(ids), _plain(done)
+    ids, done = layout.plain_values(ids), layout.plain_values(done)
     if isinstance(done, pa.ChunkedArray):
         done = done.combine_chunks()
     if done.type != ids.type:
@@ -180,60 +169,13 @@ def plan_skips(splits: Sequence[ParquetSplit], id_column: Optional[str], done: p
     return planned, skipped
 
 
-def _same(earlier: Any, expected: Any) -> bool:
-    return earlier == expected or str(earlier) == str(expected)
-
-
-def check_provenance(paths: Sequence[str], expected: Mapping[str, object], allow_mixed: bool = False) -> None:
-    """Raise :class:`ResumeError` (one line: file, field, earlier value, this job's) when a row of the earlier
-    scores files ``paths`` was made with another ``net``, ``lpips_version``, ``weights_sha256``, ``mask_mode``
-    (:data:`~transforms.layout.PROVENANCE_FIELDS`) or ``max_side`` than ``expected``, unless ``allow_mixed``.
-
-    Only fields in ``expected`` are checked (leave ``mask_mode`` out when it varies by row), and only where a
-    file records them (a column, or ``max_side`` in the file's key-value metadata). Only those columns are
-    read, row group by row group; a row group whose statistics show one value equal to the job's is not
-    read. Unreadable files are skipped (:func:`read_output_ids` reports them).
-    """
-    if allow_mixed:
-        return
-    fields = [name for name in (*PROVENANCE_FIELDS, MAX_SIDE_FIELD) if name in expected]
-    for path in paths:
-        try:
-            with layout.open_parquet(path) as parquet:
-                schema, metadata = parquet.schema_arrow, parquet.metadata
-                kv = {key.decode(errors="replace"): value.decode(errors="replace")
-                      for key, value in (schema.metadata or {}).items()}
-                for name in fields:
-                    if name not in schema.names and name in kv and not _same(kv[name], expected[name]):
-                        _mixed(path, name, kv[name], expected[name])
-                columns = [name for name in fields if name in schema.names]
-                leaf = {metadata.row_group(0).column(i).path_in_schema: i
-                        for i in range(metadata.num_columns)} if metadata.num_row_groups else {}
-                for group in range(metadata.num_row_groups):
-                    to_read = []
-                    for name in columns:
-                        stats = metadata.row_group(group).column(leaf[name]).statistics if name in leaf else None
-                        if (stats is not None and stats.has_min_max and stats.null_count == 0
-                                and _same(stats.min, expected[name]) and _same(stats.max, expected[name])):
-                            continue
-                        to_read.append(name)
-                    if not to_read:
-                        continue
-                    table = parquet.read_row_group(group, columns=to_read)
-                    for name in to_read:
-                        for value in pc.unique(_plain(table.column(name))).to_pylist():
-                            if value is None or not _same(value, expected[name]):
-                                _mixed(path, name, value, expected[name])
-        except ResumeError:
-            raise
-        except Exception as error:  # pylint: disable=broad-except
-            _LOGGER.warning("--skip_existing: cannot check the provenance of %s (%s: %s)",
-                            path, type(error).__name__, error)
-
-
-def _mixed(path: str, name: str, earlier: Any, expected: Any) -> None:
-    raise ResumeError(f"{path} holds scores made with {name}={earlier!r} but this job has {name}={expected!r}; "
-                      "resuming would mix them (rerun with the same settings, or pass --allow_mixed)")
+def check_provenance(paths: Sequence[str], expected: dict, allow_mixed: bool = False) -> None:
+    """:func:`transforms.layout.check_provenance` of earlier scores against this job's ``expected`` values, as
+    a :class:`ResumeError`."""
+    try:
+        layout.check_provenance(paths, expected, allow_mixed)
+    except layout.ProvenanceError as error:
+        raise ResumeError(str(error)) from error
 
 
 def _record_id(element: tuple[Any, dict[str, Any]]) -> Any:
@@ -245,8 +187,8 @@ class _CountRepeated(beam.DoFn):
 
     def process(self, id_count: tuple[Any, int]) -> Iterator[tuple[Any, int]]:
         if id_count[1] > 1:
-            counter("duplicate_ids").inc()
-            counter("duplicate_id_rows").inc(id_count[1])
+            counter(CounterName.DUPLICATE_IDS).inc()
+            counter(CounterName.DUPLICATE_ID_ROWS).inc(id_count[1])
             yield id_count
 
 

@@ -5,7 +5,9 @@ One job writes, under its ``--output`` directory ``OUT``::
     OUT/scores/part-SSSSS-of-NNNNN.parquet   one row per scored pair
     OUT/errors/part-SSSSS-of-NNNNN.parquet   one row per input row that could not be scored
     OUT/report/report.md, report.json, histogram.png
-    OUT/_staging/                            the sink's temporary files while a job runs (Beam's beam-temp-*)
+    OUT/report/index.html, tiles/            the audit page (galleries of pairs, drift maps), opens from disk
+    OUT/_staging/                            the sink's files while a job runs (rows not yet published)
+    OUT/_ledger/                             the restart ledger: what earlier runs finished (see transforms.ledger)
     OUT/_lpips_pipe.lock                     held by the one run writing into OUT
 
 so ``pandas.read_parquet("OUT/scores")``, DuckDB's ``read_parquet('OUT/scores/*.parquet')`` and
@@ -14,8 +16,11 @@ so ``pandas.read_parquet("OUT/scores")``, DuckDB's ``read_parquet('OUT/scores/*.
 (``part-<window or poll>-SSSSS-of-NNNNN.parquet``). Outputs of releases before the folders
 (``OUT/scores-*.parquet``) are still found by resume, the report and the filter.
 
-Every module that reads or writes outputs (the sink, resume, the report, the filter, the demo) takes names
-from here. Plain ``FileSystems`` and pyarrow: no Beam pipeline import.
+Every module that reads or writes outputs (the sink, the ledger, resume, the report, the filter, the calibration,
+the demo) takes names from here: folder and file names, output column names, counter names (and the typed
+:class:`Counters` the summary and the report read) and the provenance check (:func:`check_provenance`) that
+resume, restart, the filter and the calibration share. Plain ``FileSystems`` and pyarrow: no Beam pipeline
+import.
 """
 
 from __future__ import annotations
@@ -24,47 +29,94 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+# --------------------------------------------------------------------------- folders and files
 SCORES = "scores"
 ERRORS = "errors"
 REPORT = "report"
 KINDS = (SCORES, ERRORS)
 STAGING = "_staging"
+LEDGER = "_ledger"
 LOCK_FILE = "_lpips_pipe.lock"
 SHARD_PREFIX = "part"
 PARQUET_SUFFIX = ".parquet"
+JSON_SUFFIX = ".json"
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 HISTOGRAM_PNG = "histogram.png"
+REPORT_HTML = "index.html"
+REPORT_TILES = "tiles"  # report/tiles/: the gallery thumbnails index.html shows
 REPORT_FILES = (REPORT_MD, REPORT_JSON, HISTOGRAM_PNG)
 
-# Columns of the outputs (SPEC 3).
+# The filter's outputs (pipeline.filter), under its --output.
+FILTER_KEPT = "kept"
+FILTER_REJECTED = "rejected"
+FILTER_OUTPUTS = (FILTER_KEPT, FILTER_REJECTED)
+FILTER_SOURCE_OUTPUTS = ("kept_source", "rejected_source", "unscored_source")
+FILTER_SUMMARY = "filter.json"
+
+# The calibration's outputs (pipeline.calibrate), under its --output.
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_MD = "calibration.md"
+CALIBRATION_CURVE_PREFIX = "pr-curve"  # pr-curve-<group>.png
+
+# --------------------------------------------------------------------------- columns
 ID_FIELD = "id"
 LPIPS_FIELD = "lpips"
+MEASURED_FRACTION_FIELD = "measured_fraction"
+MASK_MODE_FIELD = "mask_mode"
+WIDTH_FIELD = "width"
+HEIGHT_FIELD = "height"
+NET_FIELD = "net"
+LPIPS_VERSION_FIELD = "lpips_version"
+WEIGHTS_FIELD = "weights_sha256"
+# Where a row came from: the input file and the row's index in it (0-based, as ``<file>:<row>`` ids count).
+# Rows read by ReadPairs carry them (scores and errors); rows from a user's own source have none (null).
+SOURCE_FILE_FIELD = "source_file"
+SOURCE_ROW_FIELD = "source_row"
+SOURCE_FIELDS = (
+    pa.field(SOURCE_FILE_FIELD, pa.string()),
+    pa.field(SOURCE_ROW_FIELD, pa.int64()),
+)
 SCORE_FIELDS = (
     pa.field(LPIPS_FIELD, pa.float64()),
-    pa.field("measured_fraction", pa.float64()),
-    pa.field("mask_mode", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("net", pa.string()),
-    pa.field("lpips_version", pa.string()),
-    pa.field("weights_sha256", pa.string()),
+    pa.field(MEASURED_FRACTION_FIELD, pa.float64()),
+    pa.field(MASK_MODE_FIELD, pa.string()),
+    pa.field(WIDTH_FIELD, pa.int32()),
+    pa.field(HEIGHT_FIELD, pa.int32()),
+    pa.field(NET_FIELD, pa.string()),
+    pa.field(LPIPS_VERSION_FIELD, pa.string()),
+    pa.field(WEIGHTS_FIELD, pa.string()),
+    *SOURCE_FIELDS,
 )
+ERROR_STAGE_FIELD = "error_stage"
+ERROR_TYPE_FIELD = "error_type"
+ERROR_MESSAGE_FIELD = "error_message"
 ERROR_FIELDS = (
-    pa.field("error_stage", pa.string()),
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
+    pa.field(ERROR_STAGE_FIELD, pa.string()),
+    pa.field(ERROR_TYPE_FIELD, pa.string()),
+    pa.field(ERROR_MESSAGE_FIELD, pa.string()),
 )
+# Columns the filter adds.
+Z_FIELD = "lpips_z"
+TIER_FIELD = "tier"
+# The key under which ReadPairs hands a row's origin, ``(source file, row index)``, to ScoreLPIPS (a row dict
+# key no Parquet column is expected to have); ScoreLPIPS turns it into the source_file / source_row columns.
+SOURCE_KEY = "__lpips_pipe_source__"
 # What identifies how a score was made: two runs whose scores differ in one of these must not be mixed
-# (resume, filter) unless the user says so. max_side and mask_mode are compared as they were recorded.
-PROVENANCE_FIELDS = ("net", "lpips_version", "weights_sha256", "mask_mode")
+# (resume, restart, filter, calibration) unless the user says so. max_side and mask_mode are compared as
+# they were recorded.
+PROVENANCE_FIELDS = (NET_FIELD, LPIPS_VERSION_FIELD, WEIGHTS_FIELD, MASK_MODE_FIELD)
+# Key-value metadata of scores files: the scored size limit, and the job's settings (JSON; what the report
+# needs to prepare a pair again exactly as it was scored).
+MAX_SIDE_KEY = "max_side"
+JOB_SETTINGS_KEY = "lpips_pipe.settings"
 # Input columns that collide with an output column are kept under this prefix.
 COLLISION_PREFIX = "input_"
 
@@ -185,3 +237,205 @@ def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
     """A ``pyarrow.parquet.ParquetFile`` on any Beam filesystem (closed on exit)."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         yield pq.ParquetFile(handle)
+
+
+# --------------------------------------------------------------------------- counters
+COUNTER_NAMESPACE = "lpips_pipe"  # Beam metrics namespace of every counter below
+
+
+class CounterName:
+    """Names of the ``lpips_pipe`` counters (Beam metrics). For a finished batch run
+    ``rows_read == rows_skipped + rows_kept + pairs_scored + errors``."""
+
+    ROWS_READ = "rows_read"  # every planned input row, skipped and kept ones included
+    ROWS_SKIPPED = "rows_skipped"  # id already in the outputs --skip_existing names
+    ROWS_KEPT = "rows_kept"  # finished by an interrupted run into the same --output, kept in place (restart)
+    PAIRS_SCORED = "pairs_scored"
+    PIXELS_SCORED = "pixels_scored"
+    MODEL_LOADS = "model_loads"
+    ERRORS = "errors"  # and errors.<stage>.<type>, see error_type()
+    DUPLICATE_IDS = "duplicate_ids"  # ids on more than one row
+    DUPLICATE_ID_ROWS = "duplicate_id_rows"  # the rows carrying them
+    UNKNOWN_SCOPE_ROWS = "unknown_scope_rows"  # per-row scope neither unedit_area nor edit_area
+    FILES_READ = "files_read"  # streaming: files read
+    FILES_REJECTED = "files_rejected"  # streaming: files whose columns differ from the stream's
+    FILES_CHANGED_AFTER_READ = "files_changed_after_read"  # streaming
+    FILES_KEPT = "files_kept"  # streaming: files an earlier run of the stream finished (restart)
+
+    ERROR_PREFIX = "errors."
+    UNKNOWN_SCOPE_PREFIX = "unknown_scope."
+
+    @staticmethod
+    def error_type(stage: str, error_type: str) -> str:
+        """``errors.<stage>.<type>``."""
+        return f"{CounterName.ERROR_PREFIX}{stage}.{error_type}"
+
+    @staticmethod
+    def unknown_scope(value: str) -> str:
+        """``unknown_scope.<value>``."""
+        return f"{CounterName.UNKNOWN_SCOPE_PREFIX}{value}"
+
+
+class Counters(Mapping[str, int]):
+    """The ``lpips_pipe`` counters of a run, typed: a read-only mapping of counter name to value (what
+    ``report.json`` stores as ``counters``) with a property for each counter of :class:`CounterName` and the
+    per-type error and unknown-scope counts. Missing counters read as 0."""
+
+    def __init__(self, values: Optional[Mapping[str, int]] = None) -> None:
+        self._values = {str(name): int(value) for name, value in (values or {}).items()}
+
+    def __getitem__(self, name: str) -> int:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Counters({self._values!r})"
+
+    def value(self, name: str) -> int:
+        return int(self._values.get(name, 0) or 0)
+
+    def plus(self, **values: int) -> "Counters":
+        """These counters with ``values`` added (counters the launcher knows, e.g. ``rows_kept``)."""
+        merged = dict(self._values)
+        for name, value in values.items():
+            if value:
+                merged[name] = merged.get(name, 0) + int(value)
+        return Counters(merged)
+
+    rows_read = property(lambda self: self.value(CounterName.ROWS_READ))
+    rows_skipped = property(lambda self: self.value(CounterName.ROWS_SKIPPED))
+    rows_kept = property(lambda self: self.value(CounterName.ROWS_KEPT))
+    pairs_scored = property(lambda self: self.value(CounterName.PAIRS_SCORED))
+    pixels_scored = property(lambda self: self.value(CounterName.PIXELS_SCORED))
+    model_loads = property(lambda self: self.value(CounterName.MODEL_LOADS))
+    errors = property(lambda self: self.value(CounterName.ERRORS))
+    duplicate_ids = property(lambda self: self.value(CounterName.DUPLICATE_IDS))
+    duplicate_id_rows = property(lambda self: self.value(CounterName.DUPLICATE_ID_ROWS))
+    unknown_scope_rows = property(lambda self: self.value(CounterName.UNKNOWN_SCOPE_ROWS))
+    files_kept = property(lambda self: self.value(CounterName.FILES_KEPT))
+
+    def has(self, name: str) -> bool:
+        return name in self._values
+
+    def errors_by_type(self) -> dict[str, int]:
+        """``{"<stage>.<type>": rows}`` from the ``errors.<stage>.<type>`` counters."""
+        prefix = CounterName.ERROR_PREFIX
+        return {name[len(prefix):]: value for name, value in sorted(self._values.items())
+                if name.startswith(prefix)}
+
+    def unknown_scope_values(self) -> dict[str, int]:
+        """``{value: rows}`` from the ``unknown_scope.<value>`` counters (non-zero only)."""
+        prefix = CounterName.UNKNOWN_SCOPE_PREFIX
+        return {name[len(prefix):]: value for name, value in self._values.items()
+                if name.startswith(prefix) and value}
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+class ProvenanceError(ValueError):
+    """Scores made another way than expected (or mixed among themselves): one line naming the file, the field
+    and both values."""
+
+
+def _same(earlier: Any, expected: Any) -> bool:
+    return earlier == expected or str(earlier) == str(expected)
+
+
+def plain_values(values: Any) -> Any:
+    """Dictionary-encoded values decoded."""
+    if pa.types.is_dictionary(values.type):
+        if isinstance(values, pa.ChunkedArray):
+            return pa.chunked_array([chunk.dictionary_decode() for chunk in values.chunks],
+                                    type=values.type.value_type)
+        return values.dictionary_decode()
+    return values
+
+
+def file_settings(path: str) -> dict[str, str]:
+    """The key-value metadata of a scores file (``max_side``, the job's settings), as text."""
+    with open_parquet(path) as parquet:
+        metadata = parquet.schema_arrow.metadata or {}
+    return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in metadata.items()}
+
+
+def provenance_values(paths: Sequence[str], fields: Sequence[str] = (*PROVENANCE_FIELDS, MAX_SIDE_KEY),
+                      expected: Optional[Mapping[str, Any]] = None) -> dict[str, dict[Any, str]]:
+    """``{field: {value: first file holding it}}`` of each provenance field in the scores files ``paths``: a
+    column, or ``max_side`` in a file's key-value metadata. Only those columns are read, row group by row
+    group; a row group whose statistics show one value (equal to ``expected[field]`` when given) is not read.
+    Unreadable files are skipped (their readers report them)."""
+    import pyarrow.compute as pc  # noqa: PLC0415  # only the provenance check needs it
+
+    found: dict[str, dict[Any, str]] = {name: {} for name in fields}
+    for path in paths:
+        try:
+            with open_parquet(path) as parquet:
+                schema, metadata = parquet.schema_arrow, parquet.metadata
+                kv = {key.decode(errors="replace"): value.decode(errors="replace")
+                      for key, value in (schema.metadata or {}).items()}
+                for name in fields:
+                    if name not in schema.names and name in kv:
+                        found[name].setdefault(kv[name], path)
+                columns = [name for name in fields if name in schema.names]
+                leaf = {metadata.row_group(0).column(i).path_in_schema: i
+                        for i in range(metadata.num_columns)} if metadata.num_row_groups else {}
+                for group in range(metadata.num_row_groups):
+                    to_read = []
+                    for name in columns:
+                        stats = metadata.row_group(group).column(leaf[name]).statistics if name in leaf else None
+                        if (stats is not None and stats.has_min_max and stats.null_count == 0
+                                and _same(stats.min, stats.max)
+                                and (expected is None or name not in expected or _same(stats.min, expected[name]))):
+                            found[name].setdefault(stats.min, path)
+                            continue
+                        to_read.append(name)
+                    if not to_read:
+                        continue
+                    table = parquet.read_row_group(group, columns=to_read)
+                    for name in to_read:
+                        column = plain_values(table.column(name))
+                        try:
+                            values = pc.unique(column).to_pylist()
+                        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                            values = column.to_pylist()
+                        for value in values:
+                            found[name].setdefault("NaN" if isinstance(value, float) and value != value else value,
+                                                   path)
+        except Exception:  # pylint: disable=broad-except  # not Parquet, truncated: the readers say so
+            continue
+    return found
+
+
+def check_provenance(paths: Sequence[str], expected: Optional[Mapping[str, Any]] = None,
+                     allow_mixed: bool = False, mixed_mask_modes: bool = False, what: str = "scores") -> dict[
+        str, list[Any]]:
+    """Check how the scores files ``paths`` were made; return ``{field: [distinct values]}``.
+
+    With ``expected`` (resume, restart, calibration), every recorded value of a field in ``expected`` must
+    equal it; without (the filter), each field must have one value (``mask_mode`` may vary when
+    ``mixed_mask_modes``). Fields: :data:`PROVENANCE_FIELDS` and ``max_side``. Raises
+    :class:`ProvenanceError` (one line: file, field, values) unless ``allow_mixed``."""
+    fields = [name for name in (*PROVENANCE_FIELDS, MAX_SIDE_KEY) if expected is None or name in expected]
+    found = provenance_values(paths, fields, expected)
+    distinct = {name: sorted(values, key=lambda value: (value is None, str(value))) for name, values in found.items()}
+    if allow_mixed:
+        return distinct
+    for name in fields:
+        if expected is not None:
+            for value, path in found[name].items():
+                if value is None or not _same(value, expected[name]):
+                    raise ProvenanceError(
+                        f"{path} holds {what} made with {name}={value!r} but this job has {name}={expected[name]!r};"
+                        " they would be mixed (rerun with the same settings, or pass --allow_mixed)")
+        elif len(found[name]) > 1 and not (name == MASK_MODE_FIELD and mixed_mask_modes):
+            where = "; ".join(f"{value!r} first in {found[name][value]}" for value in distinct[name][:4])
+            hint = " or --group_column mask_mode (a rule per mask mode)" if name == MASK_MODE_FIELD else ""
+            raise ProvenanceError(f"the {what} mix {name} values {distinct[name]} ({where}): they were not made the "
+                                  f"same way; use each run separately, or pass --allow_mixed{hint}")
+    return distinct

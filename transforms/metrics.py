@@ -1,18 +1,16 @@
-"""Beam metric names of lpips-pipe, in one namespace, so runs can be summarised."""
+"""Beam counters of lpips-pipe, in one namespace, so runs can be summarised. The names are
+:class:`transforms.layout.CounterName`'s; a finished run's values are read back as
+:class:`transforms.layout.Counters`."""
 
 from __future__ import annotations
 
 from apache_beam.metrics import Metrics
 
-NAMESPACE = "lpips_pipe"
+from transforms.layout import COUNTER_NAMESPACE
+
+NAMESPACE = COUNTER_NAMESPACE
 
 
 def counter(name: str):
-    """The ``lpips_pipe/<name>`` counter.
-
-    ``rows_read`` (every input row, skipped ones included), ``rows_skipped`` (id already in the outputs named
-    by ``--skip_existing``), ``pairs_scored``, ``pixels_scored``, ``model_loads``, ``errors`` and
-    ``errors.<stage>.<type>``, ``duplicate_ids`` / ``duplicate_id_rows`` (ids on more than one row, and those
-    rows). ``rows_read == rows_skipped + pairs_scored + errors`` for a finished run.
-    """
+    """The ``lpips_pipe/<name>`` counter (``name``: a :class:`~transforms.layout.CounterName`)."""
     return Metrics.counter(NAMESPACE, name)

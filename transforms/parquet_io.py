@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import layout
+from transforms.layout import CounterName
 from transforms.metrics import counter
 
 READ_BATCH_ROWS = 64
@@ -513,7 +514,9 @@ class ReadParquetSplit(beam.DoFn):
     """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order (Parquet or JSON
     Lines; ``ReadInputSplit`` is the same class).
 
-    ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when ``id_column`` is ``None``.
+    ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when ``id_column`` is ``None``;
+    ``row[layout.SOURCE_KEY]`` is ``(path, row index)``, where the row came from (the ``source_file`` /
+    ``source_row`` of its output row).
     With ``resolve_relative`` (the default) string values of ``image_columns`` and the ``path`` of an image
     struct without bytes that are relative paths are rewritten as absolute paths against the folder of the
     file naming them (so an error row shows where the image was looked for). Rows in the split's skip mask
@@ -526,10 +529,10 @@ class ReadParquetSplit(beam.DoFn):
         self._image_columns = tuple(image_columns) if resolve_relative else ()
 
     def process(self, split: ParquetSplit) -> Iterator[tuple[Any, dict[str, Any]]]:
-        rows_read = counter("rows_read")
+        rows_read = counter(CounterName.ROWS_READ)
         skip = split.skip_mask()
         if skip is not None:
-            counter("rows_skipped").inc(int(skip.sum()))
+            counter(CounterName.ROWS_SKIPPED).inc(int(skip.sum()))
             if skip.all():
                 rows_read.inc(split.num_rows)
                 return
@@ -543,8 +546,9 @@ class ReadParquetSplit(beam.DoFn):
             for position, row in zip(positions.tolist(), piece.to_pylist()):
                 for name in images:
                     row[name] = _resolve_image(row[name], split.path)
-                yield (row[self._id_column] if self._id_column else f"{split.path}:{split.first_row + position}",
-                       row)
+                row_index = split.first_row + position
+                row[layout.SOURCE_KEY] = (split.path, row_index)
+                yield (row[self._id_column] if self._id_column else f"{split.path}:{row_index}", row)
 
 
 ReadInputSplit = ReadParquetSplit

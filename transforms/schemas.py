@@ -12,12 +12,16 @@ fails before any scoring. The outputs have explicit pyarrow schemas:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
-from transforms.layout import COLLISION_PREFIX, ERROR_FIELDS, ID_FIELD, SCORE_FIELDS
+from transforms.layout import (COLLISION_PREFIX, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
+                               ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
+                               SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
 from transforms.records import RecordConfig, coords_type_supported
 
 class InputSchemaError(ValueError):
@@ -37,9 +41,35 @@ def _is_image_type(kind: pa.DataType) -> bool:
     return False
 
 
-MAX_SIDE_KEY = "max_side"  # key-value metadata of scores files
 SCORE_NAMES = frozenset([ID_FIELD, *(field.name for field in SCORE_FIELDS)])
-ERROR_NAMES = frozenset(field.name for field in ERROR_FIELDS)
+ERROR_NAMES = frozenset(field.name for field in (*SOURCE_FIELDS, *ERROR_FIELDS))
+
+
+def source_values(row: dict[str, Any]) -> dict[str, Any]:
+    """``{source_file, source_row}`` of a row ReadPairs read (its :data:`~transforms.layout.SOURCE_KEY`), or
+    ``{}`` for a row from elsewhere."""
+    source = row.get(SOURCE_KEY)
+    if not source:
+        return {}
+    return {SOURCE_FILE_FIELD: source[0], SOURCE_ROW_FIELD: source[1]}
+
+
+def job_settings(config: RecordConfig, id_column: Optional[str],
+                 model_settings: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """What the scores files record of how their rows were made (JSON-safe): the record settings, the input's
+    id column, and the model's ``net``, ``weights`` and ``precision`` when given."""
+    return {"records": dataclasses.asdict(config), "id_column": id_column, "model": dict(model_settings or {})}
+
+
+def read_job_settings(metadata: Mapping[str, str]) -> Optional[dict[str, Any]]:
+    """:func:`job_settings` from a scores file's key-value metadata (as text), or ``None`` when the file has
+    none (an older release) or it is not what this release writes."""
+    text = metadata.get(JOB_SETTINGS_KEY)
+    try:
+        settings = json.loads(text) if text else None
+        return settings if isinstance(settings, dict) and isinstance(settings.get("records"), dict) else None
+    except ValueError:
+        return None
 
 
 def kept_name(column: str, reserved: frozenset[str]) -> str:
@@ -68,24 +98,27 @@ class RowFormat:
     def passthrough_of(self, row: dict[str, Any]) -> Sequence[str]:
         if self.passthrough is not None:
             return self.passthrough
-        skipped = set(self.image_columns) | {self.id_column}
+        skipped = set(self.image_columns) | {self.id_column, SOURCE_KEY}
         return [name for name in row if name not in skipped]
 
     def score_row(self, record_id: Any, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-        """A scores row: the id, the score ``values`` and the passed-through columns."""
-        out = {ID_FIELD: record_id, **values}
+        """A scores row: the id, the score ``values``, where the row came from (``source_file``, ``source_row``,
+        for rows ReadPairs read) and the passed-through columns."""
+        out = {ID_FIELD: record_id, **values, **source_values(row)}
         for name in self.passthrough_of(row):
             out[kept_name(name, SCORE_NAMES)] = row.get(name)
         return out
 
     def error_row(self, record_id: Any, row: dict[str, Any], stage: str, error_type: str,
                   message: str) -> dict[str, Any]:
-        """An errors row: the whole input row plus the reason (and ``id`` when the row has no id column)."""
+        """An errors row: the whole input row plus the reason (and ``id`` when the row has no id column, and
+        ``source_file`` / ``source_row`` for rows ReadPairs read)."""
         reserved = ERROR_NAMES if self.id_column in (None, ID_FIELD) else ERROR_NAMES | {ID_FIELD}
-        out = {kept_name(name, reserved): value for name, value in row.items()}
+        out = {kept_name(name, reserved): value for name, value in row.items() if name != SOURCE_KEY}
         if self.id_column != ID_FIELD:
             out[ID_FIELD] = record_id
-        out.update(error_stage=stage, error_type=error_type, error_message=message)
+        out.update(source_values(row))
+        out.update({ERROR_STAGE_FIELD: stage, ERROR_TYPE_FIELD: error_type, ERROR_MESSAGE_FIELD: message})
         return out
 
 
@@ -111,11 +144,14 @@ class OutputSchemas:
         return self.row_format.error_row(record_id, row, stage, error_type, message)
 
 
-def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_column: Optional[str]) -> OutputSchemas:
+def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_column: Optional[str],
+                         model_settings: Optional[Mapping[str, Any]] = None) -> OutputSchemas:
     """Check ``input_schema`` against the job's options and derive the output schemas.
 
     ``id_column`` is the input column holding ids, or ``None`` for ``<file>:<row>``
-    ids. Raises :class:`InputSchemaError` naming the problem.
+    ids. ``model_settings`` (``net``, ``weights``, ``precision``) are recorded with the record settings in
+    the scores files' metadata (:func:`job_settings`), so the report can prepare and score a pair again
+    exactly as the job did. Raises :class:`InputSchemaError` naming the problem.
     """
     names = set(input_schema.names)
     problems = []
@@ -157,6 +193,7 @@ def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_colum
     error_fields = [field.with_name(kept_name(field.name, reserved)) for field in input_schema]
     if id_column != ID_FIELD:
         error_fields.append(pa.field(ID_FIELD, id_type))
-    errors = pa.schema([*error_fields, *ERROR_FIELDS], metadata=input_schema.metadata)
-    scores = scores.with_metadata({MAX_SIDE_KEY: str(config.max_side)})  # resume refuses mixing max_side
+    errors = pa.schema([*error_fields, *SOURCE_FIELDS, *ERROR_FIELDS], metadata=input_schema.metadata)
+    scores = scores.with_metadata({MAX_SIDE_KEY: str(config.max_side),  # resume refuses mixing max_side
+                                   JOB_SETTINGS_KEY: json.dumps(job_settings(config, id_column, model_settings))})
     return OutputSchemas(scores=scores, errors=errors, row_format=row_format, id_column=id_column)

@@ -68,6 +68,8 @@ with _without_model_manager():
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms import score_math
+from transforms import layout
+from transforms.layout import CounterName
 from transforms.metrics import NAMESPACE, counter
 from transforms.scorer import LpipsScorer, cuda_available
 from transforms.weights import ModelConfig
@@ -139,8 +141,8 @@ class ScoredPair:
 
 
 def _count_error(stage: str, error_type: str) -> None:
-    counter("errors").inc()
-    counter(f"errors.{stage}.{error_type}").inc()
+    counter(CounterName.ERRORS).inc()
+    counter(CounterName.error_type(stage, error_type)).inc()
 
 
 def _count_scope(row: dict[str, Any], config: RecordConfig, seen: set) -> None:
@@ -152,11 +154,11 @@ def _count_scope(row: dict[str, Any], config: RecordConfig, seen: set) -> None:
     scope = row.get(config.scope_column)
     if scope is None or scope in SCOPE_NAMES or scope == "full":
         return
-    counter("unknown_scope_rows").inc()
+    counter(CounterName.UNKNOWN_SCOPE_ROWS).inc()
     value = str(scope)[:40]
     if value in seen or len(seen) < MAX_SCOPE_VALUES_COUNTED:
         seen.add(value)
-        counter(f"unknown_scope.{value}").inc()
+        counter(CounterName.unknown_scope(value)).inc()
 
 
 class PreparePairs(beam.DoFn):
@@ -224,7 +226,7 @@ class PreparePairs(beam.DoFn):
             self._pair_pixels = max(self._pair_pixels, result.pixels)
             _count_scope(result.row, self._config, self._scopes)
             return result_value
-        _count_error(result["error_stage"], result["error_type"])
+        _count_error(result[layout.ERROR_STAGE_FIELD], result[layout.ERROR_TYPE_FIELD])
         if self._progress is not None:
             self._progress.meter().finished()
         return beam.pvalue.TaggedOutput(ERRORS, result_value)
@@ -279,7 +281,7 @@ def _count_load_once(model: Any) -> None:
         if _SHARED_LOAD_COUNTED:
             return
         _SHARED_LOAD_COUNTED = True
-    counter("model_loads").inc()
+    counter(CounterName.MODEL_LOADS).inc()
 
 
 def pair_pixels(pair: PreparedPair) -> int:
@@ -429,17 +431,18 @@ class ToScoreRow(beam.DoFn):
             yield beam.pvalue.TaggedOutput(
                 ERRORS, self._row_format.error_row(pair.record_id, pair.row, "model", error_type, message))
             return
-        counter("pairs_scored").inc()
-        counter("pixels_scored").inc(pair.pixels)
+        counter(CounterName.PAIRS_SCORED).inc()
+        counter(CounterName.PIXELS_SCORED).inc(pair.pixels)
         yield self._row_format.score_row(pair.record_id, pair.row, {
-            "lpips": score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width, pair.height),
-            "measured_fraction": score_math.measured_fraction(pair.mask_pixels, pair.width, pair.height),
-            "mask_mode": pair.mask_mode,
-            "width": pair.width,
-            "height": pair.height,
-            "net": scored.net,
-            "lpips_version": scored.lpips_version,
-            "weights_sha256": scored.weights_sha256,
+            layout.LPIPS_FIELD: score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width,
+                                                           pair.height),
+            layout.MEASURED_FRACTION_FIELD: score_math.measured_fraction(pair.mask_pixels, pair.width, pair.height),
+            layout.MASK_MODE_FIELD: pair.mask_mode,
+            layout.WIDTH_FIELD: pair.width,
+            layout.HEIGHT_FIELD: pair.height,
+            layout.NET_FIELD: scored.net,
+            layout.LPIPS_VERSION_FIELD: scored.lpips_version,
+            layout.WEIGHTS_FIELD: scored.weights_sha256,
         })
 
 
