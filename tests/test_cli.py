@@ -309,7 +309,8 @@ def test_errors_keep_the_inputs_schema_metadata(table, tmp_path, capsys):
     (errors_file,) = (out / "errors").iterdir()
     assert pq.read_schema(errors_file).metadata[b"huggingface"] == features
     (scores_file,) = (out / "scores").iterdir()
-    assert pq.read_schema(scores_file).metadata == {b"max_side": b"2048"}
+    metadata = pq.read_schema(scores_file).metadata  # max_side and the job's settings, never the input's metadata
+    assert set(metadata) == {b"max_side", b"lpips_pipe.settings"} and metadata[b"max_side"] == b"2048"
 
 
 def test_a_model_shared_across_processes_gives_the_same_rows(pairs, tmp_path, capsys):
