@@ -17,3 +17,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 bash scripts/setup_runners.sh  # Prism + Flink runners (pinned, cached; never fails the set-up)
+bash scripts/setup_browser.sh  # Debian's Chromium for the browser checks (tests/browser.py; never fails the set-up)
