@@ -24,7 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import job
 from pipeline import report as run_report
 from pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
-from transforms import layout
+from transforms import layout, ledger
 
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
@@ -78,16 +78,23 @@ def error_fraction_verdict(totals: Mapping[str, int], max_error_fraction: float)
 
 
 def describe_written(output: str) -> str:
-    """What a failed run left in ``output``, as checked now (never assumed)."""
+    """What a failed or interrupted run left in ``output``, as checked now (never assumed): finished files,
+    and the rows the restart ledger has committed (the same command keeps them)."""
     written = layout.output_files(output)
-    staging = layout.staging_dir(output)
-    staged = layout.match(FileSystems.join(layout.escape_glob(staging), f"{layout.SCORES}-*", "*"))
     parts = []
     if written:
         parts.append(f"{len(written)} scores/errors file(s) are in {output} (e.g. {written[0]})")
     else:
         parts.append(f"no scores/errors files were written to {output}")
-    if staged:
+    try:
+        state = ledger.read_state(output)
+    except ledger.LedgerError:
+        state = None
+    staging = layout.staging_dir(output)
+    if state is not None and state.commits and not state.published:
+        parts.append(f"{state.done_rows} rows it finished are in {staging}, committed: run the same command again "
+                     "to keep them and score the rest")
+    elif layout.match(FileSystems.join(layout.escape_glob(staging), f"{layout.SCORES}-*", "*")):  # older releases
         parts.append(f"rows it finished are in {staging}: pass '{FileSystems.join(staging, 'scores-*', '*')}' to "
                      "--skip_existing when rerunning into a new --output")
     return "; ".join(parts)
@@ -101,7 +108,8 @@ def _report(options: LpipsPipeOptions, outcome: job.JobOutcome) -> None:
     """Write and print the report; a failure here is a warning (the outputs are complete)."""
     try:
         report = run_report.write_report(options.output, outcome.counters, options.report_group_column,
-                                         outcome.stage_msecs, outcome.wall_s)
+                                         outcome.stage_msecs, outcome.wall_s, report_k=options.report_k,
+                                         report_threshold=options.report_threshold, report_seed=options.report_seed)
     except Exception as error:  # the report is a summary of finished outputs: never fail the run for it
         _LOGGER.debug("report failed", exc_info=True)
         print(f"{PROG}: warning: the outputs are complete, but the report could not be written "
@@ -109,7 +117,7 @@ def _report(options: LpipsPipeOptions, outcome: job.JobOutcome) -> None:
               file=sys.stderr)
         return
     print(run_report.format_table(report))
-    print(f"  report: {', '.join(run_report.report_paths(options.output))}")
+    print(f"  report: {', '.join(run_report.report_paths(options.output) + [run_report.page_path(options.output)])}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -132,7 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _print_error("interrupted before the job started; nothing was written")
         return EXIT_INTERRUPTED
-    _LOGGER.info("scoring %d file(s), %d rows, with LPIPS %s, weights from %s", len(plan.files), plan.input_rows,
+    if plan.restart is not None:
+        _LOGGER.info("resuming the interrupted run in %s: keeping %d of %d input rows it finished%s; scoring the "
+                     "other %d", options.output, plan.kept_rows, plan.input_rows,
+                     " (it had finished scoring: completing its last step)" if plan.finish_only else "",
+                     plan.rows_to_score)
+    _LOGGER.info("scoring %d file(s), %d rows, with LPIPS %s, weights from %s", len(plan.files), plan.rows_to_score,
                  options.net, plan.weights_source)
     try:
         outcome = job.run_plan(plan, pipeline_options)
@@ -194,8 +207,8 @@ def _stream(pipeline_options: PipelineOptions, options: LpipsPipeOptions) -> int
     if outcome.counters:
         print(format_summary(outcome.counters, options.output, outcome.wall_s))
     how = f"on {outcome.stopped_by}" if outcome.stopped_by else "by itself"
-    print(f"{PROG}: streaming stopped {how} after {outcome.wall_s:.0f} s; {streaming.written_line(options.output)}",
-          flush=True)
+    print(f"{PROG}: streaming stopped {how} after {outcome.wall_s:.0f} s; {streaming.written_line(options.output)}; "
+          "the same command continues the stream (files already written are not read again)", flush=True)
     return _finish(options, outcome.counters, job.JobOutcome(None, outcome.counters, {}, outcome.wall_s))
 
 

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from pipeline.options import (DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, model_config, parse_options,
                               record_config)
 from transforms import ids as record_ids
-from transforms import layout
+from transforms import layout, ledger
 from transforms.metrics import NAMESPACE
 from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column
 from transforms.progress import ProgressConfig
@@ -40,8 +40,8 @@ from transforms.schemas import OutputSchemas, build_output_schemas
 from transforms.scoring import default_batch_pixels
 from transforms.scorer import check_device
 from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
-from transforms.weights import (LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, check_weights,
-                                resolve_weights, state_dict_sha256)
+from transforms.sink import CommitPlan
+from transforms.weights import LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, checked_weights
 
 _LOGGER = logging.getLogger("lpips_pipe")
 EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
@@ -67,10 +67,28 @@ class JobPlan:
     existing_outputs: tuple[str, ...] = ()
     skipped_rows: int = 0  # rows whose id is already in --skip_existing's outputs (marked in the splits)
     workers: int = 1
+    run: str = ""  # this run's id in the restart ledger
+    settings: Optional[dict] = None  # what every score depends on (the ledger's run header; restarts compare)
+    restart: Optional[ledger.LedgerState] = None  # an interrupted run's ledger this run continues
+    kept_rows: int = 0  # input rows that run finished (marked in the splits; not read again)
+    finish_only: bool = False  # that run had finished scoring: only its last step (publishing) remains
 
     @property
     def input_rows(self) -> int:
         return sum(split.num_rows for split in self.splits)
+
+    @property
+    def rows_to_score(self) -> int:
+        return sum(split.rows_to_read for split in self.splits)
+
+    def commit_plan(self) -> CommitPlan:
+        """What the writer needs to commit as splits finish (:class:`transforms.sink.CommitPlan`)."""
+        by_file: dict[str, list[tuple[int, int, int]]] = {}
+        for split in self.splits:
+            by_file.setdefault(split.path, []).append((split.first_row, split.first_row + split.num_rows,
+                                                       split.rows_to_read))
+        kept = tuple(self.restart.kept_files()) if self.restart is not None else ()
+        return CommitPlan(self.run, {path: tuple(sorted(items)) for path, items in by_file.items()}, kept)
 
     @property
     def output(self) -> str:
@@ -82,7 +100,7 @@ class JobOutcome:
     """A finished job: Beam's result (``None`` for a stream), its lpips_pipe counters, time per step, wall time."""
 
     result: Optional[beam.runners.runner.PipelineResult]
-    counters: dict[str, int]
+    counters: layout.Counters
     stage_msecs: dict[str, int]
     wall_s: float
 
@@ -193,19 +211,66 @@ def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records:
                 raise JobError(f"{splits[0].path}: column {column!r} holds {value[:120]!r}: {problem}")
 
 
-def expected_provenance(model: ModelConfig, records: RecordConfig) -> dict:
+def run_settings(model: ModelConfig, records: RecordConfig, weights_sha256: Optional[str]) -> dict:
+    """What every score of a run depends on, as the restart ledger records it: a restart with other values is
+    refused (naming the field) unless ``--allow_mixed``."""
+    return {layout.NET_FIELD: model.net, layout.LPIPS_VERSION_FIELD: LPIPS_VERSION,
+            layout.WEIGHTS_FIELD: weights_sha256 or "download", layout.MAX_SIDE_KEY: records.max_side,
+            layout.MASK_MODE_FIELD: records.mask_mode or f"scope {records.scope}",
+            "scope_column": records.scope_column, "precision": model.precision}
+
+
+def expected_provenance(records: RecordConfig, weights_sha256: Optional[str], net: str) -> dict:
     """What earlier scores must match to be resumed from (``--allow_mixed`` off): net, lpips version, the
     weights' digest, max_side, and the mask mode when every row has the job's."""
-    weights = resolve_weights(model)  # the digest every score row of this job will carry
-    expected: dict = {layout.NET_FIELD: model.net, layout.LPIPS_VERSION_FIELD: LPIPS_VERSION,
-                      layout.WEIGHTS_FIELD: state_dict_sha256(weights.state_dict), layout.MAX_SIDE_KEY: records.max_side}
+    expected: dict = {layout.NET_FIELD: net, layout.LPIPS_VERSION_FIELD: LPIPS_VERSION,
+                      layout.WEIGHTS_FIELD: weights_sha256, layout.MAX_SIDE_KEY: records.max_side}
     if records.mask_mode is not None or records.scope_column is None:
         expected[layout.MASK_MODE_FIELD] = records.row_mask_mode({})
     return expected
 
 
-def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -> JobPlan:
-    """Check everything that can be checked before reading any row. No side effects."""
+def read_restart(options: LpipsPipeOptions, mode: str, existing: Sequence[str]) -> Optional[ledger.LedgerState]:
+    """The ledger of an earlier run this one continues (``None``: a fresh run, or ``--overwrite``); a
+    :class:`JobError` when the output holds something the same command cannot continue."""
+    try:
+        state = ledger.read_state(options.output)
+    except ledger.LedgerError as error:
+        if options.overwrite:
+            return None
+        raise JobError(str(error)) from error
+    if options.overwrite:
+        return None
+    if not state.exists:
+        if existing:
+            raise JobError(
+                f"--output {options.output} already holds {len(existing)} scores/errors file(s) of a finished "
+                f"run (e.g. {existing[0]}); pass --overwrite to replace them or choose another directory")
+        return None
+    if state.mode != mode:
+        other = "a stream's" if state.mode == ledger.STREAM else "an interrupted batch run's"
+        how = "--streaming" if state.mode == ledger.STREAM else "the batch command (without --streaming)"
+        raise JobError(f"--output {options.output} holds {other} outputs; continue them with {how}, or choose "
+                       "another --output (--overwrite starts over)")
+    if mode == ledger.BATCH and existing and not state.published:
+        raise JobError(f"--output {options.output} holds an interrupted run's ledger and finished files beside it "
+                       f"(e.g. {existing[0]}); pass --overwrite to start over or choose another directory")
+    return state
+
+
+def plan_kept(splits: Sequence[ParquetSplit], done: dict[str, ledger.Ranges]) -> tuple[list[ParquetSplit], int]:
+    """``splits`` with kept masks for the rows an interrupted run finished (``done``), and how many."""
+    planned, kept = [], 0
+    for split in splits:
+        mask = ledger.mask_of(done.get(split.path, []), split.first_row, split.num_rows)
+        kept += int(mask.sum())
+        planned.append(split.with_kept_mask(mask))
+    return planned, kept
+
+
+def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, mode: str = ledger.BATCH) -> JobPlan:
+    """Check everything that can be checked before reading any row. No side effects. ``mode``: a batch run,
+    or the plan of a stream's first file (:mod:`pipeline.streaming`)."""
     if not options.input or not options.output:
         raise JobError("--input GLOB and --output DIR are required")
     records, model = _configs(options)
@@ -221,10 +286,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -
     if not files:
         raise JobError(f"no file matches --input {options.input}")
     existing = layout.output_files(options.output)
-    if existing and not options.overwrite:
-        raise JobError(
-            f"--output {options.output} already holds {len(existing)} scores/errors file(s) "
-            f"(e.g. {existing[0]}); pass --overwrite to replace them or choose another directory")
+    restart = read_restart(options, mode, existing)
     earlier: list[str] = []
     if options.skip_existing:
         earlier = record_ids.earlier_output_files(options.skip_existing)
@@ -239,14 +301,25 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -
     schemas = output_schemas(schema, options, records, files[0])
     check_image_uris(splits, schema, records)
     try:
-        source = check_weights(model)
+        source, digest = checked_weights(model)
     except (WeightsUnavailable, UnsafeWeightsFile, OSError, ValueError) as error:
         raise JobError(f"weights: {error}") from error
+    settings = run_settings(model, records, digest)
+    kept = 0
+    if restart is not None:
+        try:
+            ledger.check_settings(restart, settings, options.allow_mixed)
+            if mode == ledger.BATCH and not restart.published:
+                ledger.check_inputs(restart, _rows_per_file(splits))
+        except ledger.LedgerError as error:
+            raise JobError(str(error)) from error
+        if mode == ledger.BATCH:
+            splits, kept = plan_kept(splits, restart.done())
     skipped = 0
     if earlier:
         try:
             if not options.allow_mixed:
-                record_ids.check_provenance(earlier, expected_provenance(model, records))
+                record_ids.check_provenance(earlier, expected_provenance(records, digest, model.net))
             done, unreadable = record_ids.read_output_ids(earlier)
             splits, skipped = record_ids.plan_skips(splits, schemas.id_column, done)
         except record_ids.ResumeError as error:
@@ -258,7 +331,15 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None) -
     return JobPlan(options=options, files=tuple(files), splits=tuple(splits), schemas=schemas, records=records,
                    model=model, batch_pixels=options.batch_pixels or default_batch_pixels(model.device),
                    weights_source=source, input_schema=schema, existing_outputs=tuple(existing), skipped_rows=skipped,
-                   workers=local_workers(options))
+                   workers=local_workers(options), run=ledger.new_run_id(), settings=settings, restart=restart,
+                   kept_rows=kept, finish_only=bool(restart is not None and restart.published))
+
+
+def _rows_per_file(splits: Sequence[ParquetSplit]) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    for split in splits:
+        rows[split.path] = max(rows.get(split.path, 0), split.first_row + split.num_rows)
+    return rows
 
 
 class OutputLock:
@@ -332,23 +413,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare_output(plan: JobPlan) -> None:
-    """Clear what ``--overwrite`` replaces: earlier scores/errors, the report, and staging leftovers.
-    Call with the output's lock held."""
-    stale = list(plan.existing_outputs)
-    for path in [layout.report_dir(plan.output), layout.staging_dir(plan.output), *_legacy_temp_dirs(plan.output),
-                 *(FileSystems.join(plan.output, name) for name in layout.REPORT_FILES)]:  # reports beside old outputs
-        if FileSystems.exists(path):
-            stale.append(path)
-    if stale and plan.options.overwrite:
-        layout.delete(stale)
-
-
-def remove_empty_staging(output: str) -> None:
-    """Drop ``OUT/_staging`` after a run that left nothing in it (a failed run's leftovers stay)."""
-    staging = layout.staging_dir(output)
-    if FileSystems.exists(staging) and not layout.match(FileSystems.join(layout.escape_glob(staging), "*", "*")):
-        layout.delete([staging])
+def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
+    """Take the output for this run, with its lock held: ``--overwrite`` clears earlier scores/errors, the
+    report, the ledger and staging leftovers (saying so); a restart finishes what the earlier run's ledger
+    records began and deletes the files it had in flight (their rows are scored again); then this run's
+    header goes into the ledger."""
+    if plan.options.overwrite:
+        stale = list(plan.existing_outputs)
+        for path in [layout.report_dir(plan.output), layout.staging_dir(plan.output),
+                     *_legacy_temp_dirs(plan.output),
+                     *(FileSystems.join(plan.output, name) for name in layout.REPORT_FILES)]:  # beside old outputs
+            if FileSystems.exists(path):
+                stale.append(path)
+        if stale:
+            layout.delete(stale)
+            _LOGGER.info("--overwrite: removed %d earlier output file(s) and folder(s) from %s; starting over",
+                         len(stale), plan.output)
+    elif plan.restart is not None:
+        finished = ledger.roll_forward(plan.restart)
+        removed = ledger.remove_orphans(plan.restart)
+        if finished or removed:
+            _LOGGER.info("restart: completed %d step(s) the earlier run had begun; removed %d file(s) it had in "
+                         "flight (their rows are scored again)", finished, removed)
+    if plan.finish_only:
+        return
+    ledger.write_run(plan.output, plan.run, mode, plan.settings or {},
+                     _rows_per_file(plan.splits) if mode == ledger.BATCH else {})
 
 
 def _legacy_temp_dirs(output: str) -> list[str]:
@@ -361,8 +451,7 @@ def _legacy_temp_dirs(output: str) -> list[str]:
 def progress_config(plan: JobPlan) -> Optional[ProgressConfig]:
     if not plan.options.progress_interval_s:
         return None
-    return ProgressConfig(uuid.uuid4().hex, plan.input_rows - plan.skipped_rows, plan.workers,
-                          plan.options.progress_interval_s)
+    return ProgressConfig(uuid.uuid4().hex, plan.rows_to_score, plan.workers, plan.options.progress_interval_s)
 
 
 def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) -> ScoreLPIPS:
@@ -381,7 +470,8 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = 
     path the sink writes to (default the plan's; see :func:`transforms.layout.glob_free`)."""
     rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns)
     outputs = rows | "Score" >> score_transform(plan, progress_config(plan))
-    _ = outputs | "WriteScores" >> WriteScores(output or plan.output, plan.schemas, plan.options.num_shards)
+    _ = outputs | "WriteScores" >> WriteScores(output or plan.output, plan.schemas, plan.options.num_shards,
+                                               commit=plan.commit_plan())
     if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
         _ = (rows | "RecordIds" >> beam.Map(_keyed_by_id, plan.schemas.id_column)
              | "DuplicateIds" >> record_ids.CountDuplicateIds())
@@ -391,18 +481,18 @@ def _keyed_by_id(row: dict, id_column: str) -> tuple:
     return row[id_column], None
 
 
-def summarise(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+def summarise(result: beam.runners.runner.PipelineResult) -> layout.Counters:
     """The lpips_pipe counters of a finished run (committed values, else attempted)."""
     try:
         counters = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     except Exception as error:  # some runners cannot report metrics
         _LOGGER.warning("could not read the run's counters: %s", error)
-        return {}
+        return layout.Counters()
     totals: dict[str, int] = {}
     for item in counters:
         value = item.committed if item.committed is not None else item.attempted
         totals[item.key.metric.name] = totals.get(item.key.metric.name, 0) + int(value or 0)
-    return totals
+    return layout.Counters(totals)
 
 
 def stage_msecs(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
@@ -429,13 +519,16 @@ def run_plan(plan: JobPlan, pipeline_options: PipelineOptions) -> JobOutcome:
     """Take the output, clear what --overwrite replaces, run the graph, wait; the output is released after."""
     with OutputLock(plan.output), layout.glob_free(plan.output) as output:
         prepare_output(plan)
+        if plan.finish_only:  # the interrupted run had published its outputs: nothing left to score
+            ledger.clear(plan.output)
+            return JobOutcome(None, layout.Counters({layout.CounterName.ROWS_KEPT: plan.restart.done_rows}), {}, 0.0)
         pipeline = beam.Pipeline(options=pipeline_options)
         build_graph(pipeline, plan, output)
         started = time.monotonic()
         result = pipeline.run()
         result.wait_until_finish()
         wall_s = time.monotonic() - started
-        remove_empty_staging(plan.output)
+        ledger.clear(plan.output)  # a finished batch run leaves scores/ and errors/ only
     return JobOutcome(result, summarise(result), stage_msecs(result), wall_s)
 
 

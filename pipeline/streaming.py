@@ -39,7 +39,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
 from pipeline import job
 from pipeline.options import LpipsPipeOptions
-from transforms import layout
+from transforms import layout, ledger
 from transforms.layout import CounterName
 from transforms.metrics import counter
 from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_footer
@@ -88,7 +88,7 @@ def plan_stream(options: LpipsPipeOptions, started: float) -> StreamPlan:
         raise job.JobError("--skip_existing is for batch runs; a stream reads each file once by itself")
     deadline = started + options.watch_stop_after if options.watch_stop_after else None
     files = wait_for_first_file(options, deadline)
-    first = job.plan_job(options, files=files[:1])
+    first = job.plan_job(options, files=files[:1], mode=ledger.STREAM)
     return StreamPlan(first, options.watch_interval, options.watch_stop_after,
                       options.window_s or options.watch_interval)
 
@@ -102,8 +102,9 @@ class NewFiles(beam.DoFn):
 
     SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, done: frozenset = frozenset()) -> None:
         self._pattern = pattern
+        self._done = frozenset(done)  # files an earlier run of this stream finished (restart): not read again
 
     def process(self, tick: tuple[str, Any], seen: Any = beam.DoFn.StateParam(SEEN)) -> Iterator[str]:
         known: dict[str, tuple[str, int, float]] = seen.read() or {}
@@ -115,7 +116,10 @@ class NewFiles(beam.DoFn):
         for meta in sorted(metadata, key=lambda item: item.path):
             now = (meta.size_in_bytes, meta.last_updated_in_seconds)
             status, *before = known.get(meta.path, ("new", None, None))
-            if status in ("new", "pending"):
+            if status == "new" and meta.path in self._done:
+                known[meta.path] = ("read", *now)
+                counter(CounterName.FILES_KEPT).inc()
+            elif status in ("new", "pending"):
                 if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
                     counter(CounterName.FILES_READ).inc()
@@ -165,13 +169,19 @@ def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float,
         | "Poll" >> PeriodicImpulse(start_timestamp=Timestamp.of(started_wall), stop_timestamp=stop,
                                     fire_interval=plan.interval_s)
         | "Key" >> beam.Map(lambda tick: (POLL_KEY, tick))
-        | "NewFiles" >> beam.ParDo(NewFiles(first.options.input))
+        | "NewFiles" >> beam.ParDo(NewFiles(first.options.input, done_files(first)))
         | "FileSplits" >> beam.ParDo(FileSplits(first.files[0], first.input_schema))
         | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns)
         | "Windows" >> beam.WindowInto(window.FixedWindows(plan.window_s))
     )
     outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first))
-    _ = outputs | "WriteScores" >> WriteScores(output, first.schemas, first.options.num_shards)
+    _ = outputs | "WriteScores" >> WriteScores(output, first.schemas, first.options.num_shards, run=first.run)
+
+
+def done_files(plan: job.JobPlan) -> frozenset:
+    """Input files an earlier run of this stream finished: every row of a file is in the window of the poll
+    that read it, and a window's files are committed together, so a file in a kept commit is done."""
+    return frozenset(plan.restart.done()) if plan.restart is not None else frozenset()
 
 
 def written(output: str) -> dict[str, tuple[int, int]]:
@@ -209,7 +219,10 @@ def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
                  f"stopping after {plan.stop_after_s:g} s" if plan.stop_after_s else "until stopped")
     stopped_by: list[str] = []
     with job.OutputLock(options.output), layout.glob_free(options.output) as output:
-        job.prepare_output(plan.job)
+        job.prepare_output(plan.job, ledger.STREAM)
+        if plan.job.restart is not None:
+            _LOGGER.info("streaming: continuing the stream in %s: %d file(s) an earlier run finished are not read "
+                         "again", options.output, len(done_files(plan.job)))
         pipeline = beam.Pipeline(options=pipeline_options)
         build_stream(pipeline, plan, started_wall, output)
         result = pipeline.run()
@@ -221,8 +234,9 @@ def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
                 raise
         finally:
             restore()
-    job.remove_empty_staging(options.output)
-    counters = job.summarise(result) if not stopped_by else {}
+    counters = job.summarise(result) if not stopped_by else layout.Counters()
+    if not counters.files_kept and done_files(plan.job):  # runners that do not report a stateful step's counters
+        counters = counters.plus(**{layout.CounterName.FILES_KEPT: len(done_files(plan.job))})
     return StreamOutcome(counters, time.monotonic() - started, stopped_by[0] if stopped_by else None)
 
 

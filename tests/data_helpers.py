@@ -45,7 +45,8 @@ def scores_table(ids: Sequence[Any], lpips: Sequence[Optional[float]], *, id_typ
     facts = {**PROVENANCE, **provenance}
     values = {"lpips": list(lpips), "measured_fraction": column(measured_fraction), "mask_mode": column(mask_mode),
               "width": [64] * rows, "height": [64] * rows,
-              **{name: column(facts[name]) for name in ("net", "lpips_version", "weights_sha256")}}
+              **{name: column(facts[name]) for name in ("net", "lpips_version", "weights_sha256")},
+              **{item.name: [None] * rows for item in layout.SOURCE_FIELDS}}  # not read from an input
     arrays = [pa.array(list(ids), id_type)] + [pa.array(values[item.name], item.type) for item in layout.SCORE_FIELDS]
     names = [layout.ID_FIELD] + [item.name for item in layout.SCORE_FIELDS]
     for name, value in (extra or {}).items():

@@ -407,18 +407,19 @@ def test_mixed_mask_mode_needs_grouping_by_it_or_allow_mixed(tmp_path, capsys):
 
 
 def test_provenance_check_reads_only_provenance_columns(run_dir, monkeypatch):
+    """The filter's provenance check is the shared one (transforms.layout.check_provenance): it reads only
+    provenance columns, and skips row groups whose statistics already show one value."""
     read: list = []
-    original = filter_cli._batches
+    original = pq.ParquetFile.read_row_group
 
-    def spy(path, columns=None, batch_size=filter_cli.BATCH_ROWS):
+    def spy(self, index, columns=None, **kwargs):
         read.append(tuple(columns) if columns is not None else None)
-        return original(path, columns, batch_size)
+        return original(self, index, columns=columns, **kwargs)
 
-    monkeypatch.setattr(filter_cli, "_batches", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     files = layout.kind_files(run_dir, layout.SCORES)
-    schema = filter_cli._check_schema(files, None)
-    found = filter_cli.check_provenance(files, schema, None, allow_mixed=False)
-    assert read == [tuple(layout.PROVENANCE_FIELDS)] * len(files)
+    found = filter_cli.check_provenance(files, None, allow_mixed=False)
+    assert all(columns is not None and set(columns) <= set(layout.PROVENANCE_FIELDS) for columns in read), read
     assert found["net"] == ["alex"]
 
 

@@ -152,7 +152,8 @@ def mark_done(ids: pa.Array, done: pa.Array) -> np.ndarray:
 
 def plan_skips(splits: Sequence[ParquetSplit], id_column: Optional[str], done: pa.ChunkedArray) -> tuple[
         list[ParquetSplit], int]:
-    """``splits`` with skip masks for rows whose id is in ``done``, and how many rows that skips."""
+    """``splits`` with skip masks for rows whose id is in ``done``, and how many rows that skips (rows a split
+    already keeps from an interrupted run are not counted again)."""
     done_ids = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
     rows_of: dict[str, int] = {}
     splits_of: dict[str, list[ParquetSplit]] = {}
@@ -164,7 +165,8 @@ def plan_skips(splits: Sequence[ParquetSplit], id_column: Optional[str], done: p
     planned, skipped = [], 0
     for split in splits:
         mask = marks[split.path][split.first_row:split.first_row + split.num_rows]
-        skipped += int(mask.sum())
+        kept = split.kept_mask()
+        skipped += int((mask & ~kept).sum() if kept is not None else mask.sum())
         planned.append(split.with_skip_mask(mask))
     return planned, skipped
 

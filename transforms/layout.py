@@ -7,7 +7,7 @@ One job writes, under its ``--output`` directory ``OUT``::
     OUT/report/report.md, report.json, histogram.png
     OUT/report/index.html, tiles/            the audit page (galleries of pairs, drift maps), opens from disk
     OUT/_staging/                            the sink's files while a job runs (rows not yet published)
-    OUT/_ledger/                             the restart ledger: what earlier runs finished (see transforms.ledger)
+    OUT/_staging/ledger/                     the restart ledger: what earlier runs finished (transforms.ledger)
     OUT/_lpips_pipe.lock                     held by the one run writing into OUT
 
 so ``pandas.read_parquet("OUT/scores")``, DuckDB's ``read_parquet('OUT/scores/*.parquet')`` and
@@ -41,11 +41,18 @@ ERRORS = "errors"
 REPORT = "report"
 KINDS = (SCORES, ERRORS)
 STAGING = "_staging"
-LEDGER = "_ledger"
+LEDGER = "ledger"  # OUT/_staging/ledger/: the restart ledger (the job's own state, never an output)
 LOCK_FILE = "_lpips_pipe.lock"
 SHARD_PREFIX = "part"
 PARQUET_SUFFIX = ".parquet"
 JSON_SUFFIX = ".json"
+
+# The restart ledger's records (transforms.ledger), in OUT/_staging/ledger/.
+LEDGER_RUN_PREFIX = "run-"
+LEDGER_COMMIT_PREFIX = "commit-"
+LEDGER_PUBLISH_PREFIX = "publish-"
+LEDGER_TEMP_SUFFIX = ".tmp"  # a record being written (local disks): never read
+STAGING_PUBLISH = "publish"  # OUT/_staging/<run>/publish/: merged files of a batch run's last step
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -76,6 +83,7 @@ HEIGHT_FIELD = "height"
 NET_FIELD = "net"
 LPIPS_VERSION_FIELD = "lpips_version"
 WEIGHTS_FIELD = "weights_sha256"
+DRIFT_MAP_FIELD = "drift_map"  # float32 HxW map on score dicts of rows chosen by ScoreLPIPS(drift_maps=...)
 # Where a row came from: the input file and the row's index in it (0-based, as ``<file>:<row>`` ids count).
 # Rows read by ReadPairs carry them (scores and errors); rows from a user's own source have none (null).
 SOURCE_FILE_FIELD = "source_file"
@@ -158,6 +166,27 @@ def shard_prefix(output: str, kind: str, tag: str = "") -> str:
 
 def staging_dir(output: str) -> str:
     return FileSystems.join(output, STAGING)
+
+
+def ledger_dir(output: str) -> str:
+    """``OUT/_staging/ledger``."""
+    return FileSystems.join(staging_dir(output), LEDGER)
+
+
+def ledger_record(output: str, prefix: str, name: str) -> str:
+    """``OUT/_staging/ledger/<prefix><name>.json``."""
+    return FileSystems.join(ledger_dir(output), f"{prefix}{name}{JSON_SUFFIX}")
+
+
+def staging_run_dir(output: str, run: str, part: str) -> str:
+    """``OUT/_staging/<run>/<part>``: one run's staged files of one kind (or its publish step's)."""
+    return FileSystems.join(staging_dir(output), run, part)
+
+
+def shard_name(index: int, count: int, tag: str = "") -> str:
+    """``part-SSSSS-of-NNNNN.parquet`` (``part-<tag>-SSSSS-of-NNNNN.parquet`` with a tag)."""
+    prefix = f"{SHARD_PREFIX}-{tag}" if tag else SHARD_PREFIX
+    return f"{prefix}-{index:05d}-of-{count:05d}{PARQUET_SUFFIX}"
 
 
 def lock_path(output: str) -> str:
@@ -439,3 +468,15 @@ def check_provenance(paths: Sequence[str], expected: Optional[Mapping[str, Any]]
             raise ProvenanceError(f"the {what} mix {name} values {distinct[name]} ({where}): they were not made the "
                                   f"same way; use each run separately, or pass --allow_mixed{hint}")
     return distinct
+
+
+# --------------------------------------------------------------------------- the report page's tiles
+# OUT/report/tiles/ (and FILTER_OUT/report/tiles/) hold the gallery thumbnails index.html shows, named by
+# gallery and position (never by a row's id): g<gallery>-t<tile>-<part>.jpg, part one of REPORT_TILE_PARTS.
+REPORT_TILE_NAME = "g{gallery:02d}-t{tile:03d}-{part}.jpg"
+REPORT_TILE_REF = "ref"  # the reference
+REPORT_TILE_EDITED = "edited"  # the edited image, boxes drawn, the unmeasured part dimmed
+REPORT_TILE_MAP = "map"  # the drift map as a heat overlay on the reference
+REPORT_TILE_PARTS = (REPORT_TILE_REF, REPORT_TILE_EDITED, REPORT_TILE_MAP)
+# The filter's kept / rejected files: <name>-SSSSS-of-NNNNN.parquet under its --output.
+FILTER_FILE_GLOB = "{name}-*" + PARQUET_SUFFIX

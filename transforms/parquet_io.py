@@ -106,6 +106,8 @@ class ParquetSplit(NamedTuple):
 
     ``skip`` (resume, see :mod:`transforms.ids`) is ``None`` or a bitmask (``numpy.packbits``, one bit per
     row of the split, in order) of rows whose id is already in earlier outputs: they are counted, not read.
+    ``kept`` (restart, see :mod:`transforms.ledger`) is the same for rows an interrupted run into the same
+    output finished: counted as kept, not read.
     """
 
     path: str
@@ -118,6 +120,7 @@ class ParquetSplit(NamedTuple):
     byte_start: Optional[int] = None
     byte_stop: Optional[int] = None
     json_schema: Optional[bytes] = None
+    kept: Optional[bytes] = None
 
     @property
     def num_rows(self) -> int:
@@ -133,17 +136,39 @@ class ParquetSplit(NamedTuple):
             return None
         return pa.ipc.read_schema(pa.py_buffer(self.json_schema))
 
-    def skip_mask(self) -> Optional[np.ndarray]:
-        """``bool[num_rows]``: rows to skip, or ``None`` when no row is skipped."""
-        if self.skip is None:
+    def _unpack(self, bits: Optional[bytes]) -> Optional[np.ndarray]:
+        if bits is None:
             return None
-        return np.unpackbits(np.frombuffer(self.skip, dtype=np.uint8), count=self.num_rows).astype(bool)
+        return np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=self.num_rows).astype(bool)
+
+    def _pack(self, mask: np.ndarray, what: str) -> Optional[bytes]:
+        if len(mask) != self.num_rows:
+            raise ValueError(f"{what} mask of {len(mask)} rows for a split of {self.num_rows}")
+        return np.packbits(mask).tobytes() if mask.any() else None
+
+    def skip_mask(self) -> Optional[np.ndarray]:
+        """``bool[num_rows]``: rows to skip (``--skip_existing``), or ``None`` when no row is skipped."""
+        return self._unpack(self.skip)
+
+    def kept_mask(self) -> Optional[np.ndarray]:
+        """``bool[num_rows]``: rows an interrupted run finished (restart), or ``None``."""
+        return self._unpack(self.kept)
 
     def with_skip_mask(self, mask: np.ndarray) -> "ParquetSplit":
         """This split skipping the rows where ``mask`` (``bool[num_rows]``) is true."""
-        if len(mask) != self.num_rows:
-            raise ValueError(f"skip mask of {len(mask)} rows for a split of {self.num_rows}")
-        return self._replace(skip=np.packbits(mask).tobytes() if mask.any() else None)
+        return self._replace(skip=self._pack(mask, "skip"))
+
+    def with_kept_mask(self, mask: np.ndarray) -> "ParquetSplit":
+        """This split keeping (not reading) the rows where ``mask`` (``bool[num_rows]``) is true."""
+        return self._replace(kept=self._pack(mask, "kept"))
+
+    @property
+    def rows_to_read(self) -> int:
+        """Rows this split emits: neither skipped nor kept."""
+        masks = [mask for mask in (self.skip_mask(), self.kept_mask()) if mask is not None]
+        if not masks:
+            return self.num_rows
+        return int((~np.logical_or.reduce(masks)).sum())
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -514,28 +539,33 @@ class ReadParquetSplit(beam.DoFn):
     """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order (Parquet or JSON
     Lines; ``ReadInputSplit`` is the same class).
 
-    ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when ``id_column`` is ``None``;
-    ``row[layout.SOURCE_KEY]`` is ``(path, row index)``, where the row came from (the ``source_file`` /
-    ``source_row`` of its output row).
+    ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when ``id_column`` is ``None``.
+    ``with_source`` (what ``ReadPairs`` asks for) adds ``row[layout.SOURCE_KEY] = (path, row index)``, where the
+    row came from (the ``source_file`` / ``source_row`` of its output row).
     With ``resolve_relative`` (the default) string values of ``image_columns`` and the ``path`` of an image
     struct without bytes that are relative paths are rewritten as absolute paths against the folder of the
     file naming them (so an error row shows where the image was looked for). Rows in the split's skip mask
-    are counted (``rows_read`` and ``rows_skipped``) but not emitted; a split skipped whole is not opened.
+    are counted (``rows_read`` and ``rows_skipped``), rows in its kept mask (``rows_read`` and ``rows_kept``),
+    but not emitted; a split skipped whole is not opened.
     """
 
     def __init__(self, id_column: Optional[str], image_columns: Sequence[str] = (),
-                 resolve_relative: bool = True) -> None:
+                 resolve_relative: bool = True, with_source: bool = False) -> None:
         self._id_column = id_column
         self._image_columns = tuple(image_columns) if resolve_relative else ()
+        self._with_source = with_source
 
     def process(self, split: ParquetSplit) -> Iterator[tuple[Any, dict[str, Any]]]:
         rows_read = counter(CounterName.ROWS_READ)
-        skip = split.skip_mask()
+        skip, kept = split.skip_mask(), split.kept_mask()
         if skip is not None:
-            counter(CounterName.ROWS_SKIPPED).inc(int(skip.sum()))
-            if skip.all():
-                rows_read.inc(split.num_rows)
-                return
+            counter(CounterName.ROWS_SKIPPED).inc(int((skip & ~kept).sum() if kept is not None else skip.sum()))
+        if kept is not None:
+            counter(CounterName.ROWS_KEPT).inc(int(kept.sum()))
+            skip = kept if skip is None else skip | kept
+        if skip is not None and skip.all():
+            rows_read.inc(split.num_rows)
+            return
         for offset, piece in _batches(split):
             positions = np.arange(offset, offset + piece.num_rows)  # in the split
             rows_read.inc(len(positions))
@@ -547,7 +577,8 @@ class ReadParquetSplit(beam.DoFn):
                 for name in images:
                     row[name] = _resolve_image(row[name], split.path)
                 row_index = split.first_row + position
-                row[layout.SOURCE_KEY] = (split.path, row_index)
+                if self._with_source:
+                    row[layout.SOURCE_KEY] = (split.path, row_index)
                 yield (row[self._id_column] if self._id_column else f"{split.path}:{row_index}", row)
 
 

@@ -180,6 +180,7 @@ class PreparedPair:
     # prepare_pair ran with a reference cache: rows with the same key have identical ``reference`` arrays,
     # so the model may reuse the reference's features. ``None``: no reuse for this pair.
     reference_key: Optional[str] = None
+    want_map: bool = False  # the row's score carries a drift map (ScoreLPIPS(drift_maps=...) chose it)
 
     @property
     def height(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
-from transforms.layout import (COLLISION_PREFIX, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
+from transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
                                ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
                                SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
 from transforms.records import RecordConfig, coords_type_supported
@@ -41,7 +41,7 @@ def _is_image_type(kind: pa.DataType) -> bool:
     return False
 
 
-SCORE_NAMES = frozenset([ID_FIELD, *(field.name for field in SCORE_FIELDS)])
+SCORE_NAMES = frozenset([ID_FIELD, DRIFT_MAP_FIELD, *(field.name for field in SCORE_FIELDS)])  # drift_map: chosen rows
 ERROR_NAMES = frozenset(field.name for field in (*SOURCE_FIELDS, *ERROR_FIELDS))
 
 

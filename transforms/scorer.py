@@ -162,6 +162,27 @@ class LpipsHead(torch.nn.Module):
             total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
         return total
 
+    def distance_map(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor],
+                     size: tuple[int, int]) -> torch.Tensor:
+        """Drift maps ``(N, 1, H, W)`` float32 for ``size = (H, W)`` from already normalised features
+        (:meth:`normalise`) of N references and N filled images: what ``lpips.LPIPS(..., spatial=True)``
+        returns. Per layer the channel-weighted squared difference of :meth:`distance` (before its spatial
+        mean), upsampled to ``size`` (bilinear, ``align_corners=False``: ``lpips.upsample``), summed over
+        layers. Its mean is close to, not equal to, :meth:`distance` (the upsampling weighs border cells
+        differently)."""
+        if len(references) != self.layers or len(filled) != self.layers:
+            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
+        maps = []
+        for layer, (reference, other) in enumerate(zip(references, filled)):
+            diff = (reference - other) ** 2
+            weighted = (diff * self.weight(layer)).sum(1, keepdim=True)
+            maps.append(torch.nn.functional.interpolate(weighted, size=tuple(size), mode="bilinear",
+                                                        align_corners=False))
+        total = maps[0]
+        for layer_map in maps[1:]:  # in layer order, as lpips.LPIPS.forward sums
+            total = total + layer_map
+        return total
+
 
 class LpipsScorer:
     """Batched LPIPS v0.1 (``lpips=True``, spatial average) on uint8 image pairs.
@@ -242,6 +263,37 @@ class LpipsScorer:
             features = self._backbone(model.scaling_layer(both))
             total = self.head(features, count)
         return total.float().reshape(count).cpu().numpy()
+
+    def raw_scores_and_maps(self, references: np.ndarray, filled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw LPIPS of each pair and its drift map: ``(float32 (N,), float32 (N, H, W))``.
+
+        Inputs as :meth:`raw_scores` (``[0, 255] uint8 (N, H, W, 3)``, one size). One backbone call, as
+        :meth:`raw_scores` makes, with the same precision handling; the raw scores are bit-identical to
+        :meth:`raw_scores` of the same arrays, and the maps come from the same normalised features
+        (:meth:`LpipsHead.distance_map`): per pixel, what ``lpips.LPIPS(net, version="0.1", spatial=True)``
+        returns for ``(reference, filled)`` with the same weights (within 1e-5 in fp32).
+
+        How a map relates to the score: ``map.mean()`` is close to, not equal to, the raw score (each
+        layer's map is upsampled before the sum; the score is the mean of each layer at its own
+        resolution); a masked score is area-normalised, ``score = raw / measured_fraction``
+        (:func:`transforms.score_math.normalise_score`), so ``raw = score * measured_fraction``; the map is
+        not area-normalised (outside the measured area ``filled`` is the reference, so the map there is
+        only the spill-over of the receptive fields from the measured area).
+        """
+        count, height, width = references.shape[0], references.shape[1], references.shape[2]
+        model = self.model
+        with torch.inference_mode():
+            both = self._to_input(np.concatenate([references, filled]))
+            features = self._backbone(model.scaling_layer(both))
+            if len(features) != self.head.layers:
+                raise ValueError(f"LpipsHead has {self.head.layers} layers, got {len(features)} feature maps")
+            normalised = LpipsHead.normalise(features)
+            reference_features = [feature[:count] for feature in normalised]
+            filled_features = [feature[count:] for feature in normalised]
+            total = self.head.distance(reference_features, filled_features)  # = self.head(features, count)
+            maps = self.head.distance_map(reference_features, filled_features, (height, width))
+        return (total.float().reshape(count).cpu().numpy(),
+                maps.float().reshape(count, height, width).contiguous().cpu().numpy())
 
     # ------------------------------------------------------------------ reference reuse
 

@@ -12,6 +12,10 @@ contract in :mod:`transforms.schemas`.
 - :class:`ScorePairs` chains them and returns ``{"scores": ..., "errors": ...}``:
   every input row lands in exactly one of the two. A non-finite score (NaN or inf, e.g. from
   broken weights) is an error row (stage ``model``, type ``NonFiniteScore``), never a score.
+- Drift maps (``drift_maps``, :class:`DriftMapSelector`): :class:`PreparePairs` marks the chosen pairs
+  (``PreparedPair.want_map``), the handler runs one extra spatial pass for just those pairs
+  (:meth:`LpipsScorer.raw_scores_and_maps`; every score stays what it is without maps), and
+  :class:`ToScoreRow` adds the map under :data:`transforms.layout.DRIFT_MAP_FIELD`.
 
 Progress (:mod:`transforms.progress`) is counted here, as rows are finished, so the lines appear while
 the job runs.
@@ -19,6 +23,7 @@ the job runs.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import hashlib
 import logging
@@ -28,7 +33,7 @@ import sys
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
@@ -138,6 +143,46 @@ class ScoredPair:
     lpips_version: str
     weights_sha256: str
     error: Optional[tuple[str, str]] = None
+    drift_map: Optional[np.ndarray] = None  # float32 HxW, for a pair marked ``want_map``
+
+
+# What ``drift_maps`` takes: a collection of ids, or a callable ``row -> bool`` (the input row dict).
+DriftMapRows = Union[Collection[Any], Callable[[dict[str, Any]], bool]]
+
+
+class DriftMapSelector:
+    """Which rows get a drift map: ``rows`` is a collection of ids (matched against the row's id, the
+    ``id_column`` value) or a callable ``row -> bool`` given the input row (a dict, images not decoded).
+    Checked when built: a string, a non-iterable or an unhashable id is a ``ValueError``."""
+
+    def __init__(self, rows: DriftMapRows) -> None:
+        self._ids: Optional[frozenset] = None
+        self._predicate: Optional[Callable[[dict[str, Any]], bool]] = None
+        if callable(rows):
+            self._predicate = rows
+            return
+        if isinstance(rows, (str, bytes, bytearray)) or not isinstance(rows, collections.abc.Iterable):
+            raise ValueError(f"drift_maps must be None, a collection of ids (e.g. {{'a', 'b'}}) or a callable "
+                             f"row -> bool, got {type(rows).__name__} {rows!r:.60}")
+        try:
+            self._ids = frozenset(rows)
+        except TypeError as error:
+            raise ValueError(f"drift_maps ids must be hashable scalars: {error}") from None
+
+    def __call__(self, record_id: Any, row: dict[str, Any]) -> bool:
+        if self._predicate is not None:
+            return bool(self._predicate(row))
+        try:
+            return record_id in self._ids  # type: ignore[operator]
+        except TypeError:  # an unhashable id is none of the chosen ones
+            return False
+
+
+def drift_map_selector(drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]]) -> Optional[DriftMapSelector]:
+    """``drift_maps`` as a :class:`DriftMapSelector` (``None``: no maps)."""
+    if drift_maps is None or isinstance(drift_maps, DriftMapSelector):
+        return drift_maps
+    return DriftMapSelector(drift_maps)
 
 
 def _count_error(stage: str, error_type: str) -> None:
@@ -169,10 +214,13 @@ class PreparePairs(beam.DoFn):
     downstream in the same fused stage: up to ``ahead_pixels`` of pairs (a model batch's worth; at least
     ``2 * decode_threads`` pairs) are decoded ahead, so the next batch is decoding while this one is in the
     forward. Each result keeps its input's window and timestamp; order within a bundle is kept.
+    ``drift_maps`` (see :class:`DriftMapSelector`) marks the chosen pairs ``want_map``; a selector that
+    raises makes its row an error row (stage ``decode``).
     """
 
     def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: Optional[int] = 0,
-                 progress: Optional[ProgressConfig] = None, ahead_pixels: int = 0, device: str = "auto") -> None:
+                 progress: Optional[ProgressConfig] = None, ahead_pixels: int = 0, device: str = "auto",
+                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None) -> None:
         if (decode_threads is not None and decode_threads < 0) or ahead_pixels < 0:
             raise ValueError(f"decode_threads and ahead_pixels must be >= 0, got {decode_threads}, {ahead_pixels}")
         self._config = config
@@ -186,6 +234,7 @@ class PreparePairs(beam.DoFn):
         self._pending: deque = deque()
         self._pair_pixels = 0  # the largest decoded pair so far: what an undecoded pending pair may hold
         self._scopes: set = set()
+        self._drift_maps = drift_map_selector(drift_maps)
 
     _reference_cache_bytes = 0  # see with_reference_cache
     _reference_cache: Optional[BoundedCache] = None
@@ -212,11 +261,18 @@ class PreparePairs(beam.DoFn):
     def _prepare(self, row: dict[str, Any]) -> Any:
         record_id = row.get(self._row_format.id_column) if self._row_format.id_column else None
         try:
-            return prepare_pair(record_id, row, self._config, reference_cache=self._reference_cache)
+            pair = prepare_pair(record_id, row, self._config, reference_cache=self._reference_cache)
         except RecordError as error:
             return self._row_format.error_row(record_id, row, error.stage, error.error_type, error.message)
         except Exception as error:  # a decoder bug must not lose the row either
             return self._row_format.error_row(record_id, row, "decode", type(error).__name__, str(error)[:500])
+        if self._drift_maps is not None:
+            try:
+                pair.want_map = self._drift_maps(record_id, row)
+            except Exception as error:  # the user's selector: its row is an error row, not a crash
+                return self._row_format.error_row(record_id, row, "decode", type(error).__name__,
+                                                  f"the drift_maps selector raised: {error}"[:500])
+        return pair
 
     def _output(self, result: Any, timestamp: Any = None, window: Any = None) -> Any:
         # Runs on the bundle's thread: Beam metrics are only recorded there. Results emitted for
@@ -300,7 +356,13 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     on timing); ``max_batch_duration_secs`` > 0 flushes a partial batch after that long
     (Beam's stateful batching, for streams). ``model_copies`` > 0 shares that many models
     across the SDK processes of a worker (Beam's ``share_model_across_processes``: one copy
-    per GPU on an N-process GPU VM) instead of one model per process.
+    per GPU on an N-process GPU VM) instead of one model per process. Beam reads the batching arguments
+    through :meth:`batch_elements_kwargs`.
+
+    Pairs marked ``want_map`` also get a drift map (:attr:`ScoredPair.drift_map`): one extra spatial pass
+    per such pair (:meth:`LpipsScorer.raw_scores_and_maps` of the pair alone, so a map does not depend on
+    the batch), after the chunk's scores, which are computed as without maps. A pair whose map fails is
+    retried alone like any pair, and then is an error row.
     """
 
     def __init__(self, model_config: ModelConfig, batch_pixels: int = 0,
@@ -313,12 +375,22 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
             raise ValueError(f"max_batch_duration_secs and model_copies must be >= 0, got "
                              f"{max_batch_duration_secs}, {model_copies}")
         batch_pixels = batch_pixels or default_batch_pixels(model_config.device)
-        super().__init__(min_batch_size=batch_pixels, max_batch_size=batch_pixels, element_size_fn=pair_pixels,
-                         max_batch_duration_secs=max_batch_duration_secs or None,
-                         model_copies=model_copies or None)
+        super().__init__(model_copies=model_copies or None)  # batching: batch_elements_kwargs
         self._model_config = model_config
         self._batch_pixels = batch_pixels
+        self._batch_target = batch_pixels  # the pixels of one Beam batch; more with reuse on CPU
+        self._max_batch_duration_secs = max_batch_duration_secs or None
         self._max_batch_pairs = max_batch_pairs
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        """Beam's ``BatchElements`` arguments (Beam's public hook): a fixed pixel target (min = max =
+        :attr:`batch_target_pixels`, each pair weighing :func:`pair_pixels`), so batches do not depend on
+        timing, and ``max_batch_duration_secs`` when > 0 (stateful batching, for streams)."""
+        kwargs: dict[str, Any] = {"min_batch_size": self._batch_target, "max_batch_size": self._batch_target}
+        if self._max_batch_duration_secs is not None:
+            kwargs["max_batch_duration_secs"] = self._max_batch_duration_secs
+        kwargs["element_size_fn"] = pair_pixels
+        return kwargs
 
     @property
     def batch_pixels(self) -> int:
@@ -332,7 +404,7 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
     @property
     def batch_target_pixels(self) -> int:
         """The pixels Beam gathers into one batch (``batch_pixels``, or more with reuse on CPU)."""
-        return int(self._batching_kwargs["max_batch_size"])
+        return int(self._batch_target)
 
     def load_model(self) -> LpipsScorer:
         scorer = LpipsScorer(self._model_config)
@@ -355,8 +427,7 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
         if max_bytes and self._batch_pixels == CPU_BATCH_PIXELS and not (
                 self._model_config.device == "cuda" or (self._model_config.device == "auto" and cuda_available())):
             target = self._batch_pixels * REUSE_CPU_BATCH_FACTOR
-        self._batching_kwargs["min_batch_size"] = target
-        self._batching_kwargs["max_batch_size"] = target
+        self._batch_target = target
         return self
 
     @property
@@ -382,8 +453,9 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
                      identity: tuple[str, str, str]) -> list[tuple[int, ScoredPair]]:
         """One forward for ``chunk``; if it fails, each pair alone, so that one pair the model cannot take
         (e.g. an image under 31x31 pixels for alex) fails alone, not the pairs that shared its batch."""
-        def scored(index: int, raw: Optional[float], error: Optional[tuple[str, str]] = None) -> tuple:
-            return index, ScoredPair(batch[index], raw, *identity, error)
+        def scored(index: int, raw: Optional[float], error: Optional[tuple[str, str]] = None,
+                   drift_map: Optional[np.ndarray] = None) -> tuple:
+            return index, ScoredPair(batch[index], raw, *identity, error, drift_map)
 
         try:
             references = np.stack([batch[i].reference for i in chunk])
@@ -395,12 +467,15 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
                                               self._reference_cache_bytes)
             else:
                 raw = model.raw_scores(references, filled)
+            # Drift maps of the marked pairs only, each pair alone: the scores above are untouched.
+            maps = {index: model.raw_scores_and_maps(batch[index].reference[None], batch[index].filled[None])[1][0]
+                    for index in chunk if batch[index].want_map}
         except Exception as error:  # the model's own failure: never a crash, never a lost row
             if len(chunk) == 1:
                 return [scored(chunk[0], None, (type(error).__name__, str(error)))]
             _LOGGER.warning("LPIPS failed on a batch of %d pairs (%s); scoring them one at a time", len(chunk), error)
             return [item for index in chunk for item in self._score_chunk(batch, [index], model, identity)]
-        return [scored(index, float(value)) for index, value in zip(chunk, raw)]
+        return [scored(index, float(value), drift_map=maps.get(index)) for index, value in zip(chunk, raw)]
 
     def get_num_bytes(self, batch: Sequence[PreparedPair]) -> int:
         return sum(pair.reference.nbytes + pair.filled.nbytes for pair in batch)
@@ -411,7 +486,8 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
 
 class ToScoreRow(beam.DoFn):
     """:class:`ScoredPair` -> scores row (area normalisation happens here), or an error row on the
-    ``errors`` tag when the model failed on the pair or gave a non-finite score."""
+    ``errors`` tag when the model failed on the pair or gave a non-finite score. A pair with a drift map
+    gets it under :data:`transforms.layout.DRIFT_MAP_FIELD` (after the passthrough columns); error rows never."""
 
     def __init__(self, row_format: RowFormat, progress: Optional[ProgressConfig] = None) -> None:
         self._row_format = row_format
@@ -433,7 +509,7 @@ class ToScoreRow(beam.DoFn):
             return
         counter(CounterName.PAIRS_SCORED).inc()
         counter(CounterName.PIXELS_SCORED).inc(pair.pixels)
-        yield self._row_format.score_row(pair.record_id, pair.row, {
+        row = self._row_format.score_row(pair.record_id, pair.row, {
             layout.LPIPS_FIELD: score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width,
                                                            pair.height),
             layout.MEASURED_FRACTION_FIELD: score_math.measured_fraction(pair.mask_pixels, pair.width, pair.height),
@@ -444,6 +520,9 @@ class ToScoreRow(beam.DoFn):
             layout.LPIPS_VERSION_FIELD: scored.lpips_version,
             layout.WEIGHTS_FIELD: scored.weights_sha256,
         })
+        if scored.drift_map is not None:
+            row[layout.DRIFT_MAP_FIELD] = scored.drift_map
+        yield row
 
 
 class FailedBatchToErrors(beam.DoFn):
@@ -474,7 +553,13 @@ ERROR_PARTS = ("errors_decode", "errors_model", "errors_failed_batches")
 class ScoreOutputs(dict):
     """The outputs of :class:`ScorePairs` / ``ScoreLPIPS``: ``.scores`` and ``.errors`` (also
     ``result["scores"]``, ``result["errors"]``), plus ``.error_parts``, the error rows of decoding, of the
-    model and of failed batches, before they are flattened into ``errors`` (on first use)."""
+    model and of failed batches, before they are flattened into ``errors`` (on first use). ``ScoreLPIPS``
+    also sets ``.score`` (itself) and, when its rows came from ``ReadPairs``, ``.input_schema`` and
+    ``.input_id_column``: what ``WriteScores`` derives the output schemas from."""
+
+    score: Any = None
+    input_schema: Any = None
+    input_id_column: Optional[str] = None
 
     @property
     def scores(self) -> beam.PCollection:
@@ -501,13 +586,16 @@ class ScorePairs(beam.PTransform):
     exactly one.
 
     ``row_format`` says where the id is and which columns pass through (:class:`RowFormat`);
-    ``progress`` turns on progress lines (:mod:`transforms.progress`).
+    ``progress`` turns on progress lines (:mod:`transforms.progress`); ``drift_maps`` chooses the rows whose
+    score dicts carry a drift map (:class:`DriftMapSelector`; ``None``: none).
     """
 
     def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, row_format: RowFormat,
                  decode_threads: Optional[int] = DEFAULT_DECODE_THREADS,
-                 progress: Optional[ProgressConfig] = None) -> None:
+                 progress: Optional[ProgressConfig] = None,
+                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None) -> None:
         super().__init__()
+        self._drift_maps = drift_map_selector(drift_maps)
         self._decode_threads = decode_threads
         self._record_config = record_config
         self._model_handler = model_handler
@@ -518,7 +606,7 @@ class ScorePairs(beam.PTransform):
         prepared = rows | "Decode" >> beam.ParDo(
             PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress,
                          ahead_pixels=self._model_handler.batch_target_pixels,
-                         device=self._model_handler.device)
+                         device=self._model_handler.device, drift_maps=self._drift_maps)
             .with_reference_cache(decode_cache_bytes(self._model_handler.reference_cache_bytes))).with_outputs(
             ERRORS, main="pairs"
         )

@@ -14,6 +14,7 @@ re-exported by the ``lpips_pipe`` package.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -23,10 +24,11 @@ from transforms import layout
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
 from transforms.progress import ProgressConfig
 from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
-from transforms.schemas import OutputSchemas, RowFormat
+from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas
 from transforms.scoring import (DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, DEFAULT_REFERENCE_CACHE_MB,
-                                GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs, reference_cache_bytes)
-from transforms.sink import WriteParquet, WriteWindowedParquet
+                                DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
+                                drift_map_selector, reference_cache_bytes)
+from transforms.sink import CommitPlan, WriteParquet, WriteWindowedParquet, part_labels
 from transforms.weights import ModelConfig, check_weights
 
 
@@ -64,9 +66,12 @@ class ReadPairs(beam.PTransform):
         self._image_columns = tuple(image_columns)
 
     def expand(self, pipeline: beam.pvalue.PBegin) -> beam.PCollection:
-        return (pipeline
+        rows = (pipeline
                 | "Splits" >> beam.Create(self._splits)
                 | "Read" >> ReadSplits(self._id_column, self._image_columns))
+        # What WriteScores derives the output schemas from when these rows are scored (ScoreOutputs).
+        rows.lpips_pipe_input = (self.schema, self._id_column)
+        return rows
 
 
 class ReadSplits(beam.PTransform):
@@ -82,7 +87,7 @@ class ReadSplits(beam.PTransform):
     def expand(self, splits: beam.PCollection) -> beam.PCollection:
         return (splits
                 | "Spread" >> beam.Reshuffle()  # splits, not rows: image bytes are streamed, never gathered
-                | "Rows" >> beam.ParDo(ReadParquetSplit(self._id_column, self._image_columns))
+                | "Rows" >> beam.ParDo(ReadParquetSplit(self._id_column, self._image_columns, with_source=True))
                 | "WithIds" >> beam.Map(_with_id))
 
 
@@ -102,6 +107,14 @@ class ScoreLPIPS(beam.PTransform):
     ``decode_threads`` (default ``None``: 1 on a CPU worker, its cores but one on a CUDA worker; 0 = inline)
     decode the next model batch while this one is in the forward.
 
+    ``drift_maps`` chooses rows whose score dict also carries ``drift_map`` (:data:`layout.DRIFT_MAP_FIELD`):
+    the float32 ``height x width`` per-pixel LPIPS of (reference, filled) at the scored size, what
+    ``masked_lpips(..., return_map=True)`` returns (``lpips.LPIPS(..., spatial=True)``; not area-normalised,
+    its mean is close to ``lpips * measured_fraction``). ``None`` (default): no maps, no cost; a collection
+    of ids (matched against the id column's value); or a callable ``row -> bool`` on the input row (it must
+    pickle, like any DoFn argument). Only chosen rows cost an extra spatial pass; every score is the same
+    with or without maps. Error rows never carry a map; :class:`WriteScores` does not write the key.
+
     Score dicts carry ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``, ``height``,
     ``net``, ``lpips_version``, ``weights_sha256`` and the row's other non-image fields (one colliding
     with an output name is kept as ``input_<name>``); error dicts carry the original row plus
@@ -119,7 +132,8 @@ class ScoreLPIPS(beam.PTransform):
                  max_batch_duration_secs: float = 0, model_copies: int = 0,
                  decode_threads: Optional[int] = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
                  progress: Optional[ProgressConfig] = None, check: bool = True,
-                 reference_cache_mb: int = DEFAULT_REFERENCE_CACHE_MB, group_by_reference: bool = False) -> None:
+                 reference_cache_mb: int = DEFAULT_REFERENCE_CACHE_MB, group_by_reference: bool = False,
+                 drift_maps: Optional[DriftMapRows] = None) -> None:
         super().__init__()
         self.record_config = RecordConfig(
             ref_column=ref_column, edited_column=edited_column, coords_column=coords_column,
@@ -141,6 +155,7 @@ class ScoreLPIPS(beam.PTransform):
         self._row_format = row_format or RowFormat(id_column, self.record_config.image_columns)
         self._decode_threads = decode_threads
         self._progress = progress
+        self._drift_maps = drift_map_selector(drift_maps)  # ValueError for a string, a non-collection
 
     @classmethod
     def from_configs(cls, record_config: RecordConfig, model_config: ModelConfig, **kwargs: Any) -> "ScoreLPIPS":
@@ -156,34 +171,70 @@ class ScoreLPIPS(beam.PTransform):
         if self._group_by_reference:
             rows = rows | "ByReference" >> GroupByReference(self.record_config.ref_column)
         # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
-        return ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
-                          self._progress).expand(rows)
+        outputs = ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
+                             self._progress, drift_maps=self._drift_maps).expand(rows)
+        outputs.score = self
+        outputs.input_schema, outputs.input_id_column = getattr(rows, "lpips_pipe_input", (None, None))
+        return outputs
+
+    def model_settings(self) -> dict[str, Any]:
+        """What the scores files record of the model (:func:`transforms.schemas.job_settings`)."""
+        weights = self.model_config.weights
+        return {"net": self.model_config.net, "weights": layout.absolute(weights) if weights else None,
+                "precision": self.model_config.precision}
+
+
+def output_schemas_for(input_schema: pa.Schema, score: "ScoreLPIPS", id_column: Optional[str] = None) -> OutputSchemas:
+    """The output schemas of ``score``'s rows for inputs with ``input_schema`` (e.g. ``ReadPairs(...).schema``):
+    what :class:`WriteScores` writes. ``id_column``: the input's id column (default ``id`` when the input has
+    one, else ``<file>:<row>`` ids). Raises ``ValueError`` when the input lacks a column ``score`` needs."""
+    if id_column is None and layout.ID_FIELD in input_schema.names:
+        id_column = layout.ID_FIELD
+    return build_output_schemas(input_schema, score.record_config, id_column, score.model_settings())
 
 
 class WriteScores(beam.PTransform):
     """:class:`ScoreOutputs` (or a dict with ``scores`` and ``errors``) -> ``OUT/scores/part-*.parquet`` and
-    ``OUT/errors/part-*.parquet`` with the explicit ``schemas`` of the job
-    (:func:`transforms.schemas.build_output_schemas` of the input schema). ``num_shards`` 0: one file per
-    bundle that had rows; N: at most N files. A windowed stream writes files per window. The error rows of
-    a :class:`ScoreOutputs` are written part by part, never flattened first (see :mod:`transforms.sink`)."""
+    ``OUT/errors/part-*.parquet`` with explicit schemas.
 
-    def __init__(self, output: str, schemas: OutputSchemas, num_shards: int = 0) -> None:
+    ``schemas``: the input's schema (``ReadPairs(...).schema``, a ``pyarrow.Schema``), or the job's
+    :class:`~transforms.schemas.OutputSchemas`; ``None`` (the default) takes the input schema from the
+    ``ReadPairs`` the rows came from (``ReadPairs(path) | ScoreLPIPS(...) | WriteScores(out)``). ``num_shards``
+    0 packs the staged files into files of up to 128 MB; N: at most N files. A windowed stream writes files
+    per window. The error rows of a :class:`ScoreOutputs` are written part by part, never flattened first
+    (see :mod:`transforms.sink`). ``commit`` (a :class:`transforms.sink.CommitPlan`) and ``run`` are the
+    command line's: it commits through the restart ledger as splits finish."""
+
+    def __init__(self, output: str, schemas: Union[OutputSchemas, pa.Schema, None] = None, num_shards: int = 0, *,
+                 commit: Optional[CommitPlan] = None, run: Optional[str] = None) -> None:
         super().__init__()
+        if num_shards < 0:
+            raise ValueError(f"num_shards must be >= 0, got {num_shards}")
         self._output = layout.absolute(output)
         self._schemas = schemas
         self._num_shards = num_shards
+        self._commit = commit
+        self._run = run or (commit.run if commit else None)
+
+    def _output_schemas(self, outputs: Any) -> OutputSchemas:
+        if isinstance(self._schemas, OutputSchemas):
+            return self._schemas
+        score = getattr(outputs, "score", None)
+        schema = self._schemas if isinstance(self._schemas, pa.Schema) else getattr(outputs, "input_schema", None)
+        if schema is None or score is None:
+            raise ValueError("WriteScores needs the input's schema: pass ReadPairs(...).schema (or build the "
+                             "pipeline as ReadPairs(path) | ScoreLPIPS(...) | WriteScores(output))")
+        return output_schemas_for(schema, score, getattr(outputs, "input_id_column", None))
 
     def expand(self, outputs: dict[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        schemas = self._output_schemas(outputs)
         parts = {layout.SCORES: [outputs[layout.SCORES]],
                  layout.ERRORS: list(getattr(outputs, "error_parts", ()) or [outputs[layout.ERRORS]])}
-        written = {}
-        for kind, schema in ((layout.SCORES, self._schemas.scores), (layout.ERRORS, self._schemas.errors)):
-            if all(part.is_bounded for part in parts[kind]):
-                writer: beam.PTransform = WriteParquet(self._output, kind, schema, self._num_shards)
-                written[kind] = tuple(parts[kind]) | f"Write{kind.title()}" >> writer
-            else:
-                rows = parts[kind][0] if len(parts[kind]) == 1 else \
-                    tuple(parts[kind]) | f"All{kind.title()}" >> beam.Flatten()
-                written[kind] = rows | f"Write{kind.title()}" >> WriteWindowedParquet(
-                    self._output, kind, schema, self._num_shards)
-        return written
+        by_kind = {layout.SCORES: schemas.scores, layout.ERRORS: schemas.errors}
+        labelled = part_labels(parts)
+        if all(part.is_bounded for part in labelled.values()):
+            written = labelled | "Write" >> WriteParquet(self._output, by_kind, self._num_shards, self._commit)
+        else:
+            written = labelled | "Write" >> WriteWindowedParquet(self._output, by_kind,
+                                                                 self._run or uuid.uuid4().hex, self._num_shards)
+        return {kind: written for kind in by_kind}

