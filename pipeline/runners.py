@@ -8,30 +8,19 @@ script builds them once, at the versions of ``runners/versions.env``, into ``$LP
 - :func:`configure_runner` fills ``--flink_job_server_jar`` (FlinkRunner) or ``--prism_location``
   (PrismRunner) when the user did not give them, and raises :class:`RunnerUnavailable` (one line naming the
   set-up step) when the runner is not built, instead of letting Beam try a download;
-- :func:`standalone_flink` starts a standalone Flink cluster (JobManager + TaskManager on loopback) from the
-  downloaded distribution, for ``--flink_master=HOST:PORT`` runs, and stops it;
-- :func:`external_worker_pool` starts Beam's Python worker pool for ``--environment_type=EXTERNAL``.
+- :func:`default_streaming_runner` picks the streaming runner that is built (Prism, else embedded Flink);
+- :func:`flink_dist_home` finds the unpacked Flink distribution (the tests' standalone cluster,
+  ``tests/cluster.py``).
 
 Only the standard library is imported at module level; Beam's options module is imported when needed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 SETUP_STEP = "bash scripts/setup_runners.sh"
 
@@ -91,7 +80,8 @@ def flink_dist_home() -> Optional[str]:
     return str(home) if ready else None
 
 
-def _missing(what: str) -> RunnerUnavailable:
+def not_set_up(what: str) -> RunnerUnavailable:
+    """The one-line error for a piece the set-up script builds that is not built here."""
     return RunnerUnavailable(f"{what} is not set up on this machine; run `{SETUP_STEP}` first "
                              f"(it builds it into {runners_home()})")
 
@@ -129,7 +119,7 @@ def configure_runner(pipeline_options) -> None:
                                     f"(drop the flag, or pass --flink_job_server_jar / --job_endpoint)")
         jar = flink_job_server_jar()
         if jar is None:
-            raise _missing(f"Beam's Flink {minor} job server")
+            raise not_set_up(f"Beam's Flink {minor} job server")
         flink.flink_job_server_jar = jar
         flink.flink_version = minor
     elif name == "PrismRunner":
@@ -138,7 +128,7 @@ def configure_runner(pipeline_options) -> None:
             return
         binary = prism_binary()
         if binary is None:
-            raise _missing("Beam's Prism runner")
+            raise not_set_up("Beam's Prism runner")
         prism.prism_location = binary
 
 
@@ -149,173 +139,4 @@ def default_streaming_runner() -> str:
         return "PrismRunner"
     if flink_job_server_jar():
         return "FlinkRunner"
-    raise _missing("No streaming runner (Prism or Flink)")
-
-
-# ------------------------------------------------------------------------------------------------ processes
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM the process group started for ``process`` (start_new_session), SIGKILL what outlives ``grace``."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):  # children left in the group (also after a clean exit)
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(5)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@dataclasses.dataclass(frozen=True)
-class FlinkCluster:
-    """A running standalone cluster: pass ``--flink_master=<master>`` to Beam's FlinkRunner."""
-    master: str          # "127.0.0.1:PORT" (REST endpoint)
-    rest_url: str        # "http://127.0.0.1:PORT"
-    home: str            # FLINK_HOME it runs from
-    conf_dir: str        # its private FLINK_CONF_DIR
-    log_dir: str         # jobmanager.out / taskmanager.out
-
-    def overview(self) -> dict:
-        with urllib.request.urlopen(self.rest_url + "/overview", timeout=5) as reply:
-            return json.load(reply)
-
-
-def _java_opts(home: str) -> str:
-    """The ``env.java.opts.all`` line of the distribution's config (the --add-opens Java 17 needs)."""
-    try:
-        text = (Path(home) / "conf" / "config.yaml").read_text()
-    except OSError:
-        return ""
-    match = re.search(r"^\s*all:\s*(--add-\S.*)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else ""
-
-
-@contextlib.contextmanager
-def standalone_flink(port: Optional[int] = None, slots: int = 2, startup_timeout: float = 120.0,
-                     log_dir: Optional[str] = None) -> Iterator[FlinkCluster]:
-    """Start a Flink JobManager and one TaskManager (``slots`` slots) on 127.0.0.1 from the set-up script's
-    distribution, wait until the TaskManager has registered, yield a :class:`FlinkCluster`, stop both.
-
-    ``port`` is the REST port (``--flink_master=127.0.0.1:PORT``; a free one when None). Processes run in
-    the foreground of their own sessions and are stopped by process group, also on errors.
-    """
-    home = flink_dist_home()
-    if home is None:
-        raise _missing(f"The Flink {versions()['FLINK_DIST_VERSION']} distribution (standalone cluster)")
-    if shutil.which("java") is None:
-        raise RunnerUnavailable("no `java` on PATH: a standalone Flink cluster needs Java 11 or 17")
-    rest_port = port or free_port()
-    rpc_port = free_port()
-    conf_dir = tempfile.mkdtemp(prefix="lpips-pipe-flink-conf-")
-    logs = Path(log_dir or tempfile.mkdtemp(prefix="lpips-pipe-flink-logs-"))
-    logs.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(Path(home) / "conf"):
-        if name.startswith(("log4j", "logback")):
-            shutil.copy(Path(home) / "conf" / name, conf_dir)
-    java_opts = _java_opts(home)
-    Path(conf_dir, "config.yaml").write_text(
-        "env:\n"
-        "  java:\n"
-        "    opts:\n"
-        f"      all: {java_opts}\n"
-        "  log:\n"
-        f"    dir: {logs}\n"
-        "jobmanager:\n"
-        "  bind-host: 127.0.0.1\n"
-        "  rpc:\n"
-        "    address: 127.0.0.1\n"
-        f"    port: {rpc_port}\n"
-        "  memory:\n"
-        "    process:\n"
-        "      size: 1024m\n"
-        "taskmanager:\n"
-        "  bind-host: 127.0.0.1\n"
-        "  host: 127.0.0.1\n"
-        f"  numberOfTaskSlots: {int(slots)}\n"
-        "  memory:\n"
-        "    process:\n"
-        "      size: 2048m\n"
-        "    network:\n"  # Beam's graphs have many operators; Flink's default leaves too few buffers
-        "      min: 256mb\n"
-        "      max: 256mb\n"
-        "parallelism:\n"
-        "  default: 1\n"
-        "rest:\n"
-        "  address: 127.0.0.1\n"
-        "  bind-address: 127.0.0.1\n"
-        f"  port: {rest_port}\n"
-        "io:\n"
-        f"  tmp:\n    dirs: {conf_dir}\n")
-    env = dict(os.environ, FLINK_HOME=home, FLINK_CONF_DIR=conf_dir, FLINK_LOG_DIR=str(logs))
-    env.pop("FLINK_ENV_JAVA_OPTS", None)
-    processes = []
-    cluster = FlinkCluster(master=f"127.0.0.1:{rest_port}", rest_url=f"http://127.0.0.1:{rest_port}",
-                           home=home, conf_dir=conf_dir, log_dir=str(logs))
-    try:
-        for role in ("jobmanager", "taskmanager"):
-            with open(logs / f"{role}.out", "wb") as out:
-                processes.append(subprocess.Popen(
-                    [str(Path(home) / "bin" / f"{role}.sh"), "start-foreground"], env=env, cwd=conf_dir,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            for role, process in zip(("jobmanager", "taskmanager"), processes):
-                if process.poll() is not None:
-                    raise RuntimeError(f"Flink {role} exited with {process.returncode} while starting: "
-                                       f"{_tail(logs / f'{role}.out')}")
-            with contextlib.suppress(OSError, ValueError):
-                if cluster.overview().get("slots-available", 0) >= 1:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Flink cluster not ready after {startup_timeout:.0f}s; logs in {logs}")
-            time.sleep(0.5)
-        yield cluster
-    finally:
-        for process in reversed(processes):
-            _stop_group(process)
-        shutil.rmtree(conf_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def external_worker_pool(port: Optional[int] = None, startup_timeout: float = 60.0,
-                         log_path: Optional[str] = None) -> Iterator[str]:
-    """Beam's Python worker pool (``worker_pool_main``) with this interpreter's ``bin`` first on PATH (it
-    starts workers as plain ``python``); yields ``localhost:PORT`` for ``--environment_config``."""
-    port = port or free_port()
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={port}"],
-        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"worker_pool_main exited with {process.returncode} while starting")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker_pool_main not listening on {port} after {startup_timeout:.0f}s")
-            time.sleep(0.3)
-        yield f"localhost:{port}"
-    finally:
-        _stop_group(process, grace=5.0)
-        if log is not subprocess.DEVNULL:
-            log.close()
+    raise not_set_up("No streaming runner (Prism or Flink)")

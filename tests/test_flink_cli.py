@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import runners
+from tests.cluster import external_worker_pool, standalone_flink
 from tests.data_helpers import small_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,8 @@ def test_flink_standalone_cluster_with_external_workers(pairs, local_run, tmp_pa
     if runners.flink_dist_home() is None:
         pytest.skip(f"the Flink distribution is not unpacked here ({runners.SETUP_STEP})")
     out = tmp_path / "out"
-    with runners.standalone_flink(log_dir=str(tmp_path / "flink-logs")) as cluster, \
-            runners.external_worker_pool(log_path=str(tmp_path / "pool.log")) as pool:
+    with standalone_flink(log_dir=str(tmp_path / "flink-logs")) as cluster, \
+            external_worker_pool(log_path=str(tmp_path / "pool.log")) as pool:
         output = _cli("--input", str(pairs), "--output", str(out), "--no_report", "--runner", "FlinkRunner",
                       f"--flink_master={cluster.master}", "--environment_type=EXTERNAL",
                       f"--environment_config={pool}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import runners
+from tests import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,7 @@ def test_nothing_built_means_none_and_one_line_errors_naming_the_set_up_step(fak
     with pytest.raises(runners.RunnerUnavailable, match="setup_runners.sh"):
         runners.default_streaming_runner()
     with pytest.raises(runners.RunnerUnavailable, match="setup_runners.sh"):
-        with runners.standalone_flink():
+        with cluster.standalone_flink():
             pass
 
 
@@ -190,7 +191,7 @@ def _run_pipeline(tmp_path, source, args, timeout):
         except subprocess.TimeoutExpired:
             pass
         finally:
-            runners._stop_group(process, grace=5.0)
+            cluster.stop_group(process, grace=5.0)
     text = log.read_text(errors="replace")
     assert process.returncode == 0, f"pipeline failed or timed out after {timeout}s:\n{text[-4000:]}"
     return text

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,8 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.cluster import free_port, stop_group
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VENV_BIN = pathlib.Path(sys.executable).parent  # the venv's bin: worker_pool_main starts `python` from PATH
@@ -129,22 +130,6 @@ if _PIDS:
 # --------------------------------------------------------------------------- processes
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """Stop ``proc`` and its children (its own session): SIGTERM, then SIGKILL after ``grace_s``."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # The leader may be gone while children it started (SDK workers) still run in its group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
 def _tail(path: pathlib.Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
@@ -197,11 +182,11 @@ def run_bounded(argv: list[str], env: dict[str, str], cwd: pathlib.Path, log: pa
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc, grace_s=2)
+            stop_group(proc, grace=2)
             pytest.fail(f"{argv[:4]} ran past {timeout_s}s; log tail:\n{_tail(log)}")
         finally:
             if proc.poll() is None:
-                _kill_group(proc, grace_s=2)
+                stop_group(proc, grace=2)
     return code, log.read_text(errors="replace"), proc.pid
 
 
@@ -227,7 +212,7 @@ def service(argv: list[str], env: dict[str, str], cwd: pathlib.Path, log: pathli
             time.sleep(0.2)
         yield port, proc.pid
     finally:
-        _kill_group(proc)
+        stop_group(proc, grace=10.0)
         handle.close()
 
 
@@ -240,12 +225,6 @@ def sdk_worker_pids(pid_dir: pathlib.Path) -> set[int]:
     """
     return {int(path.name) for path in pid_dir.iterdir()
             if "apache_beam.runners.worker.sdk_worker" in path.read_text()}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- fixtures
