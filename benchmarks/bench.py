@@ -116,7 +116,8 @@ def part_bound(path: str, precision: str, device: str, pairs: int, reuse: bool) 
 
     from transforms.scorer import LpipsScorer
     from transforms.weights import ModelConfig
-    from transforms.records import BoundedCache, RecordConfig, prepare_pair
+    from transforms.cache import BoundedCache
+    from transforms.records import RecordConfig, prepare_pair
     from transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
 
     feature_bytes, decoded_bytes = reference_cache_bytes(DEFAULT_REFERENCE_CACHE_MB if reuse else 0)

@@ -28,14 +28,14 @@ _WHERE = {
     "WriteScores": "transforms.stage",
     "ScoreOutputs": "transforms.scoring",
     "masked_lpips": "transforms.masked",
-    "RecordError": "transforms.records",
+    "RecordError": "transforms.messages",
     "run": "pipeline.job",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from pipeline.job import run
     from transforms.masked import masked_lpips
-    from transforms.records import RecordError
+    from transforms.messages import RecordError
     from transforms.scoring import ScoreOutputs
     from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
 

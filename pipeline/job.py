@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -35,7 +36,8 @@ from transforms import layout, ledger
 from transforms.metrics import NAMESPACE
 from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column
 from transforms.progress import ProgressConfig
-from transforms.records import RecordConfig, unsupported_uri_scheme
+from transforms.records import RecordConfig
+from transforms.uri_io import unsupported_uri_scheme
 from transforms.schemas import OutputSchemas, build_output_schemas
 from transforms.scoring import default_batch_pixels
 from transforms.scorer import check_device
@@ -403,6 +405,62 @@ class OutputLock:
         self.release()
 
 
+def _proc_children(parent: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the processes whose parent is ``parent`` (Linux ``/proc``; else none)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent:
+            found.append((int(entry), command))
+    return found
+
+
+def record_runner_processes(output: str) -> None:
+    """Note the locally built runner processes this run started (Prism, the Flink job server), so that if the
+    run is killed (SIGKILL leaves them running, orphaned) the next run into ``output`` stops them."""
+    if "://" in output:
+        return
+    from pipeline import runners  # noqa: PLC0415
+
+    home = str(runners.runners_home())
+    pids = [str(pid) for pid, command in _proc_children(os.getpid()) if home in command]
+    if pids:
+        os.makedirs(layout.staging_dir(output), exist_ok=True)
+        with open(layout.runner_pids_path(output), "w", encoding="utf-8") as handle:
+            handle.write(" ".join(pids))
+
+
+def stop_orphaned_runners(output: str) -> int:
+    """Stop the runner processes a killed earlier run into ``output`` left behind (recorded by
+    :func:`record_runner_processes`, still alive, orphaned and still that runner); returns how many."""
+    path = layout.runner_pids_path(output)
+    if "://" in output or not os.path.exists(path):
+        return 0
+    from pipeline import runners  # noqa: PLC0415
+
+    with open(path, encoding="utf-8") as handle:
+        pids = {int(word) for word in handle.read().split() if word.isdigit()}
+    os.remove(path)
+    home = str(runners.runners_home())
+    stopped = 0
+    for pid, command in _proc_children(1):
+        if pid in pids and home in command:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped += 1
+            except OSError:
+                pass
+    return stopped
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -430,8 +488,12 @@ def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
             _LOGGER.info("--overwrite: removed %d earlier output file(s) and folder(s) from %s; starting over",
                          len(stale), plan.output)
     elif plan.restart is not None:
+        stopped = stop_orphaned_runners(plan.output)
+        if stopped:
+            _LOGGER.info("restart: stopped %d runner process(es) the killed earlier run had left running", stopped)
         finished = ledger.roll_forward(plan.restart)
         removed = ledger.remove_orphans(plan.restart)
+        ledger.compact(plan.restart, plan.run)
         if finished or removed:
             _LOGGER.info("restart: completed %d step(s) the earlier run had begun; removed %d file(s) it had in "
                          "flight (their rows are scored again)", finished, removed)
@@ -526,6 +588,7 @@ def run_plan(plan: JobPlan, pipeline_options: PipelineOptions) -> JobOutcome:
         build_graph(pipeline, plan, output)
         started = time.monotonic()
         result = pipeline.run()
+        record_runner_processes(plan.output)
         result.wait_until_finish()
         wall_s = time.monotonic() - started
         ledger.clear(plan.output)  # a finished batch run leaves scores/ and errors/ only

@@ -60,17 +60,17 @@ class StreamPlan:
 
 
 def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) -> list[str]:
-    """Complete files matching ``--input`` now, or the first to land complete before ``deadline`` (their
-    schema makes the output schemas). Polls every ``--watch_interval`` seconds."""
+    """The first complete file matching ``--input`` now, or the first to land complete before ``deadline``
+    (its schema makes the output schemas; only its footer is read). Polls every ``--watch_interval`` seconds."""
     announced = False
     while True:
         try:
             files = match_inputs(options.input)
         except (OSError, ValueError) as error:
             raise job.JobError(f"--input {options.input}: {error}") from error
-        complete = [path for path in files if NewFiles.complete(path)]  # a half-written first file waits
-        if complete:
-            return complete
+        first = next((path for path in files if NewFiles.complete(path)), None)  # a half-written file waits
+        if first is not None:
+            return [first]  # its schema is the stream's; the polls find the others
         if deadline is not None and time.monotonic() >= deadline:
             raise job.JobError(f"no file matched --input {options.input} within --watch_stop_after "
                                f"{options.watch_stop_after:g} s")
@@ -226,6 +226,7 @@ def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
         pipeline = beam.Pipeline(options=pipeline_options)
         build_stream(pipeline, plan, started_wall, output)
         result = pipeline.run()
+        job.record_runner_processes(options.output)
         restore = _cancel_on_signals(result, stopped_by)
         try:
             result.wait_until_finish()

@@ -45,7 +45,9 @@ from PIL import Image
 from pipeline import cli as job
 from tests.seed_reference import open_image
 from transforms import score_math
-from transforms.records import RecordConfig, RecordError, parse_coords, pixel_boxes, prepare_pair
+from transforms.coords import parse_coords, pixel_boxes
+from transforms.messages import RecordError
+from transforms.records import RecordConfig, prepare_pair
 
 SIZE = 64  # side of the good images: tiny, but over AlexNet's 31-pixel minimum
 BOX = [[16, 16, 44, 40]]

@@ -9,7 +9,7 @@ Batches follow bundles, which differ between runners, so this rests on a pair's 
 the pairs that share its batch: ``LpipsScorer`` applies the 1x1 linear layers as a channel-weighted sum
 for that reason (lpips' Conv2d picked batch-size-dependent kernels, moving scores by ~3e-8). Error rows
 used to differ too: Pillow's message for an unidentified image carried the memory address of the
-in-memory file; records.py now drops it.
+in-memory file; decode.py now drops it.
 """
 
 from __future__ import annotations

@@ -17,24 +17,16 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import skimage.data
 from PIL import Image
 
-from transforms import records
-from transforms.records import (
-    RecordConfig,
-    RecordError,
-    coords_type_supported,
-    load_image,
-    parse_coords,
-    prepare_pair,
-    read_image_bytes,
-    read_local_file,
-    resolve_path,
-    unsupported_uri_scheme,
-)
+from transforms import decode, messages, uri_io
+from transforms.coords import parse_coords
+from transforms.decode import load_image, read_image_bytes
+from transforms.messages import RecordError
+from transforms.records import RecordConfig, prepare_pair
+from transforms.uri_io import resolve_path, unsupported_uri_scheme
 
 DEADLINE_S = 20.0
 
@@ -67,7 +59,7 @@ def record_error_within(function, *args, **kwargs) -> RecordError:
     for field in (value.stage, value.error_type, value.message):
         assert isinstance(field, str) and field.strip()
     assert "\n" not in value.message
-    assert len(value.message) <= records.MAX_MESSAGE_CHARS + 40
+    assert len(value.message) <= messages.MAX_MESSAGE_CHARS + 40
     return value
 
 
@@ -157,25 +149,7 @@ def test_byte_cap_from_the_config(tmp_path):
     assert (error.stage, error.error_type) == ("read", "ImageTooLarge") and "ref_image" in error.message
     with pytest.raises(ValueError, match="max_image_bytes"):
         RecordConfig(max_image_bytes=0)
-    assert RecordConfig().max_image_bytes == records.DEFAULT_MAX_IMAGE_BYTES
-
-
-def test_files_whose_stat_size_lies_are_read_at_most_cap_plus_one_bytes():
-    # /proc files are regular files that stat as 0 bytes: the cap is enforced while reading.
-    if not os.path.exists("/proc/self/status"):
-        pytest.skip("no /proc")
-    with pytest.raises(records.FileTooLargeError):
-        read_local_file("/proc/self/status", 16)
-    assert read_local_file("/proc/self/status", 1 << 20).startswith(b"Name:")
-    reads = []
-
-    def endless(size):
-        reads.append(size)
-        return b"x" * size
-
-    with pytest.raises(records.FileTooLargeError):
-        records._read_capped(endless, 3 * records._READ_CHUNK)
-    assert sum(reads) == 3 * records._READ_CHUNK + 1
+    assert RecordConfig().max_image_bytes == decode.DEFAULT_MAX_IMAGE_BYTES
 
 
 # ----------------------------------------------------------------------------- formats that run programs
@@ -194,7 +168,7 @@ def test_eps_bytes_are_refused_and_ghostscript_never_runs(monkeypatch):
     assert "EPS" in error.message and "ref_image" in error.message
     # a DOS EPS binary header too
     dos_eps = b"\xc5\xd0\xd3\xc6" + bytes(28) + EPS
-    error = record_error_within(records.decode_image, dos_eps, "edited_image", records.DEFAULT_MAX_IMAGE_PIXELS)
+    error = record_error_within(decode.decode_image, dos_eps, "edited_image", decode.DEFAULT_MAX_IMAGE_PIXELS)
     assert error.error_type == "UnsupportedFormat"
 
 
@@ -209,15 +183,15 @@ def test_safe_formats_still_decode_exactly():
     for fmt, options in (("PNG", {}), ("BMP", {}), ("TIFF", {}), ("PPM", {}), ("WEBP", {"lossless": True}),
                          ("TGA", {})):
         data = encode(PHOTO, fmt, **options)
-        image = records.decode_image(data, "ref_image", records.DEFAULT_MAX_IMAGE_PIXELS)
+        image = decode.decode_image(data, "ref_image", decode.DEFAULT_MAX_IMAGE_PIXELS)
         np.testing.assert_array_equal(np.asarray(image), PHOTO, err_msg=fmt)
     jpeg = encode(PHOTO, "JPEG", quality=90)
     with Image.open(io.BytesIO(jpeg)) as reference:
         expected = np.asarray(reference.convert("RGB"))
-    np.testing.assert_array_equal(np.asarray(records.decode_image(jpeg, "c", records.DEFAULT_MAX_IMAGE_PIXELS)),
+    np.testing.assert_array_equal(np.asarray(decode.decode_image(jpeg, "c", decode.DEFAULT_MAX_IMAGE_PIXELS)),
                                   expected)
     # garbage stays what it was: Pillow's UnidentifiedImageError, stage decode
-    error = record_error_within(records.decode_image, b"not an image at all", "c", 10 ** 6)
+    error = record_error_within(decode.decode_image, b"not an image at all", "c", 10 ** 6)
     assert (error.stage, error.error_type) == ("decode", "UnidentifiedImageError")
 
 
@@ -228,8 +202,8 @@ def test_base64_text_is_an_error_with_a_hint_and_no_file_probe(monkeypatch):
     def no_probe(*args, **kwargs):
         raise AssertionError("the file system was probed")
 
-    monkeypatch.setattr(records, "read_local_file", no_probe)
-    monkeypatch.setattr(records.os, "stat", no_probe)
+    monkeypatch.setattr(uri_io, "read_local_file", no_probe)
+    monkeypatch.setattr(uri_io.os, "stat", no_probe)
     text = base64.b64encode(PHOTO_PNG).decode()
     assert len(text) > 10_000
     for value in (text, "data:image/png;base64," + text, text[:200], base64.b64encode(encode(PHOTO, "JPEG")).decode()):
@@ -255,13 +229,13 @@ def test_huge_text_values_give_short_messages(tmp_path):
     assert (error.stage, error.error_type) == ("read", "BadImageValue") and len(error.message) < 400
     # coords that quote a huge value
     error = record_error_within(prepare_pair, 0, row(coords=[["x" * 100_000, 1, 2, 3]]), RecordConfig(scope="edit_area"))
-    assert (error.stage, error.error_type) == ("coords", "BadBox") and len(error.message) < records.MAX_MESSAGE_CHARS + 40
+    assert (error.stage, error.error_type) == ("coords", "BadBox") and len(error.message) < messages.MAX_MESSAGE_CHARS + 40
     error = record_error_within(parse_coords, [1, 2, "z" * 100_000])
     assert error.error_type == "MalformedCoords" and len(error.message) < 300
     error = record_error_within(parse_coords, [{"x1": "y" * 100_000}])
     assert error.error_type == "MalformedCoords" and len(error.message) < 300
     # any message is capped
-    assert len(RecordError("read", "X", "m" * 100_000).message) < records.MAX_MESSAGE_CHARS + 40
+    assert len(RecordError("read", "X", "m" * 100_000).message) < messages.MAX_MESSAGE_CHARS + 40
 
 
 # ----------------------------------------------------------------------------- PIL and numpy values
@@ -280,7 +254,7 @@ def test_pil_image_values_decode_like_bytes():
         data = encode(image, "TIFF" if mode == "CMYK" else "PNG")
         np.testing.assert_array_equal(
             np.asarray(load_image(image, "ref_image", FULL)),
-            np.asarray(records.decode_image(data, "ref_image", records.DEFAULT_MAX_IMAGE_PIXELS)), err_msg=mode)
+            np.asarray(decode.decode_image(data, "ref_image", decode.DEFAULT_MAX_IMAGE_PIXELS)), err_msg=mode)
 
 
 def test_pil_image_value_is_not_changed_and_obeys_the_pixel_limit():
@@ -337,42 +311,6 @@ def test_flat_box_is_one_box():
         assert (error.stage, error.error_type) == ("coords", error_type), coords
 
 
-def test_coords_type_supported():
-    box_struct = pa.struct([("x1", pa.float64()), ("y1", pa.float64()), ("x2", pa.int32()), ("y2", pa.int64())])
-    accepted = [
-        pa.list_(pa.list_(pa.int64())), pa.list_(pa.list_(pa.float32())), pa.large_list(pa.list_(pa.float64())),
-        pa.list_(pa.list_(pa.int32(), 4)), pa.list_(pa.int64()), pa.list_(pa.float64(), 4), pa.list_(box_struct),
-        pa.list_(pa.null()), pa.string(), pa.large_string(), pa.null(), pa.list_(pa.list_(pa.null())),
-        pa.list_(pa.struct([("x1", pa.int64()), ("y1", pa.int64()), ("x2", pa.int64()), ("y2", pa.int64()),
-                            ("label", pa.string())])),
-    ]
-    refused = [
-        pa.int64(), pa.float64(), pa.binary(), pa.bool_(), pa.struct([("a", pa.int64())]), box_struct,
-        pa.list_(pa.string()), pa.list_(pa.list_(pa.string())), pa.list_(pa.struct([("x1", pa.int64())])),
-        pa.list_(pa.float64(), 3), pa.list_(pa.list_(pa.int64(), 5)), pa.list_(pa.bool_()),
-        pa.list_(pa.struct([("x1", pa.string()), ("y1", pa.int64()), ("x2", pa.int64()), ("y2", pa.int64())])),
-        pa.map_(pa.string(), pa.int64()),
-    ]
-    for kind in accepted:
-        assert coords_type_supported(kind), kind
-    for kind in refused:
-        assert not coords_type_supported(kind), kind
-
-
-def test_accepted_coords_types_parse():
-    """A value of each accepted type, as pyarrow hands it to rows, parses to boxes."""
-    cases = [
-        (pa.list_(pa.list_(pa.int64())), [[1, 2, 3, 4]]),
-        (pa.list_(pa.float64(), 4), [1.0, 2.0, 3.0, 4.0]),
-        (pa.list_(pa.int64()), [1, 2, 3, 4]),
-        (pa.list_(pa.struct([("x1", pa.int64()), ("y1", pa.int64()), ("x2", pa.int64()), ("y2", pa.int64())])),
-         [{"x1": 1, "y1": 2, "x2": 3, "y2": 4}]),
-    ]
-    for kind, value in cases:
-        python = pa.array([value], type=kind).to_pylist()[0]
-        assert [list(map(int, box)) for box in parse_coords(python)] == [[1, 2, 3, 4]], kind
-
-
 # ----------------------------------------------------------------------------- relative paths, URIs
 
 
@@ -398,23 +336,6 @@ def test_relative_paths_resolve_against_base_dir(tmp_path, monkeypatch):
     assert resolve_path("a/b.png", "gs://bucket/data/") == "gs://bucket/data/a/b.png"
     assert resolve_path("s3://x/y.png", "/base") == "s3://x/y.png"
     assert resolve_path("a.png", None) == "a.png"
-
-
-def test_unsupported_uri_scheme():
-    assert unsupported_uri_scheme("/data/a.png") is None
-    assert unsupported_uri_scheme("relative/a.png") is None
-    assert unsupported_uri_scheme("file:///data/a.png") is None
-    assert unsupported_uri_scheme("memory://a.png") is None  # fsspec's built-in in-memory filesystem
-    assert "nope://" in unsupported_uri_scheme("nope://a/b.png")
-    import importlib.util
-
-    for uri, package in (("hf://datasets/org/name/a.png", "huggingface_hub"), ("https://example.invalid/a.png",
-                                                                              "aiohttp")):
-        reason = unsupported_uri_scheme(uri)
-        if importlib.util.find_spec(package) is None:
-            assert reason is not None and "\n" not in reason and uri.split(":")[0] in reason
-        else:
-            assert reason is None
 
 
 def test_hf_uri_without_its_package_is_a_clear_error_row():
@@ -456,4 +377,4 @@ def test_odd_strings_are_bad_values_not_probes():
     for value in ("", "   ", "a\x00b"):
         error = record_error_within(read_image_bytes, value, "ref_image")
         assert (error.stage, error.error_type) == ("read", "BadImageValue")
-    assert json.loads(json.dumps(records.quote_value("x" * 500))).endswith("(500 chars)")
+    assert json.loads(json.dumps(messages.quote_value("x" * 500))).endswith("(500 chars)")

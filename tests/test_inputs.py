@@ -14,7 +14,7 @@ import pytest
 
 from transforms import parquet_io
 from transforms.parquet_io import (InputError, ReadInputSplit, ReadParquetSplit, common_schema, match_inputs,
-                                   plan_file, plan_splits, read_footer, resolve_path)
+                                   plan_file, plan_splits, read_footer)
 
 
 def _rows(split, id_column=None, **kwargs):
@@ -324,12 +324,6 @@ def test_relative_paths_in_parquet_and_structs_with_bytes(tmp_path):
     assert rows[0]["ref_image"] == {"bytes": b"PNG", "path": "kept.png"}  # bytes are what is read
     assert rows[1]["ref_image"]["path"] == str(tmp_path / "sub" / "r.png")
     assert [row["edited_image"] for row in rows] == [str(tmp_path / "e.png"), "s3://b/e.png"]
-
-
-def test_resolve_path_on_object_stores():
-    assert resolve_path("img/a.png", "gs://bucket/run/m.jsonl") == "gs://bucket/run/img/a.png"
-    assert resolve_path("../a.png", "s3://bucket/run/meta/m.jsonl") == "s3://bucket/run/a.png"
-    assert resolve_path("gs://other/a.png", "gs://bucket/m.jsonl") == "gs://other/a.png"
 
 
 # --- 5. linear reading of big row groups -----------------------------------------------------------

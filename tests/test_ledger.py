@@ -125,3 +125,23 @@ def test_mask_of_respects_the_split_window():
     assert ledger.mask_of([[0, 3], [10, 12]], 2, 9).tolist() == [True] + [False] * 7 + [True]
     assert not ledger.mask_of([], 0, 4).any() and ledger.mask_of([[0, 100]], 5, 3).all()
     assert isinstance(ledger.mask_of([], 0, 0), np.ndarray)
+
+
+def test_compaction_replaces_the_commits_by_one_and_an_interrupted_one_is_harmless(tmp_path):
+    out = str(tmp_path / "out")
+    staged = [_staged(out, f"{index}.parquet") for index in range(3)]
+    for index, path in enumerate(staged):
+        ledger.write_commit(out, "run1", [ledger.StagedFile(layout.SCORES, path, 2)],
+                            {"/in/a": [[2 * index, 2 * index + 2]]}, name=f"{index}")
+    state = ledger.read_state(out)
+    done, kept = state.done(), sorted(item.path for item in state.kept_files())
+    # interrupted: the compacted record is written, the old ones not yet deleted -> it overlaps, it is dropped
+    ledger.write_commit(out, "run2", state.kept_files(), done, name="x-compacted")
+    interrupted = ledger.read_state(out)
+    assert len(interrupted.commits) == 3 and len(interrupted.dropped) == 1 and interrupted.done() == done
+    ledger.remove_orphans(interrupted)
+    assert all(os.path.exists(path) for path in staged)
+    assert ledger.compact(ledger.read_state(out), "run2") == 3
+    after = ledger.read_state(out)
+    assert len(after.commits) == 1 and after.done() == done == {"/in/a": [[0, 6]]}
+    assert sorted(item.path for item in after.kept_files()) == kept

@@ -137,7 +137,7 @@ def test_requirements_cover_every_third_party_import(sdist: pathlib.Path) -> Non
         assert names & optional, f"{module} (imported by {sorted(files)}) is in neither install_requires nor extras"
         # Extras only for code no worker runs (the demo's photographs), or an optional reader a worker uses
         # when it is installed (fsspec, for URIs Beam's filesystems do not know).
-        allowed = {"fsspec": {"transforms/records.py"}}.get(module, {"pipeline/demo.py"})
+        allowed = {"fsspec": {"transforms/uri_io.py"}}.get(module, {"pipeline/demo.py"})
         assert files == allowed, f"{module} is only an extra but {sorted(files)} import it"
     # lpips imports torchvision itself; workers need it even though no module of ours names it.
     assert "torchvision" in declared

@@ -313,8 +313,12 @@ def test_a_stream_killed_at_each_step_of_a_window_commit_continues(step, tmp_pat
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 137, output[-3000:]
+    with open(layout.runner_pids_path(str(out))) as handle:
+        left_running = [int(pid) for pid in handle.read().split()]  # Prism, orphaned by the kill
     resumed = subprocess.run(_stream_command(tmp_path, "none", 12), cwd=ROOT, capture_output=True, text=True,
                              timeout=240)
+    for pid in left_running:  # the same command stopped them
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr and "continuing the stream" in resumed.stderr
     table = pa.concat_tables(tables)

@@ -22,29 +22,13 @@ from apache_beam.testing.util import assert_that
 
 from pipeline.options import LpipsPipeOptions, parse_options
 from tests.data_helpers import demo_table
-from transforms.records import BoundedCache, RecordConfig, prepare_pair
+from transforms.cache import BoundedCache
+from transforms.records import RecordConfig, prepare_pair
 from transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes, reference_group_key
 from transforms.stage import ScoreLPIPS
 
 
-# --------------------------------------------------------------------------- the cache itself
-
-
-def test_bounded_cache_stays_in_bound_and_evicts_least_recently_used():
-    cache = BoundedCache(100)
-    for key in range(10):
-        cache.put(key, f"v{key}", 30)
-        assert cache.bytes_used <= 100
-    assert len(cache) == 3 and cache.evictions == 7
-    assert cache.get(9) == "v9" and cache.get(0) is None
-    cache.get(7)  # now most recent: 8 goes first
-    cache.put("big", "x", 101)  # larger than the bound: not kept, nothing evicted
-    assert "big" not in cache and len(cache) == 3
-    cache.put("new", "y", 30)
-    assert "8" not in cache and 8 not in cache and 7 in cache and cache.bytes_used == 90
-    assert (cache.hits, cache.misses) == (2, 1)
-    with pytest.raises(ValueError):
-        BoundedCache(-1)
+# --------------------------------------------------------------------------- the cache budget (the cache itself: test_cache.py)
 
 
 def test_reference_cache_mb_split():

@@ -26,6 +26,7 @@ import.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -52,7 +53,8 @@ LEDGER_RUN_PREFIX = "run-"
 LEDGER_COMMIT_PREFIX = "commit-"
 LEDGER_PUBLISH_PREFIX = "publish-"
 LEDGER_TEMP_SUFFIX = ".tmp"  # a record being written (local disks): never read
-STAGING_PUBLISH = "publish"  # OUT/_staging/<run>/publish/: merged files of a batch run's last step
+STAGING_PUBLISH = "publish"
+RUNNER_PIDS = "runner-processes"  # OUT/_staging/<run>/publish/: merged files of a batch run's last step
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -132,8 +134,9 @@ _GLOB_CHARS = "*?["
 
 
 def escape_glob(path: str) -> str:
-    """``path`` as a Beam match pattern that matches only itself (``[``, ``*``, ``?`` taken literally)."""
-    return "".join(f"[{char}]" if char in _GLOB_CHARS else char for char in path)
+    """``path`` as a Beam match pattern that matches only itself (``[``, ``*``, ``?`` taken literally, as
+    ``[[]``, ``[*]``, ``[?]``: :func:`glob.escape`, which on Windows leaves a drive or UNC share as it is)."""
+    return glob.escape(path)
 
 
 def has_glob(pattern: str) -> bool:
@@ -187,6 +190,12 @@ def shard_name(index: int, count: int, tag: str = "") -> str:
     """``part-SSSSS-of-NNNNN.parquet`` (``part-<tag>-SSSSS-of-NNNNN.parquet`` with a tag)."""
     prefix = f"{SHARD_PREFIX}-{tag}" if tag else SHARD_PREFIX
     return f"{prefix}-{index:05d}-of-{count:05d}{PARQUET_SUFFIX}"
+
+
+def runner_pids_path(output: str) -> str:
+    """``OUT/_staging/runner-processes``: the runner processes a run started (stopped by the next run if the
+    first was killed and left them orphaned)."""
+    return FileSystems.join(staging_dir(output), RUNNER_PIDS)
 
 
 def lock_path(output: str) -> str:

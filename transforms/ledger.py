@@ -28,6 +28,9 @@ one ``publish`` record at its end, a stream one record per window. So at any kil
 - a row is in at most one kept record: records whose input rows overlap an earlier record's (a bundle a
   cluster runner retried after it had committed) are dropped with their files, and their rows scored again.
 
+A restart reads every record once, then replaces the commit records by one (:func:`compact`), so its cost
+grows with the windows or splits since the last restart, not with the whole history.
+
 A batch run commits whenever a split's rows have all reached the writer, or every
 :data:`COMMIT_INTERVAL_S` seconds of writing, so a killed run redoes at most the splits in flight; a finished
 batch run leaves no ledger (only ``scores/`` and ``errors/``), a stream keeps its ledger so the same command
@@ -42,6 +45,7 @@ import logging
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -55,6 +59,7 @@ BATCH, STREAM = "batch", "stream"
 # A batch run commits what it has written at least this often (besides at every finished split).
 COMMIT_INTERVAL_S = 2.0
 FORMAT = 1
+READ_THREADS = 8
 
 
 class LedgerError(ValueError):
@@ -238,6 +243,9 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 
 
 def _read_json(path: str) -> Any:
+    if "://" not in path:
+        with open(path, "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return json.loads(handle.read().decode("utf-8"))
 
@@ -253,6 +261,13 @@ def _absolute(output: str, path: str) -> str:
     if "://" in path or os.path.isabs(path):
         return path
     return FileSystems.join(output, path)
+
+
+def _load(path: str) -> tuple[Any, Optional[Exception]]:
+    try:
+        return _read_json(path), None
+    except (ValueError, OSError) as error:
+        return None, error
 
 
 def _staged(output: str, item: Mapping[str, Any]) -> StagedFile:
@@ -274,12 +289,19 @@ def read_state(output: str) -> LedgerState:
     directory = layout.ledger_dir(output)
     if not FileSystems.exists(directory):
         return state
-    paths = layout.match(FileSystems.join(layout.escape_glob(directory), f"*{layout.JSON_SUFFIX}"))
+    if "://" in directory:
+        paths = layout.match(FileSystems.join(layout.escape_glob(directory), f"*{layout.JSON_SUFFIX}"))
+    else:
+        paths = sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                       if name.endswith(layout.JSON_SUFFIX))
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores: one request per record, in parallel
+        loaded = list(pool.map(_load, paths))
     commits: list[Commit] = []
-    for path in paths:
+    for path, (data, error) in zip(paths, loaded):
         name = path.rsplit("/", 1)[-1]
         try:
-            data = _read_json(path)
+            if error is not None:
+                raise error
             if not isinstance(data, dict):
                 raise ValueError(f"a JSON object was expected, got {type(data).__name__}")
             if name.startswith(layout.LEDGER_RUN_PREFIX):
@@ -416,6 +438,20 @@ def remove_orphans(state: LedgerState) -> int:
     if orphans:
         layout.delete(orphans)
     return len(orphans)
+
+
+def compact(state: LedgerState, run: str) -> int:
+    """Replace the kept commit records by one (call after :func:`roll_forward`: their moves are made), so the
+    next restart reads one record instead of one per window or split. The new record sorts after the old
+    ones: if this is interrupted before they are deleted, it overlaps them and is dropped by the next
+    :func:`read_state` (same content). Returns how many records it replaced."""
+    if len(state.commits) <= 1:
+        return 0
+    kept_files = [staged for commit in state.commits for staged in commit.files if not staged.final]
+    write_commit(state.output, run, kept_files, state.done(), name=f"{0:020d}-compacted")
+    old = [FileSystems.join(layout.ledger_dir(state.output), commit.name) for commit in state.commits]
+    layout.delete(old)
+    return len(old)
 
 
 def clear(output: str) -> None:

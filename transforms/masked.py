@@ -61,7 +61,7 @@ def masked_lpips(ref: Any, edited: Any, coords: Optional[Sequence[Any]] = None, 
 
     ``coords``: boxes ``[[x1, y1, x2, y2], ...]`` (or one flat box) in reference pixels; ``scope``:
     ``unedit_area`` (outside the boxes), ``edit_area`` (inside) or ``full``. Raises
-    :class:`transforms.records.RecordError` (with ``stage``, ``error_type``) for an input the stage would
+    :class:`transforms.messages.RecordError` (with ``stage``, ``error_type``) for an input the stage would
     send to its errors output.
 
     ``return_map=True`` returns ``(score, drift_map)``: ``score`` is exactly the float returned without it,

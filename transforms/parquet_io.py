@@ -25,10 +25,10 @@ Splits, all linear (every stored row is decoded once):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
-import posixpath
 import re
 import stat
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
@@ -42,7 +42,9 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import layout
 from transforms.layout import CounterName
+from transforms.messages import one_line
 from transforms.metrics import counter
+from transforms.uri_io import resolve_against_file
 
 READ_BATCH_ROWS = 64
 SPLIT_ROWS = 256
@@ -52,7 +54,6 @@ PARQUET = "parquet"
 JSONL = "jsonl"
 _SCAN_BLOCK = 8 << 20  # JSON Lines planning reads this much at a time
 MAX_LINE_BYTES = 1 << 30  # one JSON Lines line larger than this is refused
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 13, 32]] = True
 
@@ -61,9 +62,7 @@ class InputError(ValueError):
     """An input file or ``--input`` cannot be read as it is; the message is one line naming it."""
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
+_one_line = functools.partial(one_line, limit=300, cut_to=297)  # a reason in an InputError: at most 300 chars
 
 
 def input_format(path: str) -> str:
@@ -516,22 +515,11 @@ def _batches(split: ParquetSplit) -> Iterator[tuple[int, pa.RecordBatch]]:
                 return
 
 
-def resolve_path(value: str, base_file: str) -> str:
-    """``value`` (an image path) made absolute against the folder of ``base_file`` when it is relative (no
-    scheme such as ``gs://``, not absolute); other values are returned unchanged."""
-    if not value or _URI.match(value) or value.startswith(("/", "data:")):
-        return value
-    if _is_local(base_file):
-        return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base_file)), value))
-    scheme, rest = base_file.split("://", 1)
-    return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), value))}"
-
-
 def _resolve_image(value: Any, base_file: str) -> Any:
     if isinstance(value, str):
-        return resolve_path(value, base_file)
+        return resolve_against_file(value, base_file)
     if isinstance(value, dict) and isinstance(value.get("path"), str) and not value.get("bytes"):
-        return {**value, "path": resolve_path(value["path"], base_file)}
+        return {**value, "path": resolve_against_file(value["path"], base_file)}
     return value
 
 

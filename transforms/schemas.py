@@ -22,7 +22,8 @@ import pyarrow as pa
 from transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
                                ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
                                SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
-from transforms.records import RecordConfig, coords_type_supported
+from transforms.coords import coords_type_supported
+from transforms.records import RecordConfig
 
 class InputSchemaError(ValueError):
     """The input files cannot be read as pairs (missing or mistyped column)."""

