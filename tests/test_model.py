@@ -192,13 +192,19 @@ def test_side_by_side_lanes_give_the_bits_of_one_call_at_a_time(alex_scorer):
     refs, filled = np.stack([p.reference for p in pairs]), np.stack([p.filled for p in pairs])
     keys = [None] * len(pairs)
     assert alex_scorer.lanes == min(torch.get_num_threads(), lpips_scorer.MAX_CPU_LANES)
-    laned = alex_scorer.raw_scores_reused(refs, filled, keys, 0)
-    lanes = alex_scorer.lanes
+    saved = alex_scorer.lanes, alex_scorer.lane_threads, alex_scorer._lane_pool
     try:
+        # Two lanes of one torch thread each, whatever this machine's thread count: the laned path really
+        # runs its calls side by side in the lane threads (with one torch thread it would be the serial path).
+        alex_scorer.lanes, alex_scorer.lane_threads, alex_scorer._lane_pool = 2, 1, None
+        laned = alex_scorer.raw_scores_reused(refs, filled, keys, 0)
+        assert alex_scorer._lane_pool is not None and alex_scorer._lane_pool._max_workers == 2
         alex_scorer.lanes = 1
         serial = alex_scorer.raw_scores_reused(refs, filled, keys, 0)
     finally:
-        alex_scorer.lanes = lanes
+        if alex_scorer._lane_pool is not None and alex_scorer._lane_pool is not saved[2]:
+            alex_scorer._lane_pool.shutdown()
+        alex_scorer.lanes, alex_scorer.lane_threads, alex_scorer._lane_pool = saved
     assert laned.tobytes() == serial.tobytes()
     fused = np.concatenate([alex_scorer.raw_scores(p.reference[None], p.filled[None]) for p in pairs])
     assert fused.tobytes() == laned.tobytes()
