@@ -1,18 +1,21 @@
 """lpips-pipe's job and commands: options, plan and graph (``job``), streaming, the command line (``cli``),
 report, filter.
 
-The command line hides one log line of Beam's own import (optional BigQuery clients missing), which is not
-the user's concern; it is installed here, before anything imports Beam.
+The command line hides two of Beam's root-logger lines that are not the user's concern (optional BigQuery
+clients missing, at import; waiting for a local job server's channel); the filter is installed here, before
+anything imports Beam.
 """
 
 import logging
 
 
 class _DropBeamImportNoise(logging.Filter):
-    """Beam logs a warning about optional BigQuery clients on import; it is not ours to show."""
+    """Beam logs a warning about optional BigQuery clients on import, and one while a local job server starts;
+    they are not ours to show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "apitools not found" not in record.getMessage()
+        message = record.getMessage()
+        return "apitools not found" not in message and "Waiting for grpc channel to be ready" not in message
 
 
 logging.getLogger().addFilter(_DropBeamImportNoise())

@@ -250,6 +250,21 @@ def written_line(output: str) -> str:
             f"{rows_e} error rows in {files_e} file(s) under {layout.kind_dir(output, layout.ERRORS)}")
 
 
+def quiet_beam() -> None:
+    """Once a stream is being stopped, what Beam's worker threads and the runner say as the connections close
+    (gRPC ``UNAVAILABLE`` tracebacks, "Exception in thread ..." when the runner got the same signal, the runner
+    service going down) goes to the debug log, not to the terminal: the stop is expected, and the command
+    prints one line saying what was written."""
+    for name in ("apache_beam", "grpc", "PrismRunner"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def hook(args: Any) -> None:
+        _LOGGER.debug("after the stop, thread %s: %s: %s", getattr(args.thread, "name", "?"),
+                      getattr(args.exc_type, "__name__", args.exc_type), args.exc_value)
+
+    threading.excepthook = hook
+
+
 def _cancel_on_signals(result: Any, stopped_by: list[str]) -> Any:
     """SIGINT/SIGTERM cancel the running job (windows already written stay); returns a function that puts
     the earlier handlers back."""
@@ -259,12 +274,13 @@ def _cancel_on_signals(result: Any, stopped_by: list[str]) -> Any:
 
     def handler(signum: int, frame: Any) -> None:
         stopped_by.append(signal.Signals(signum).name)
-        _LOGGER.warning("streaming: %s received; cancelling the job (finished windows are kept)",
-                        signal.Signals(signum).name)
+        quiet_beam()
+        _LOGGER.debug("streaming: %s received; cancelling the job (finished windows are kept)",
+                      signal.Signals(signum).name)
         try:
             result.cancel()
-        except Exception as error:  # already done
-            _LOGGER.info("cancel: %s", error)
+        except Exception as error:  # already done, or the runner got the signal too (a terminal's Ctrl-C)
+            _LOGGER.debug("cancel: %s", error)
 
     for sig in earlier:
         signal.signal(sig, handler)

@@ -331,3 +331,101 @@ def test_a_stream_killed_at_each_step_of_a_window_commit_continues(step, tmp_pat
     staging = out / layout.STAGING
     leftovers = [p for p in staging.rglob("*") if p.is_file() and layout.LEDGER not in p.relative_to(staging).parts]
     assert leftovers == []  # only the ledger stays, to continue the stream later
+
+
+def _runner_args(runner: str) -> list[str]:
+    return [] if runner == "prism" else ["--runner", "FlinkRunner", "--flink_master=[local]"]
+
+
+@pytest.mark.parametrize("runner", [
+    pytest.param("prism", marks=pytest.mark.skipif(runners.prism_binary() is None,
+                                                   reason=f"Prism is not built here ({runners.SETUP_STEP})")),
+    pytest.param("flink", marks=pytest.mark.skipif(runners.flink_job_server_jar() is None,
+                                                   reason=f"Flink is not built here ({runners.SETUP_STEP})")),
+])
+def test_the_users_scenario_sigterm_then_sigkill_then_the_same_command(runner, tmp_path, no_orphaned_prism):
+    """Stream file 0, SIGTERM; file 1 lands; the same command; SIGKILL while file 2 lands; the same command
+    with --watch_stop_after: exit 0 and the rows of all three files exactly once."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    command = [sys.executable, "-m", "pipeline", "--streaming", "--input", str(incoming / "*.parquet"),
+               "--output", str(out), "--watch_interval", "1", "--no_report", *_runner_args(runner)]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def written_files() -> int:
+        folder = out / layout.SCORES
+        return len(list(folder.glob("*.parquet"))) if folder.is_dir() else 0
+
+    tables = [_land(incoming, 0)]
+    first = start()
+    try:
+        assert _wait(lambda: written_files() >= 1 or first.poll() is not None, 150)
+        os.killpg(first.pid, signal.SIGTERM)
+        output, _ = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0 and "streaming stopped on SIGTERM" in output, output[-3000:]
+    assert "the same command continues" in output and "Traceback" not in output, output[-3000:]
+    tables.append(_land(incoming, 1))
+    second = start()
+    try:
+        assert _wait(lambda: written_files() >= 2 or second.poll() is not None, 150)
+        tables.append(_land(incoming, 2))
+        time.sleep(1.5)
+        os.killpg(second.pid, signal.SIGKILL)  # while file 2 lands: maybe read, surely not written
+        second.communicate(timeout=30)
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    third = subprocess.run([*command, "--watch_stop_after", "25" if runner == "prism" else "45"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    table = pa.concat_tables(tables)
+    scores, errors = _outputs(str(out))
+    origins = collections.Counter(zip(scores.column(layout.SOURCE_FILE_FIELD).to_pylist()
+                                      + errors.column(layout.SOURCE_FILE_FIELD).to_pylist(),
+                                      scores.column(layout.SOURCE_ROW_FIELD).to_pylist()
+                                      + errors.column(layout.SOURCE_ROW_FIELD).to_pylist()))
+    assert len(origins) == table.num_rows and set(origins.values()) == {1}, origins.most_common(3)
+    assert sorted(scores.column("id").to_pylist() + errors.column("id").to_pylist()) == sorted(
+        table.column("id").to_pylist())
+
+
+def _wait(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a small filesystem (tmpfs) needs root")
+def test_a_full_disk_then_the_same_command_once_space_is_free(inputs, baseline, tmp_path, capsys):
+    """The output fills up mid-run (a 48 KB tmpfs): exit 1; with space made, the same command finishes
+    with every row once and the rows committed before the disk filled kept."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(small)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        pattern, table = inputs
+        out = str(small / "out")
+        argv = ["--input", pattern, "--output", out, "--no_report"]
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "run the same command again" in err, err
+        kept = ledger.read_state(out).done_rows
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+        assert cli.main(argv) == 0
+        stdout = capsys.readouterr().out
+        assert (f"resumed: kept {kept} rows" in stdout) if kept else ("resumed" not in stdout)
+        assert_exactly_once(out, table, baseline)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
