@@ -152,6 +152,7 @@ def check_output(output: str) -> None:
         raise JobError(f"--output {output}: no filesystem for {scheme}:// in this installation "
                        "(e.g. gs:// needs `pip install apache-beam[gcp]`)") from error
     if "://" in output:
+        probe_output(output, output)
         return
     if os.path.exists(output) and not os.path.isdir(output):
         raise JobError(f"--output {output} is a file, not a directory")
@@ -162,6 +163,21 @@ def check_output(output: str) -> None:
         raise JobError(f"--output {output}: {target} is a file, not a directory")
     if not os.access(target, os.W_OK | os.X_OK):
         raise JobError(f"--output {output} cannot be written (no permission in {target})")
+    probe_output(output if os.path.isdir(output) else target, output)
+
+
+def probe_output(folder: str, output: str) -> None:
+    """Create and remove a small file in ``folder`` (``--output`` or its nearest existing parent), so that an
+    output nothing can be written to (a read-only mount, ``/proc``, a full disk) is a one-line
+    :class:`JobError` at planning, before the model loads."""
+    probe = FileSystems.join(folder, f".lpips-pipe-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        with FileSystems.create(probe) as handle:
+            handle.write(b"probe")
+        FileSystems.delete([probe])
+    except Exception as error:  # pylint: disable=broad-except  # OSError, BeamIOError, permission errors
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise JobError(f"--output {output} cannot be written ({reason})") from error
 
 
 def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
@@ -195,22 +211,35 @@ URI_SAMPLE_ROWS = 64
 
 
 def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records: RecordConfig) -> None:
-    """Path/URI image columns: the first rows' schemes must be readable here (``hf://`` without fsspec,
-    an unknown scheme, ``gs://`` without Beam's GCP extra would fail every row). Reads only those columns
-    of the first split."""
+    """Path/URI image columns: refuse the job only when no row could be read at all (every value a scheme
+    nothing here reads: ``hf://`` without fsspec, ``gs://`` without Beam's GCP extra, an unknown scheme).
+    A few such rows among readable ones are error rows ``UnsupportedUri`` naming the package that would
+    read them. Reads only those columns, split by split, until a readable value is found (the first split's
+    first rows, for a dataset that can be read)."""
     columns = [name for name in records.image_columns
                if pa.types.is_string(schema.field(name).type) or pa.types.is_large_string(schema.field(name).type)]
     if not columns or not splits:
         return
     for column in columns:
-        try:
-            values = read_split_column(splits[0], column).slice(0, URI_SAMPLE_ROWS).to_pylist()
-        except (OSError, ValueError):  # unreadable here: the rows will say so
-            continue
-        for value in values:
-            problem = unsupported_uri_scheme(value) if isinstance(value, str) else None
-            if problem:
-                raise JobError(f"{splits[0].path}: column {column!r} holds {value[:120]!r}: {problem}")
+        first_problem: Optional[str] = None
+        readable = False
+        for split in splits:
+            try:
+                values = read_split_column(split, column).to_pylist()
+            except (OSError, ValueError):  # unreadable here: the rows will say so
+                readable = True
+                break
+            for value in values:
+                problem = unsupported_uri_scheme(value) if isinstance(value, str) and value else None
+                if problem is None:
+                    readable = True
+                    break
+                if first_problem is None:
+                    first_problem = f"{split.path}: column {column!r} holds {value[:120]!r}: {problem}"
+            if readable:
+                break
+        if not readable and first_problem is not None:
+            raise JobError(f"no row's {column!r} can be read here; {first_problem}")
 
 
 def run_settings(model: ModelConfig, records: RecordConfig, weights_sha256: Optional[str]) -> dict:

@@ -114,17 +114,24 @@ def _beam_filesystem(value: str) -> Optional[Any]:
     return None if isinstance(filesystem, LocalFileSystem) else filesystem
 
 
+# Beam's own filesystems for these schemes come with an extra of apache-beam.
+BEAM_EXTRAS = {"gs": "apache-beam[gcp]", "s3": "apache-beam[aws]", "azfs": "apache-beam[azure]"}
+
+
 def _fsspec_problem(scheme: str) -> Optional[str]:
-    """``None`` when fsspec can read ``scheme://`` here, else why not (no network use)."""
+    """``None`` when fsspec can read ``scheme://`` here, else why not (no network use), naming the package
+    that would read it."""
+    beam_extra = f"; or `pip install {BEAM_EXTRAS[scheme]}` for Beam's own {scheme}://" if scheme in BEAM_EXTRAS else ""
     try:
         import fsspec
     except ImportError:
-        return f"{scheme}:// is not a Beam filesystem here and fsspec is not installed (pip install fsspec)"
+        return (f"{scheme}:// is not a Beam filesystem here and fsspec is not installed (pip install fsspec)"
+                f"{beam_extra}")
     try:
         fsspec.get_filesystem_class(scheme)
     except ImportError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"{scheme}:// needs a package fsspec lacks here: {reason}"
+        return f"{scheme}:// needs a package fsspec lacks here: {reason}{beam_extra}"
     except Exception:
         return f"{scheme}:// is known neither to Beam's filesystems nor to fsspec"
     return None
