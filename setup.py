@@ -31,6 +31,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lpips-pipe=pipeline.cli:console_main",
+            "lpips-pipe-calibrate=pipeline.calibrate:main",
             "lpips-pipe-export-weights=pipeline.export_weights:main",
             "lpips-pipe-filter=pipeline.filter:main",
             "lpips-pipe-report=pipeline.report:main",

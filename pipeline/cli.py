@@ -13,10 +13,15 @@ summary and writes the report. Exit codes:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
+import re
 import sys
-from typing import Mapping, Optional, Sequence
+import tempfile
+import traceback
+from typing import Iterator, Mapping, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -29,6 +34,8 @@ from transforms import layout, ledger
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Loggers of the locally started runners ("Really starting service at ...", Prism's pipeline messages).
+RUNNER_CHATTER = ("apache_beam.utils.subprocess_server", "PrismRunner")
 
 
 def format_summary(totals: Mapping[str, int], output: str, wall_s: Optional[float] = None) -> str:
@@ -124,6 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point; returns the exit code (see the module docstring)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lpips_pipe").setLevel(logging.INFO)
+    for name in RUNNER_CHATTER:  # the local runners' own start and stop messages: not the user's concern
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = list(sys.argv[1:] if argv is None else argv)
     if "-h" in args or "--help" in args:
         print(help_text())
@@ -147,18 +156,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      plan.rows_to_score)
     _LOGGER.info("scoring %d file(s), %d rows, with LPIPS %s, weights from %s", len(plan.files), plan.rows_to_score,
                  options.net, plan.weights_source)
-    try:
-        outcome = job.run_plan(plan, pipeline_options)
-    except job.JobError as error:  # e.g. another run took the output between planning and start
-        _print_error(str(error))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _print_error(f"interrupted; {describe_written(options.output)}")
-        return EXIT_INTERRUPTED
-    except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
-        _LOGGER.debug("the job failed", exc_info=True)
-        _print_error(f"the job failed ({_reason(error)}); {describe_written(options.output)}")
-        return EXIT_FAILED
+    with beam_errors_to_a_file() as details:
+        try:
+            outcome = job.run_plan(plan, pipeline_options, bar_stream=sys.stderr)
+        except job.JobError as error:  # e.g. another run took the output between planning and start
+            _print_error(str(error))
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            _print_error(f"interrupted; {describe_written(options.output)}")
+            return EXIT_INTERRUPTED
+        except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
+            _print_error(f"{failure_line(error, options.output)}; {describe_written(options.output)}; "
+                         f"details: {details.keep(error)}")
+            return EXIT_FAILED
     print(format_summary(outcome.counters, options.output, outcome.wall_s))
     return _finish(options, outcome.counters, outcome)
 
@@ -177,6 +187,65 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+_OS_ERROR = re.compile(r"\[Errno (\d+)\] ([^\[\]:'\n]+?)(?::\s*'([^']+)')?\s*(?:\[|$|\n|')")
+
+
+def failure_line(error: BaseException, output: str) -> str:
+    """What failed, in one line: for an environmental failure (a full disk, a permission lost, a filesystem
+    error on write), the path and the OS error; else the error's type and first line."""
+    found = _OS_ERROR.search(str(error))
+    if found:
+        errno, text, path = found.group(1), found.group(2).strip(), found.group(3)
+        return f"the job failed on {path or output} ([Errno {errno}] {text})"
+    return f"the job failed ({_reason(error)})"
+
+
+class _FailureLog:
+    """A temporary log file for one run (see :func:`beam_errors_to_a_file`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.kept = False
+
+    def keep(self, error: BaseException) -> str:
+        """Add ``error``'s traceback to the file and return its path (it is kept for the user)."""
+        self.kept = True
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        return self.path
+
+
+class _NotOnTheTerminal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("apache_beam") and record.levelno >= logging.ERROR)
+
+
+@contextlib.contextmanager
+def beam_errors_to_a_file() -> Iterator[_FailureLog]:
+    """During a run, Beam's error records (with its tracebacks) go to a temporary log file instead of the
+    terminal: a failed run prints one line naming that file; a run that ends well removes it."""
+    descriptor, path = tempfile.mkstemp(prefix="lpips-pipe-", suffix=".log")
+    os.close(descriptor)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    quiet = _NotOnTheTerminal()
+    console = list(logging.getLogger().handlers)
+    for existing in console:
+        existing.addFilter(quiet)
+    logging.getLogger("apache_beam").addHandler(handler)
+    log = _FailureLog(path)
+    try:
+        yield log
+    finally:
+        logging.getLogger("apache_beam").removeHandler(handler)
+        handler.close()
+        for existing in console:
+            existing.removeFilter(quiet)
+        if not log.kept:
+            os.remove(path)
+
+
 def _finish(options: LpipsPipeOptions, counters: dict[str, int], outcome: job.JobOutcome) -> int:
     """Report, then the exit code: 3 when more rows failed than --max_error_fraction allows."""
     if not options.no_report:
@@ -192,18 +261,20 @@ def _stream(pipeline_options: PipelineOptions, options: LpipsPipeOptions) -> int
     """``--streaming``: run until the stream stops, then say what was written."""
     from pipeline import streaming  # imports PeriodicImpulse and state specs only when streaming
 
-    try:
-        outcome = streaming.run_stream(pipeline_options)
-    except job.JobError as error:
-        _print_error(str(error))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _print_error(f"interrupted before the stream started; {streaming.written_line(options.output)}")
-        return EXIT_INTERRUPTED
-    except Exception as error:
-        _LOGGER.debug("the stream failed", exc_info=True)
-        _print_error(f"the stream failed ({_reason(error)}); {streaming.written_line(options.output)}")
-        return EXIT_FAILED
+    with beam_errors_to_a_file() as details:
+        try:
+            outcome = streaming.run_stream(pipeline_options, bar_stream=sys.stderr)
+        except job.JobError as error:
+            _print_error(str(error))
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            _print_error(f"interrupted before the stream started; {streaming.written_line(options.output)}")
+            return EXIT_INTERRUPTED
+        except Exception as error:
+            line = failure_line(error, options.output).replace("the job failed", "the stream failed", 1)
+            _print_error(f"{line}; {streaming.written_line(options.output)}; the same command continues the "
+                         f"stream; details: {details.keep(error)}")
+            return EXIT_FAILED
     if outcome.counters:
         print(format_summary(outcome.counters, options.output, outcome.wall_s))
     how = f"on {outcome.stopped_by}" if outcome.stopped_by else "by itself"

@@ -1,8 +1,14 @@
 """lpips-pipe-filter: split scored rows (and, optionally, the original input rows) into kept and rejected Parquet.
 
-``python -m pipeline.filter --scores RUN_DIR --output OUT (--threshold X | --tiers tiers.yaml)
-[--group_column edit] [--std population|sample] [--source 'data/*.parquet' [--source_id_column id]]
-[--allow_mixed] [--overwrite]``
+``python -m pipeline.filter --scores RUN_DIR --output OUT (--threshold X | --tiers tiers.yaml |
+--calibration CAL/calibration.json [--calibration_fallback overall]) [--group_column edit]
+[--std population|sample] [--source 'data/*.parquet' [--source_id_column id]] [--allow_mixed] [--overwrite]``
+
+``--calibration`` (a ``calibration.json`` of :mod:`pipeline.calibrate`) keeps a row when its lpips is at most
+its group's threshold, grouped by the calibration's group column (the scores must have it). A group of the
+scores without a threshold there is refused, naming it, unless ``--calibration_fallback overall`` (the
+overall threshold); scores whose provenance differs from the calibrated scores' are refused unless
+``--allow_mixed``; ``filter.json`` records the calibration file and the threshold each group got.
 
 ``--scores`` is a job's output directory (its ``scores/*.parquet``, and older flat ``scores-*.parquet``), a
 scores folder, one Parquet file or a glob (:func:`transforms.layout.scores_files`). For each scores file ``i``
@@ -58,6 +64,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import filtering, layout
+from transforms import calibration as calibration_rules
+from transforms.messages import one_line as _one_line
 
 PROG = "lpips-pipe-filter"
 SCORE_COLUMN = layout.LPIPS_FIELD
@@ -88,10 +96,6 @@ class FilterOutcome:
     # rows written to kept_source / rejected_source / unscored_source (``--source`` only)
     source: dict[str, int] = field(default_factory=dict)
     provenance: dict[str, list[Any]] = field(default_factory=dict)
-
-
-def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
 
 
 def _is_local(path: str) -> bool:
@@ -306,19 +310,25 @@ def _cast_ids(ids: Any, join_type: pa.DataType) -> Any:
 def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                tiers: Optional[filtering.TierConfig] = None, group_column: Optional[str] = None,
                std: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
-               source_id_column: str = ID_COLUMN, allow_mixed: bool = False) -> FilterOutcome:
+               source_id_column: str = ID_COLUMN, allow_mixed: bool = False,
+               calibration: Optional[calibration_rules.CalibrationRule] = None,
+               calibration_fallback: Optional[str] = None, calibration_path: Optional[str] = None) -> FilterOutcome:
     """Filter the scores ``scores`` names into ``output`` (see the module docstring).
 
-    Exactly one of ``threshold`` / ``tiers``. ``group_column`` and ``std`` override the config's. With
-    ``source``, the original input rows are split too (``kept_source/``, ``rejected_source/``,
-    ``unscored_source/``). Every check runs before anything is written.
+    Exactly one of ``threshold`` / ``tiers`` / ``calibration`` (a calibration.json's per-group thresholds,
+    grouped by its group column; ``calibration_fallback="overall"`` gives groups without one the overall
+    threshold). ``group_column`` and ``std`` override the config's. With ``source``, the original input rows
+    are split too (``kept_source/``, ``rejected_source/``, ``unscored_source/``). Every check runs before
+    anything is written.
     """
-    if (threshold is None) == (tiers is None):
-        raise FilterError("give exactly one of --threshold X or --tiers CONFIG")
+    if sum(rule is not None for rule in (threshold, tiers, calibration)) != 1:
+        raise FilterError("give exactly one of --threshold X, --tiers CONFIG or --calibration CALIBRATION_JSON")
+    group_column = _calibration_group(calibration, calibration_fallback, calibration_path, group_column)
     group_column = group_column or (tiers.group_column if tiers else None)
     std = std or (tiers.std if tiers else "population")
     _check_output(output)
     files = resolve_scores(scores)
+    _check_calibration_column(files, calibration, calibration_path)
     schema = _check_schema(files, group_column)
     source_files: list[str] = []
     join_type = None
@@ -338,6 +348,8 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     for path in files:
         for batch in _batches(path, stat_columns):
             stats.accumulate(_keys(batch, group_column), _scores(batch))
+    used = (_calibration_plan(files, calibration, stats, calibration_fallback, allow_mixed, calibration_path)
+            if calibration is not None else None)  # {group: threshold}; refuses before anything is written
     if existing:  # every check passed: now replace the earlier outputs
         layout.delete(existing)
 
@@ -356,6 +368,9 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                 if tiers is not None:
                     tier = filtering.assign_tiers(z, tiers)
                     keep = filtering.kept(tier, tiers.keep)
+                elif calibration is not None and used is not None:  # lpips <= the row's group threshold
+                    tier = calibration.tiers(_keys(batch, group_column), values, used)
+                    keep = filtering.kept(tier, frozenset([filtering.PASS_TIER]))
                 else:
                     tier = filtering.threshold_tiers(values, threshold)
                     keep = filtering.kept(tier, frozenset([filtering.PASS_TIER]))
@@ -390,6 +405,9 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     rule: dict[str, Any] = ({"threshold": threshold} if tiers is None else
                             {"cut_offs": dict(tiers.tiers), "keep": sorted(tiers.keep), "rest": tiers.rest,
                              "direction": tiers.direction})
+    if calibration is not None:  # the calibration's rule: its file and the thresholds each group got
+        rule = {"threshold": None, "calibration": calibration_path, "calibration_thresholds": used,
+                "calibration_overall_threshold": calibration.overall, "calibration_fallback": calibration_fallback}
     summary = {"scores": files, **rule, "group_column": group_column, "std": std, "kept": outcome.kept,
                "rejected": outcome.rejected, "tier_rows": outcome.tiers, "groups": outcome.groups,
                "provenance": {name: [_json_safe(v) for v in values] for name, values in provenance.items()},
@@ -399,6 +417,63 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     with FileSystems.create(FileSystems.join(output, SUMMARY_JSON)) as handle:
         handle.write(json.dumps(summary, indent=2, default=str).encode("utf-8"))
     return outcome
+
+
+def _calibration_group(calibration: Optional[calibration_rules.CalibrationRule], fallback: Optional[str],
+                       path: Optional[str], group_column: Optional[str]) -> Optional[str]:
+    """The group column of a ``--calibration`` run (the calibration's); checks ``--calibration_fallback``."""
+    if calibration is None:
+        if fallback is not None:
+            raise FilterError("--calibration_fallback needs --calibration")
+        return group_column
+    if fallback is not None and fallback not in calibration_rules.FALLBACKS:
+        raise FilterError(f"--calibration_fallback must be one of {list(calibration_rules.FALLBACKS)}, "
+                          f"got {fallback!r}")
+    if group_column and group_column != calibration.group_column:
+        raise FilterError(f"--group_column {group_column!r} differs from the calibration's group column "
+                          f"{calibration.group_column!r} ({path}): its thresholds are per {calibration.group_column!r}")
+    return calibration.group_column
+
+
+def _check_calibration_column(files: Sequence[str], calibration: Optional[calibration_rules.CalibrationRule],
+                              path: Optional[str]) -> None:
+    """The scores must have the calibration's group column."""
+    if calibration is None or not calibration.group_column:
+        return
+    for scores_file in files:
+        names = _read_schema(scores_file, "scores file").names
+        if calibration.group_column not in names:
+            raise FilterError(f"the scores have no column {calibration.group_column!r}, the group column of the "
+                              f"calibration {path} ({scores_file}; columns: {', '.join(names)})")
+
+
+def _calibration_plan(files: Sequence[str], calibration: calibration_rules.CalibrationRule,
+                      stats: filtering.GroupedStats, fallback: Optional[str], allow_mixed: bool,
+                      path: Optional[str]) -> dict[str, float]:
+    """``{group: threshold}`` for every group of the scores (with a finite score): the scores must have been
+    made as the calibration's (unless ``allow_mixed``) and every group needs a threshold (its own, or the
+    overall one with ``fallback``)."""
+    if calibration.provenance:
+        try:
+            layout.check_provenance(files, dict(calibration.provenance), allow_mixed)
+        except layout.ProvenanceError as error:
+            raise FilterError(f"the scores were not made as the calibrated ones ({path}): {error}") from error
+    groups = [calibration_rules.group_label(None if key is filtering.NAN_KEY else key) for key in stats.groups]
+    if not calibration.group_column:
+        groups = [calibration_rules.NULL_GROUP] if stats.groups else []
+    try:
+        return calibration.resolve(groups, fallback)
+    except calibration_rules.CalibrationError as error:
+        raise FilterError(f"--calibration {path}: {error}") from error
+
+
+def _load_calibration(path: str) -> calibration_rules.CalibrationRule:
+    from pipeline.calibrate import CalibrateError, load_calibration  # noqa: PLC0415
+
+    try:
+        return load_calibration(path)[1]
+    except CalibrateError as error:
+        raise FilterError(f"--calibration: {error}") from error
 
 
 def split_source(files: Sequence[str], id_column: str, join_type: pa.DataType, kept_ids: pa.Array,
@@ -486,6 +561,13 @@ def parser() -> argparse.ArgumentParser:
     rule = described.add_mutually_exclusive_group(required=True)
     rule.add_argument("--threshold", type=_finite_float, help="Keep rows with lpips <= THRESHOLD.")
     rule.add_argument("--tiers", metavar="CONFIG", help="Tier config, JSON or YAML (.yaml/.yml).")
+    rule.add_argument("--calibration", metavar="CALIBRATION_JSON",
+                      help="A calibration.json of lpips-pipe-calibrate: keep rows with lpips <= their group's "
+                           "threshold (grouped by the calibration's group column). A group without a threshold is "
+                           "refused unless --calibration_fallback overall; scores made otherwise than the "
+                           "calibrated ones are refused unless --allow_mixed.")
+    described.add_argument("--calibration_fallback", choices=calibration_rules.FALLBACKS, default=None,
+                           help="With --calibration: give groups without their own threshold the overall one.")
     described.add_argument("--group_column", default=None,
                            help="z-scores within groups of this column (overrides the config's group_column); "
                                 "null and NaN keys form one group each.")
@@ -502,7 +584,35 @@ def parser() -> argparse.ArgumentParser:
                            help="Filter scores that disagree on net, lpips_version, weights_sha256 or mask_mode "
                                 "together (refused by default).")
     described.add_argument("--overwrite", action="store_true", help="Replace earlier filter outputs in --output.")
+    described.add_argument("--report_k", type=_report_k, default=12,
+                           help="Rows per gallery of OUTPUT/report/index.html (the rows nearest the threshold on each "
+                                "side, or nearest each tier's cut-off); default 12, 0 = no galleries.")
+    described.add_argument("--no_report", action="store_true", help="Do not write OUTPUT/report/index.html.")
     return described
+
+
+def _report_k(text: str) -> int:
+    from pipeline.report import report_k_value  # noqa: PLC0415
+
+    return report_k_value(text)
+
+
+def write_page(output: str, k: int = 12) -> str:
+    """``OUTPUT/report/index.html`` (and ``tiles/``) from ``OUTPUT/filter.json`` and the kept / rejected files:
+    the rule, rows per tier, group statistics and galleries of the rows nearest each cut-off (``k`` each, 0 =
+    none). Gallery problems are notes on the page; returns the page's path."""
+    from pipeline import gallery, report_page  # noqa: PLC0415  # images only when a page is written
+
+    with FileSystems.open(FileSystems.join(output, SUMMARY_JSON), compression_type="uncompressed") as handle:
+        summary = json.loads(handle.read().decode("utf-8"))
+    notes: list[str] = []
+    folder = layout.report_dir(output)
+    galleries = gallery.build(lambda found: gallery.filter_galleries(output, summary, k, found) if k > 0 else [],
+                              folder, notes, settings_files=list(summary.get("scores") or []))
+    page = FileSystems.join(folder, layout.REPORT_HTML)
+    with FileSystems.create(page) as handle:
+        handle.write(report_page.render_filter_page(output, summary, galleries, k, notes).encode("utf-8"))
+    return page
 
 
 def _load_tiers(path: str) -> filtering.TierConfig:
@@ -530,15 +640,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
         tiers = _load_tiers(args.tiers) if args.tiers else None
+        calibrated = _load_calibration(args.calibration) if args.calibration else None
         if args.source_id_column is not None and not args.source_id_column.strip():
             raise FilterError("--source_id_column must name a column")
         outcome = run_filter(args.scores, args.output, args.threshold, tiers, args.group_column, args.std,
                              args.overwrite, source=args.source, source_id_column=args.source_id_column,
-                             allow_mixed=args.allow_mixed)
-    except (FilterError, filtering.TierConfigError) as error:
+                             allow_mixed=args.allow_mixed, calibration=calibrated,
+                             calibration_fallback=args.calibration_fallback, calibration_path=args.calibration)
+    except (FilterError, filtering.TierConfigError, calibration_rules.CalibrationError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    print(format_outcome(outcome, args.output, args.group_column or (tiers.group_column if tiers else None)))
+    print(format_outcome(outcome, args.output, args.group_column or (tiers.group_column if tiers else None)
+                         or (calibrated.group_column if calibrated else None)))
+    if not args.no_report:
+        try:
+            print(f"  report: {write_page(args.output, args.report_k)}")
+        except Exception as error:  # pylint: disable=broad-except  # the rows are written: a warning, exit 0
+            print(f"{PROG}: warning: the rows are written, but the report page could not be "
+                  f"({type(error).__name__}: {_one_line(error)})", file=sys.stderr)
     return 0
 
 

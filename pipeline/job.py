@@ -14,14 +14,17 @@ Streaming (``--streaming``) plans and builds in :mod:`pipeline.streaming`; the c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import shutil
 import socket
+import tempfile
 import time
 import uuid
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import apache_beam as beam
 import pyarrow as pa
@@ -35,7 +38,7 @@ from transforms import ids as record_ids
 from transforms import layout, ledger
 from transforms.metrics import NAMESPACE
 from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column
-from transforms.progress import ProgressConfig
+from transforms.progress import ProgressBar, ProgressConfig
 from transforms.records import RecordConfig
 from transforms.uri_io import unsupported_uri_scheme
 from transforms.schemas import OutputSchemas, build_output_schemas
@@ -539,10 +542,27 @@ def _legacy_temp_dirs(output: str) -> list[str]:
     return [os.path.join(output, name) for name in os.listdir(output) if name.startswith("beam-temp-")]
 
 
-def progress_config(plan: JobPlan) -> Optional[ProgressConfig]:
+def progress_config(plan: JobPlan, bar_dir: Optional[str] = None) -> Optional[ProgressConfig]:
+    """Progress of the job (``--progress_interval_s 0``: none): log lines, or, with ``bar_dir``, counts for
+    the launcher's live bar (:class:`transforms.progress.ProgressBar`)."""
     if not plan.options.progress_interval_s:
         return None
-    return ProgressConfig(uuid.uuid4().hex, plan.rows_to_score, plan.workers, plan.options.progress_interval_s)
+    return ProgressConfig(uuid.uuid4().hex, plan.rows_to_score, plan.workers, plan.options.progress_interval_s,
+                          bar_dir)
+
+
+def bar_dir_for(plan: JobPlan, pipeline_options: PipelineOptions, stream: Any) -> Optional[str]:
+    """A folder for the live bar's counts when progress is on, ``stream`` (stderr) is a terminal and the
+    workers are processes of this machine (in-process, multi-processing, Prism, embedded Flink); else
+    ``None`` (log lines)."""
+    if not plan.options.progress_interval_s or not runs_here(pipeline_options):
+        return None
+    try:
+        if not stream.isatty():
+            return None
+    except (AttributeError, ValueError):
+        return None
+    return tempfile.mkdtemp(prefix="lpips-pipe-progress-")
 
 
 def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) -> ScoreLPIPS:
@@ -556,11 +576,13 @@ def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) ->
         check=False)
 
 
-def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None) -> None:
+def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None,
+                bar_dir: Optional[str] = None) -> None:
     """``ReadPairs | ScoreLPIPS | WriteScores`` into ``pipeline``, plus the duplicate-id count. ``output``: the
-    path the sink writes to (default the plan's; see :func:`transforms.layout.glob_free`)."""
+    path the sink writes to (default the plan's; see :func:`transforms.layout.glob_free`); ``bar_dir``: see
+    :func:`progress_config`."""
     rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns)
-    outputs = rows | "Score" >> score_transform(plan, progress_config(plan))
+    outputs = rows | "Score" >> score_transform(plan, progress_config(plan, bar_dir))
     _ = outputs | "WriteScores" >> WriteScores(output or plan.output, plan.schemas, plan.options.num_shards,
                                                commit=plan.commit_plan())
     if plan.schemas.id_column is not None:  # <file>:<row> ids cannot repeat
@@ -606,20 +628,24 @@ def stage_msecs(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
     return {stage: msecs for stage, msecs in totals.items() if msecs > 0}
 
 
-def run_plan(plan: JobPlan, pipeline_options: PipelineOptions) -> JobOutcome:
+def run_plan(plan: JobPlan, pipeline_options: PipelineOptions, bar_stream: Any = None) -> JobOutcome:
     """Take the output, clear what --overwrite replaces, run the graph, wait; the output is released after."""
     with OutputLock(plan.output), layout.glob_free(plan.output) as output:
         prepare_output(plan)
         if plan.finish_only:  # the interrupted run had published its outputs: nothing left to score
             ledger.clear(plan.output)
             return JobOutcome(None, layout.Counters({layout.CounterName.ROWS_KEPT: plan.restart.done_rows}), {}, 0.0)
+        bar_dir = bar_dir_for(plan, pipeline_options, bar_stream) if bar_stream is not None else None
         pipeline = beam.Pipeline(options=pipeline_options)
-        build_graph(pipeline, plan, output)
+        build_graph(pipeline, plan, output, bar_dir)
         started = time.monotonic()
-        result = pipeline.run()
-        record_runner_processes(plan.output)
-        result.wait_until_finish()
+        with ProgressBar(bar_dir, plan.rows_to_score, bar_stream) if bar_dir else contextlib.nullcontext():
+            result = pipeline.run()
+            record_runner_processes(plan.output)
+            result.wait_until_finish()
         wall_s = time.monotonic() - started
+        if bar_dir:
+            shutil.rmtree(bar_dir, ignore_errors=True)
         ledger.clear(plan.output)  # a finished batch run leaves scores/ and errors/ only
     return JobOutcome(result, summarise(result), stage_msecs(result), wall_s)
 

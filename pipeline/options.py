@@ -13,10 +13,11 @@ from typing import Optional, Sequence
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
                                                   StandardOptions, _BeamArgumentParser)
 
+from pipeline.report import DEFAULT_REPORT_K, finite_value, report_k_value, seed_value
 from transforms import score_math
 from transforms.weights import DEVICES, NETS, PRECISIONS, ModelConfig
-from transforms.records import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, SIZE_MISMATCH_POLICIES,
-                                RecordConfig)
+from transforms.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from transforms.records import SIZE_MISMATCH_POLICIES, RecordConfig
 from transforms.scoring import (CPU_BATCH_PIXELS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS,
                                 DEFAULT_REFERENCE_CACHE_MB, GPU_BATCH_PIXELS, MAX_AUTO_DECODE_THREADS)
 
@@ -150,6 +151,14 @@ class LpipsPipeOptions(PipelineOptions):
                            help="Do not write report.md / report.json / histogram.png into --output after the run.")
         group.add_argument("--report_group_column", default=None,
                            help="Also tabulate LPIPS per value of this (passed-through) column in the report.")
+        group.add_argument("--report_k", type=report_k_value, default=DEFAULT_REPORT_K,
+                           help=f"Rows per gallery of report/index.html (worst per mask mode and group, nearest "
+                                f"--report_threshold, random from the better half, errors); default "
+                                f"{DEFAULT_REPORT_K}, 0 = no galleries.")
+        group.add_argument("--report_threshold", type=finite_value, default=None, metavar="X",
+                           help="The report page also shows the rows whose LPIPS is nearest X.")
+        group.add_argument("--report_seed", type=seed_value, default=0,
+                           help="Seed of the report's random gallery (rows with LPIPS <= the median); default 0.")
         group.add_argument("--progress_interval_s", type=_non_negative_float, default=30.0,
                            help="Log a progress line (rows done, rate, ETA) at most this often per worker "
                                 "(0 = off).")

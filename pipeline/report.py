@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Mapping, Optional, Sequence
@@ -60,6 +61,37 @@ KNOWN_SCOPES = ("unedit_area", "edit_area")
 SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, layout.MEASURED_FRACTION_FIELD, layout.MASK_MODE_FIELD)
 ERROR_COLUMNS = (layout.ID_FIELD, layout.ERROR_STAGE_FIELD, layout.ERROR_TYPE_FIELD)
 PROG = "lpips-pipe-report"
+DEFAULT_REPORT_K = 12  # rows per gallery of the page (--report_k; 0 = no galleries)
+
+
+def report_k_value(text: str) -> int:
+    """``--report_k``: rows per gallery, a whole number >= 0 (0 = no galleries)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no galleries), got {value}")
+    return value
+
+
+def finite_value(text: str) -> float:
+    """``--report_threshold``: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """``--report_seed``: a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
 class ReportError(Exception):
@@ -95,6 +127,9 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # {"rows": N, "values": {value: rows}} from the job's unknown_scope counters; empty when there were none
     unknown_scope: dict[str, Any] = field(default_factory=dict)
+    # the page's galleries (pipeline.gallery.Gallery.to_json): name, title, rule, k, available, color_scale_max,
+    # notes, tiles (id, lpips, measured_fraction, mask_mode, group, source_file, source_row, notes, images)
+    galleries: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def slowest_stage(self) -> Optional[tuple[str, float]]:
@@ -445,6 +480,9 @@ def render_markdown(report: Report) -> str:
         lines.append("Not reported by this runner (the in-process runner reports it; see the runner's UI elsewhere).")
     lines += [f"- {_cell(note)}" for note in report.notes]
     lines += ["", "## Histogram", "", f"![LPIPS and measured fraction histograms]({HISTOGRAM_PNG})", ""]
+    if report.galleries:
+        listed = ", ".join(f"{_cell(item['title'])} ({len(item['tiles'])})" for item in report.galleries)
+        lines += ["## Galleries", "", f"[{layout.REPORT_HTML}]({layout.REPORT_HTML}) shows the rows: {listed}.", ""]
     return "\n".join(lines)
 
 
@@ -584,23 +622,72 @@ def report_paths(output: str) -> list[str]:
     return layout.report_paths(output)
 
 
+def page_path(output: str) -> str:
+    """``OUT/report/index.html``: the page (counts, quantiles, histogram, galleries) that opens from disk."""
+    return FileSystems.join(layout.report_dir(output), layout.REPORT_HTML)
+
+
 def write_report(output: str, counters: Optional[dict[str, int]] = None, group_column: Optional[str] = None,
-                 stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None) -> Report:
-    """Read ``output``'s outputs once and write report.md, report.json and histogram.png into ``OUT/report/``."""
+                 stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None, *,
+                 report_k: int = DEFAULT_REPORT_K, report_threshold: Optional[float] = None,
+                 report_seed: int = 0) -> Report:
+    """Read ``output``'s outputs once and write report.md, report.json, histogram.png and index.html (with
+    ``report_k`` rows per gallery, 0 = no galleries; ``report_threshold``: a gallery of the rows nearest it;
+    ``report_seed``: the random gallery's seed) into ``OUT/report/``."""
     notes: list[str] = []
     scores, errors = read_outputs(output, group_column, notes)
-    return _write_report(output, scores, errors, notes, counters, group_column, stage_msecs, wall_s)
+    return _write_report(output, scores, errors, notes, counters, group_column, stage_msecs, wall_s,
+                         report_k=report_k, report_threshold=report_threshold, report_seed=report_seed)
 
 
 def _write_report(output: str, scores: pa.Table, errors: pa.Table, notes: list[str],
                   counters: Optional[dict[str, int]] = None, group_column: Optional[str] = None,
-                  stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None) -> Report:
+                  stage_msecs: Optional[dict[str, float]] = None, wall_s: Optional[float] = None, *,
+                  report_k: int = DEFAULT_REPORT_K, report_threshold: Optional[float] = None,
+                  report_seed: int = 0) -> Report:
     report = build_report(output, scores, errors, counters, group_column, stage_msecs, wall_s, notes)
     markdown, summary, histogram = report_paths(output)
     _write(histogram, render_histogram(scores, group_column))
+    galleries = _galleries(output, report, report_k, report_threshold, report_seed)
     _write(markdown, render_markdown(report).encode("utf-8"))
     _write(summary, json.dumps(asdict(report), indent=2, default=str).encode("utf-8"))
+    try:
+        from pipeline import calibrate, report_page  # noqa: PLC0415
+
+        page = report_page.render_run_page(report, galleries, report_k)
+        section = calibrate.saved_report_section(layout.report_dir(output))  # a calibration of these scores
+        _write(page_path(output), (calibrate.insert_section(page, section) if section else page).encode("utf-8"))
+    except Exception as error:  # pylint: disable=broad-except  # the page is extra: the rest is written
+        _LOGGER.warning("report: %s not written (%s: %s)", page_path(output), type(error).__name__,
+                        " ".join(str(error).split()))
     return report
+
+
+def _galleries(output: str, report: Report, k: int, threshold: Optional[float], seed: int) -> list[Any]:
+    """The page's galleries (:mod:`pipeline.gallery`), their tiles written under ``report/tiles/``; failures
+    are notes of ``report`` (and warnings), never exceptions. Stored in ``report.galleries`` for report.json."""
+    try:
+        from pipeline import gallery  # noqa: PLC0415  # images, and torch for the maps, only when galleries are on
+    except Exception as error:  # pylint: disable=broad-except  # a broken installation: the rest is written
+        _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, " ".join(str(error).split()))
+        report.notes.append(f"galleries not made ({type(error).__name__}: {' '.join(str(error).split())})")
+        return []
+    median = report.by_mask_mode[0].quantiles.get("median") if report.by_mask_mode else None
+    mask_modes = [summary.label for summary in report.by_mask_mode[1:]]
+    groups = [summary.label for summary in report.by_group]
+
+    def select(notes: list[str]) -> list[Any]:
+        if k <= 0:
+            return []
+        return gallery.run_galleries(output, k, mask_modes, groups, report.group_column if groups else None,
+                                     median, threshold, seed, notes)
+
+    galleries = gallery.build(select, layout.report_dir(output), report.notes)
+    try:
+        report.galleries = [item.to_json() for item in galleries]
+    except Exception as error:  # pylint: disable=broad-except  # an odd value: the page still shows them
+        report.notes.append(f"galleries left out of {REPORT_JSON} ({type(error).__name__})")
+    return galleries
 
 
 def _valid_facts(earlier: Any) -> Optional[str]:
@@ -676,16 +763,35 @@ def check_output(output: str) -> None:
         raise ReportError(f"{folder} is a file: the report is written into a folder of that name; move the file")
 
 
+def _preload_galleries() -> None:
+    try:
+        import lpips  # noqa: F401,PLC0415  # pylint: disable=unused-import
+
+        from pipeline import gallery  # noqa: F401,PLC0415  # pylint: disable=unused-import
+    except Exception:  # pylint: disable=broad-except  # _galleries reports what is wrong
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lpips-pipe-report DIR``: (re)write DIR/report/report.md, report.json and histogram.png.
+    """``lpips-pipe-report DIR``: (re)write DIR/report/report.md, report.json, histogram.png and index.html.
 
     Exit 0 when written, 2 on a mistake (no such directory, a file, no scores: one line, nothing written)."""
     parser = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("output", help="A job's --output directory (any Beam filesystem); the report goes to "
                                        "DIR/report/.")
-    parser.add_argument("--group_column", default=None, help="Also tabulate LPIPS per value of this column.")
+    parser.add_argument("--report_group_column", "--group_column", dest="group_column", default=None,
+                        help="Also tabulate LPIPS per value of this column, and show a gallery of the worst rows of "
+                             "each of its largest groups (--group_column is the same option).")
+    parser.add_argument("--report_k", type=report_k_value, default=DEFAULT_REPORT_K,
+                        help=f"Rows per gallery of report/index.html (default {DEFAULT_REPORT_K}; 0 = no galleries).")
+    parser.add_argument("--report_threshold", type=finite_value, default=None, metavar="X",
+                        help="Add a gallery of the rows whose LPIPS is nearest X.")
+    parser.add_argument("--report_seed", type=seed_value, default=0,
+                        help="Seed of the gallery drawn at random from the better half (default 0).")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.report_k > 0:  # the galleries' code (torch, the LPIPS package) loads while the outputs are read
+        threading.Thread(target=_preload_galleries, name="report-preload", daemon=True).start()
     try:
         check_output(args.output)
         if args.group_column is not None and not args.group_column.strip():
@@ -699,13 +805,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         report = _write_report(args.output, scores, errors, notes, group_column=args.group_column,
-                               **_earlier_run_facts(args.output))
+                               report_k=args.report_k, report_threshold=args.report_threshold,
+                               report_seed=args.report_seed, **_earlier_run_facts(args.output))
     except (OSError, IOError) as error:  # a read-only folder, a full disk: one line, not a traceback
         print(f"{PROG}: error: cannot write the report into {layout.report_dir(args.output)}: "
               f"{' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
     print(format_table(report))
-    print(f"  report: {', '.join(report_paths(args.output))}")
+    print(f"  report: {', '.join(report_paths(args.output) + [page_path(args.output)])}")
     return 0
 
 

@@ -21,8 +21,10 @@ the set-up) or ``--runner FlinkRunner`` (see :mod:`pipeline.runners`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -43,6 +45,7 @@ from transforms import layout, ledger
 from transforms.layout import CounterName
 from transforms.metrics import counter
 from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_footer
+from transforms.progress import ProgressBar
 from transforms.stage import ReadSplits, WriteScores
 
 _LOGGER = logging.getLogger("lpips_pipe")
@@ -160,7 +163,8 @@ class FileSplits(beam.DoFn):
         yield from splits
 
 
-def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float, output: str) -> None:
+def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float, output: str,
+                 bar_dir: Optional[str] = None) -> None:
     """Ticks -> new files -> splits -> rows -> windows -> ScoreLPIPS -> Parquet per window."""
     first = plan.job
     stop = Timestamp.of(started_wall + plan.stop_after_s) if plan.stop_after_s else MAX_TIMESTAMP
@@ -174,7 +178,7 @@ def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float,
         | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns)
         | "Windows" >> beam.WindowInto(window.FixedWindows(plan.window_s))
     )
-    outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first))
+    outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first, bar_dir))
     _ = outputs | "WriteScores" >> WriteScores(output, first.schemas, first.options.num_shards, run=first.run)
 
 
@@ -207,7 +211,7 @@ class StreamOutcome:
     stopped_by: Optional[str]
 
 
-def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
+def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> StreamOutcome:
     """Plan (:class:`job.JobError` for a mistake), then run until the stream stops, by itself after
     ``--watch_stop_after`` or on SIGINT/SIGTERM (the job is cancelled; finished windows stay)."""
     options = pipeline_options.view_as(LpipsPipeOptions)
@@ -223,18 +227,22 @@ def run_stream(pipeline_options: PipelineOptions) -> StreamOutcome:
         if plan.job.restart is not None:
             _LOGGER.info("streaming: continuing the stream in %s: %d file(s) an earlier run finished are not read "
                          "again", options.output, len(done_files(plan.job)))
+        bar_dir = job.bar_dir_for(plan.job, pipeline_options, bar_stream) if bar_stream is not None else None
         pipeline = beam.Pipeline(options=pipeline_options)
-        build_stream(pipeline, plan, started_wall, output)
-        result = pipeline.run()
-        job.record_runner_processes(options.output)
-        restore = _cancel_on_signals(result, stopped_by)
-        try:
-            result.wait_until_finish()
-        except Exception:  # a cancelled job reports itself as failed on some runners
-            if not stopped_by:
-                raise
-        finally:
-            restore()
+        build_stream(pipeline, plan, started_wall, output, bar_dir)
+        with ProgressBar(bar_dir, 0, bar_stream) if bar_dir else contextlib.nullcontext():  # no total: a stream
+            result = pipeline.run()
+            job.record_runner_processes(options.output)
+            restore = _cancel_on_signals(result, stopped_by)
+            try:
+                result.wait_until_finish()
+            except Exception:  # a cancelled job reports itself as failed on some runners
+                if not stopped_by:
+                    raise
+            finally:
+                restore()
+        if bar_dir:
+            shutil.rmtree(bar_dir, ignore_errors=True)
     counters = job.summarise(result) if not stopped_by else layout.Counters()
     if not counters.files_kept and done_files(plan.job):  # runners that do not report a stateful step's counters
         counters = counters.plus(**{layout.CounterName.FILES_KEPT: len(done_files(plan.job))})

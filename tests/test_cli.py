@@ -57,7 +57,8 @@ def test_outputs_are_folders_readers_can_open_whole(pairs, table, tmp_path, caps
         assert all(name.endswith(".parquet") for name in os.listdir(os.path.join(out, kind)))
     scores = pq.read_table(os.path.join(out, "scores"))  # a folder is one dataset (pandas, DuckDB, datasets)
     assert sorted(scores.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
-    assert sorted(os.listdir(os.path.join(out, "report"))) == ["histogram.png", "report.json", "report.md"]
+    assert sorted(os.listdir(os.path.join(out, "report"))) == ["histogram.png", "index.html", "report.json",
+                                                                "report.md", "tiles"]  # the page and its tiles
     assert f"outputs: {os.path.join(out, 'scores')}" in stdout
 
 

@@ -72,3 +72,71 @@ def test_an_output_where_nothing_can_be_created_is_refused_before_the_model_load
     line = _one_error_line(capsys.readouterr().err)
     assert "cannot be written" in line and output in line
     assert not os.path.exists(output)
+
+
+def _run_on_a_terminal(argv: list[str], size: tuple[int, int] = (0, 0)) -> tuple[int, str]:
+    """``python -m pipeline ARGV`` with stderr on a pseudo-terminal (``size`` rows x columns; 0 x 0 as a bare
+    one reports); returns the exit code and what the terminal showed."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *argv], cwd=root, stdout=subprocess.DEVNULL,
+                               stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            shown += data
+        elif process.poll() is not None:
+            break
+    os.close(master)
+    return process.wait(), shown.decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def slow_input(tmp_path_factory) -> tuple[str, int]:
+    """40 pairs of 256x256 photos (2 broken): a couple of seconds of scoring, long enough for a bar."""
+    from tests.data_helpers import demo_table
+
+    table = demo_table(size=256, with_bad_rows=True).slice(0, 34)
+    table = pa.concat_tables([table, table.slice(0, 6)])
+    table = table.set_column(0, "id", pa.array([f"r{index}" for index in range(table.num_rows)]))
+    path = str(tmp_path_factory.mktemp("slow") / "pairs.parquet")
+    pq.write_table(table, path)
+    return path, table.num_rows
+
+
+@pytest.mark.parametrize("size", [(0, 0), (30, 120)])
+def test_a_terminal_gets_a_live_bar_with_rows_rate_eta_and_errors(slow_input, tmp_path, size):
+    path, rows = slow_input
+    code, shown = _run_on_a_terminal(["--input", path, "--output", str(tmp_path / "out"), "--no_report"], size)
+    assert code == 0, shown
+    frames = [frame for frame in shown.replace("\r\n", "\n").split("\r") if frame.startswith("lpips-pipe:")]
+    assert len(frames) >= 2, shown  # drawn at start and refreshed
+    last = frames[-1].strip()
+    assert f"100%" in last and f"{rows}/{rows}" in last and "rows/s" in last and "errors 2" in last, last
+    assert "<" in frames[0] or "?" in frames[0]  # tqdm's ETA field
+
+
+def test_no_bar_without_a_terminal_or_with_progress_off(slow_input, tmp_path, capfd):
+    path, _ = slow_input
+    assert cli.main(["--input", path, "--output", str(tmp_path / "out"), "--no_report"]) == 0
+    assert "rows/s]" not in capfd.readouterr().err  # stderr is not a terminal here: log lines, not a bar
+    code, shown = _run_on_a_terminal(["--input", path, "--output", str(tmp_path / "out2"), "--no_report",
+                                      "--progress_interval_s", "0"])
+    assert code == 0 and "rows/s" not in shown, shown

@@ -74,6 +74,13 @@ FILTER_SUMMARY = "filter.json"
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_MD = "calibration.md"
 CALIBRATION_CURVE_PREFIX = "pr-curve"  # pr-curve-<group>.png
+CALIBRATION_CURVE_SUFFIX = ".png"
+CALIBRATION_CURVE_OVERALL = "overall"  # pr-curve-overall.png: every label (a group named so gets a digest)
+# The calibration's section of a run's report page (OUT/report/index.html) sits between the HTML comments
+# <!-- lpips-pipe-calibration:begin --> and <!-- lpips-pipe-calibration:end -->; beside the page, the curves
+# and a copy of the calibration (OUT/report/calibration.json) that a re-rendered page can show again.
+CALIBRATION_SECTION_MARK = "lpips-pipe-calibration"
+REPORT_CALIBRATION_JSON = "calibration.json"
 
 # --------------------------------------------------------------------------- columns
 ID_FIELD = "id"

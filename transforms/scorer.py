@@ -295,6 +295,25 @@ class LpipsScorer:
         return (total.float().reshape(count).cpu().numpy(),
                 maps.float().reshape(count, height, width).contiguous().cpu().numpy())
 
+    def raw_scores_and_maps_shared(self, reference: np.ndarray, filled: Sequence[np.ndarray]) -> tuple[
+            np.ndarray, np.ndarray]:
+        """:meth:`raw_scores_and_maps` of several filled images against one ``reference`` (``[0, 255] uint8
+        (H, W, 3)``, all one size), its backbone run once: ``(float32 (N,), float32 (N, H, W))``. The features
+        are those of the reference-reuse path (:meth:`_features_each`: two images a call, side by side in the
+        lanes on CPU), so the raw scores are the job's with its reference cache on (the default), and the maps
+        the same within 1e-5 (fp32) of ``lpips.LPIPS(..., spatial=True)``."""
+        if not len(filled):
+            return np.zeros(0, np.float32), np.zeros((0, *reference.shape[:2]), np.float32)
+        height, width = reference.shape[:2]
+        features = self._features_each([reference, *filled])
+        reference_features, scores, maps = features[0], [], []
+        with torch.inference_mode():
+            for filled_features in features[1:]:
+                scores.append(self.head.distance(reference_features, filled_features).reshape(()))
+                maps.append(self.head.distance_map(reference_features, filled_features, (height, width)))
+        return (torch.stack(scores).float().cpu().numpy(),
+                torch.cat(maps).float().reshape(len(filled), height, width).cpu().numpy())
+
     # ------------------------------------------------------------------ reference reuse
 
     def normalised_features(self, images: np.ndarray) -> list[torch.Tensor]:

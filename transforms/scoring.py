@@ -286,7 +286,7 @@ class PreparePairs(beam.DoFn):
             return result_value
         _count_error(result[layout.ERROR_STAGE_FIELD], result[layout.ERROR_TYPE_FIELD])
         if self._progress is not None:
-            self._progress.meter().finished()
+            self._progress.meter().finished(errors=1)
         return beam.pvalue.TaggedOutput(ERRORS, result_value)
 
     def process(self, element: dict[str, Any], timestamp: Any = beam.DoFn.TimestampParam,
@@ -318,6 +318,8 @@ class PreparePairs(beam.DoFn):
         while self._pending:
             future, timestamp, window = self._pending.popleft()
             yield self._output(future.result(), timestamp, window)
+        if self._progress is not None:
+            self._progress.meter().flush()
 
     def teardown(self) -> None:
         if self._pool is not None:
@@ -495,14 +497,18 @@ class ToScoreRow(beam.DoFn):
         self._row_format = row_format
         self._progress = progress
 
+    def finish_bundle(self) -> None:
+        if self._progress is not None:
+            self._progress.meter().flush()
+
     def process(self, scored: ScoredPair) -> Iterator[Any]:
         pair = scored.pair
-        if self._progress is not None:
-            self._progress.meter().finished()
         error = scored.error
         if error is None and not math.isfinite(scored.raw_lpips):
             error = ("NonFiniteScore", f"the model gave LPIPS {scored.raw_lpips} (weights "
                                        f"{scored.weights_sha256[:12]}...): broken weights or an overflow")
+        if self._progress is not None:
+            self._progress.meter().finished(errors=int(error is not None))
         if error is not None:
             error_type, message = error
             _count_error("model", error_type)
@@ -541,7 +547,7 @@ class FailedBatchToErrors(beam.DoFn):
         for pair in batch:
             _count_error("model", error_type)
             if self._progress is not None:
-                self._progress.meter().finished()
+                self._progress.meter().finished(errors=1)
             yield self._row_format.error_row(pair.record_id, pair.row, "model", error_type, message)
 
 
