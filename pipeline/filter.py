@@ -63,7 +63,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import filtering, layout
+from transforms import filtering, layout, settings
 from transforms import calibration as calibration_rules
 from transforms.messages import one_line as _one_line
 
@@ -584,17 +584,11 @@ def parser() -> argparse.ArgumentParser:
                            help="Filter scores that disagree on net, lpips_version, weights_sha256 or mask_mode "
                                 "together (refused by default).")
     described.add_argument("--overwrite", action="store_true", help="Replace earlier filter outputs in --output.")
-    described.add_argument("--report_k", type=_report_k, default=12,
-                           help="Rows per gallery of OUTPUT/report/index.html (the rows nearest the threshold on each "
-                                "side, or nearest each tier's cut-off); default 12, 0 = no galleries.")
+    from pipeline.report import ReportConfig  # noqa: PLC0415  # the report's options, declared once
+
+    settings.add_arguments(described, ReportConfig, only=("report_k",))  # OUTPUT/report/index.html's galleries
     described.add_argument("--no_report", action="store_true", help="Do not write OUTPUT/report/index.html.")
     return described
-
-
-def _report_k(text: str) -> int:
-    from pipeline.report import report_k_value  # noqa: PLC0415
-
-    return report_k_value(text)
 
 
 def write_page(output: str, k: int = 12) -> str:

@@ -32,8 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.options import (DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, model_config, parse_options,
-                              record_config)
+from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
 from transforms import ids as record_ids
 from transforms import layout, ledger
 from transforms.metrics import NAMESPACE
@@ -42,7 +41,7 @@ from transforms.progress import ProgressBar, ProgressConfig
 from transforms.records import RecordConfig
 from transforms.uri_io import unsupported_uri_scheme
 from transforms.schemas import OutputSchemas, build_output_schemas
-from transforms.scoring import default_batch_pixels
+from transforms.scoring import ScoringConfig, WorkerPlan, plan_workers
 from transforms.scorer import check_device
 from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
 from transforms.sink import CommitPlan
@@ -66,12 +65,13 @@ class JobPlan:
     schemas: OutputSchemas
     records: RecordConfig
     model: ModelConfig
-    batch_pixels: int
+    scoring: ScoringConfig
+    workers: WorkerPlan  # what the workers need, resolved once here (batch budget, cache split, threads)
     weights_source: str
     input_schema: Optional[pa.Schema] = None
     existing_outputs: tuple[str, ...] = ()
     skipped_rows: int = 0  # rows whose id is already in --skip_existing's outputs (marked in the splits)
-    workers: int = 1
+    local_workers: int = 1
     run: str = ""  # this run's id in the restart ledger
     settings: Optional[dict] = None  # what every score depends on (the ledger's run header; restarts compare)
     restart: Optional[ledger.LedgerState] = None  # an interrupted run's ledger this run continues
@@ -81,6 +81,10 @@ class JobPlan:
     @property
     def input_rows(self) -> int:
         return sum(split.num_rows for split in self.splits)
+
+    @property
+    def batch_pixels(self) -> int:
+        return self.workers.batch_pixels
 
     @property
     def rows_to_score(self) -> int:
@@ -133,9 +137,10 @@ def runs_here(pipeline_options: PipelineOptions) -> bool:
     return False
 
 
-def _configs(options: LpipsPipeOptions) -> tuple[RecordConfig, ModelConfig]:
+def _configs(options: LpipsPipeOptions) -> tuple[RecordConfig, ModelConfig, ScoringConfig]:
     try:
-        records, model = record_config(options), model_config(options)
+        records, model = config_of(RecordConfig, options), config_of(ModelConfig, options)
+        scoring = config_of(ScoringConfig, options)
         if runs_here(options):  # a CPU launcher of GPU workers (Dataflow) may ask for cuda
             check_device(model)
     except ValueError as error:
@@ -143,7 +148,7 @@ def _configs(options: LpipsPipeOptions) -> tuple[RecordConfig, ModelConfig]:
     workers = local_workers(options)
     if not model.torch_threads and workers > 1:  # N local workers would each start a torch thread per core
         model = dataclasses.replace(model, torch_threads=max(1, (os.cpu_count() or 1) // workers))
-    return records, model
+    return records, model, scoring
 
 
 def check_output(output: str) -> None:
@@ -307,7 +312,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
     or the plan of a stream's first file (:mod:`pipeline.streaming`)."""
     if not options.input or not options.output:
         raise JobError("--input GLOB and --output DIR are required")
-    records, model = _configs(options)
+    records, model, scoring = _configs(options)
     check_output(options.output)
     holder = OutputLock(options.output).holder()
     if holder:
@@ -363,9 +368,9 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
                      "scoring the other %d", skipped, total, len(earlier) - len(unreadable),
                      f" ({len(unreadable)} unreadable, ignored)" if unreadable else "", total - skipped)
     return JobPlan(options=options, files=tuple(files), splits=tuple(splits), schemas=schemas, records=records,
-                   model=model, batch_pixels=options.batch_pixels or default_batch_pixels(model.device),
-                   weights_source=source, input_schema=schema, existing_outputs=tuple(existing), skipped_rows=skipped,
-                   workers=local_workers(options), run=ledger.new_run_id(), settings=settings, restart=restart,
+                   model=model, scoring=scoring, workers=plan_workers(scoring, model), weights_source=source,
+                   input_schema=schema, existing_outputs=tuple(existing), skipped_rows=skipped,
+                   local_workers=local_workers(options), run=ledger.new_run_id(), settings=settings, restart=restart,
                    kept_rows=kept, finish_only=bool(restart is not None and restart.published))
 
 
@@ -470,6 +475,13 @@ def record_runner_processes(output: str) -> None:
             handle.write(" ".join(pids))
 
 
+def forget_runner_processes(output: str) -> None:
+    """The run ended here (its runners stopped with it): nothing to stop next time."""
+    path = layout.runner_pids_path(output)
+    if "://" not in output and os.path.exists(path):
+        os.remove(path)
+
+
 def stop_orphaned_runners(output: str) -> int:
     """Stop the runner processes a killed earlier run into ``output`` left behind (recorded by
     :func:`record_runner_processes`, still alive, orphaned and still that runner); returns how many."""
@@ -547,7 +559,7 @@ def progress_config(plan: JobPlan, bar_dir: Optional[str] = None) -> Optional[Pr
     the launcher's live bar (:class:`transforms.progress.ProgressBar`)."""
     if not plan.options.progress_interval_s:
         return None
-    return ProgressConfig(uuid.uuid4().hex, plan.rows_to_score, plan.workers, plan.options.progress_interval_s,
+    return ProgressConfig(uuid.uuid4().hex, plan.rows_to_score, plan.local_workers, plan.options.progress_interval_s,
                           bar_dir)
 
 
@@ -566,14 +578,9 @@ def bar_dir_for(plan: JobPlan, pipeline_options: PipelineOptions, stream: Any) -
 
 
 def score_transform(plan: JobPlan, progress: Optional[ProgressConfig] = None) -> ScoreLPIPS:
-    """The job's :class:`ScoreLPIPS` (configs already checked at planning)."""
-    options = plan.options
-    return ScoreLPIPS.from_configs(
-        plan.records, plan.model, batch_pixels=plan.batch_pixels, max_batch_pairs=options.max_batch_pairs,
-        max_batch_duration_secs=options.max_batch_duration_secs, model_copies=options.model_copies,
-        decode_threads=options.decode_threads, reference_cache_mb=options.reference_cache_mb,
-        group_by_reference=options.group_by_reference, row_format=plan.schemas.row_format, progress=progress,
-        check=False)
+    """The job's :class:`ScoreLPIPS` (configs checked and resolved at planning)."""
+    return ScoreLPIPS.from_configs(plan.records, plan.model, plan.scoring, workers=plan.workers,
+                                   row_format=plan.schemas.row_format, progress=progress, check=False)
 
 
 def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = None,

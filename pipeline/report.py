@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
-from transforms import layout
+from transforms import layout, settings
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
 REPORT_MD = layout.REPORT_MD
@@ -64,34 +64,26 @@ PROG = "lpips-pipe-report"
 DEFAULT_REPORT_K = 12  # rows per gallery of the page (--report_k; 0 = no galleries)
 
 
-def report_k_value(text: str) -> int:
-    """``--report_k``: rows per gallery, a whole number >= 0 (0 = no galleries)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no galleries), got {value}")
-    return value
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report shows: options of the job and of ``lpips-pipe-report``, declared once
+    (:mod:`transforms.settings`)."""
 
+    report_group_column: Optional[str] = settings.option(
+        None, "Also tabulate LPIPS per value of this (passed-through) column, and show a gallery of the worst rows "
+              "of each of its largest groups (lpips-pipe-report: --group_column is the same option).",
+        aliases=("--group_column",))
+    report_k: int = settings.option(
+        DEFAULT_REPORT_K, f"Rows per gallery of report/index.html (worst per mask mode and group, nearest "
+                          f"--report_threshold, random from the better half, errors); default {DEFAULT_REPORT_K}, "
+                          "0 = no galleries.", settings.count(0))
+    report_threshold: Optional[float] = settings.option(
+        None, "The report page also shows the rows whose LPIPS is nearest X.", settings.finite(), metavar="X")
+    report_seed: int = settings.option(0, "Seed of the report's random gallery (rows with LPIPS <= the median); "
+                                          "default 0.", settings.whole())
 
-def finite_value(text: str) -> float:
-    """``--report_threshold``: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """``--report_seed``: a whole number."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    def __post_init__(self) -> None:
+        settings.check(self)
 
 
 class ReportError(Exception):
@@ -779,16 +771,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("output", help="A job's --output directory (any Beam filesystem); the report goes to "
                                        "DIR/report/.")
-    parser.add_argument("--report_group_column", "--group_column", dest="group_column", default=None,
-                        help="Also tabulate LPIPS per value of this column, and show a gallery of the worst rows of "
-                             "each of its largest groups (--group_column is the same option).")
-    parser.add_argument("--report_k", type=report_k_value, default=DEFAULT_REPORT_K,
-                        help=f"Rows per gallery of report/index.html (default {DEFAULT_REPORT_K}; 0 = no galleries).")
-    parser.add_argument("--report_threshold", type=finite_value, default=None, metavar="X",
-                        help="Add a gallery of the rows whose LPIPS is nearest X.")
-    parser.add_argument("--report_seed", type=seed_value, default=0,
-                        help="Seed of the gallery drawn at random from the better half (default 0).")
+    settings.add_arguments(parser, ReportConfig, aliases=True)
     args = parser.parse_args(argv)
+    args.group_column = args.report_group_column
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.report_k > 0:  # the galleries' code (torch, the LPIPS package) loads while the outputs are read
         threading.Thread(target=_preload_galleries, name="report-preload", daemon=True).start()

@@ -241,6 +241,7 @@ def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> Str
                     raise
             finally:
                 restore()
+        job.forget_runner_processes(options.output)
         if bar_dir:
             shutil.rmtree(bar_dir, ignore_errors=True)
     counters = job.summarise(result) if not stopped_by else layout.Counters()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -223,3 +225,20 @@ def test_parse_calibration():
                        ({"overall": {}, "group_column": 3}, "'group_column'")):
         with pytest.raises(cal.CalibrationError, match=match):
             cal.parse_calibration(bad, "c.json")
+
+
+def test_the_two_sample_test_is_the_kolmogorov_smirnov_one():
+    """D against a brute-force largest CDF gap, the p-value against scipy's Kolmogorov tail (scipy is here only
+    as a scikit-image dependency of the tests)."""
+    from scipy.stats import kstwobign
+
+    rng = np.random.default_rng(3)
+    for n, m, shift in ((30, 40, 0.0), (300, 200, 0.1), (50, 50, 0.5), (12, 10, 0.0)):
+        left, right = rng.normal(0, 1, n), rng.normal(shift, 1, m)
+        statistic, pvalue = cal.ks_two_sample(left, right)
+        points = np.concatenate([left, right])
+        gap = max(abs((left <= x).mean() - (right <= x).mean()) for x in points)
+        assert statistic == pytest.approx(gap, abs=1e-12)
+        assert pvalue == pytest.approx(kstwobign.sf(math.sqrt(n * m / (n + m)) * statistic), abs=1e-12)
+    same = rng.normal(0, 1, 200)
+    assert cal.ks_two_sample(same, same) == (0.0, 1.0)

@@ -149,7 +149,23 @@ def test_byte_cap_from_the_config(tmp_path):
     assert (error.stage, error.error_type) == ("read", "ImageTooLarge") and "ref_image" in error.message
     with pytest.raises(ValueError, match="max_image_bytes"):
         RecordConfig(max_image_bytes=0)
-    assert RecordConfig().max_image_bytes == decode.DEFAULT_MAX_IMAGE_BYTES
+
+
+def test_the_default_byte_cap_is_one_value_everywhere_and_it_caps(tmp_path):
+    """The cap is declared once: the command line, ScoreLPIPS and RecordConfig all start from the documented
+    256 MiB, and a file one byte over it is refused from its size with the defaults (nothing read)."""
+    from pipeline.options import LpipsPipeOptions, config_of, parse_options
+    from transforms.stage import ScoreLPIPS
+
+    documented = 256 * 1024 * 1024  # README: --max_image_bytes 268,435,456
+    command_line = config_of(RecordConfig, parse_options(["--input", "x", "--output", "y"]).view_as(LpipsPipeOptions))
+    assert command_line.max_image_bytes == ScoreLPIPS(check=False).record_config.max_image_bytes == \
+        RecordConfig().max_image_bytes == documented
+    over = tmp_path / "over.png"
+    with open(over, "wb") as handle:
+        handle.truncate(documented + 1)  # sparse
+    error = record_error_within(prepare_pair, 0, row(ref=str(over)), RecordConfig(scope="full"), deadline=5)
+    assert (error.stage, error.error_type) == ("read", "ImageTooLarge") and str(documented + 1) in error.message
 
 
 # ----------------------------------------------------------------------------- formats that run programs

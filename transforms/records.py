@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from transforms import score_math
+from transforms import score_math, settings
 from transforms.cache import BoundedCache
 from transforms.coords import parse_coords, pixel_boxes
 from transforms.decode import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image,
@@ -31,37 +31,32 @@ SIZE_MISMATCH_POLICIES = ("resize", "error")
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """How to read rows and what to measure; validated on construction (job start)."""
+    """How to read rows and what to measure: options declared once (:mod:`transforms.settings`), checked on
+    construction (job start)."""
 
-    ref_column: str = "ref_image"
-    edited_column: str = "edited_image"
-    coords_column: str = "coords"
-    scope_column: Optional[str] = None
-    scope: str = "unedit_area"
-    mask_mode: Optional[str] = None
-    coords_scale: str = "pixel"
-    max_side: int = 2048
-    size_mismatch: str = "resize"
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ref_column: str = settings.option("ref_image", "Reference image column.", settings.text(optional=False))
+    edited_column: str = settings.option("edited_image", "Edited image column.", settings.text(optional=False))
+    coords_column: str = settings.option("coords", "Boxes column.", settings.text(optional=False))
+    scope_column: Optional[str] = settings.option(None, "Optional column with a per-row scope overriding --scope.")
+    scope: str = settings.option("unedit_area", "What to measure: unedit_area (outside the boxes), edit_area "
+                                 "(inside), full.", settings.one_of(score_math.SCOPES))
+    mask_mode: Optional[str] = settings.option(None, "outer / inner / none; overrides --scope and the scope "
+                                               "column.", settings.one_of(score_math.MASK_MODES, optional=True))
+    coords_scale: str = settings.option("pixel", "pixel boxes, or qwen1000 boxes on a 0..1000 grid.",
+                                        settings.one_of(score_math.COORDS_SCALES))
+    max_side: int = settings.option(2048, "Downscale both images to fit max_side x max_side first (0 = off).",
+                                    settings.count(0))
+    size_mismatch: str = settings.option("resize", "Edited size differs from the reference: resize it (seed) or "
+                                         "send the row to errors.", settings.one_of(SIZE_MISMATCH_POLICIES))
+    max_image_pixels: int = settings.option(DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels are errors "
+                                            "(decompression-bomb guard).", settings.count(1))
     # Most bytes read for one image value given as a path/URI (a larger file is an ImageTooLarge row).
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_bytes: int = settings.option(DEFAULT_MAX_IMAGE_BYTES, "Image files or values larger than this many "
+                                           "bytes are errors (default 256 MiB); paths are read only when they are "
+                                           "regular files.", settings.count(1))
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("scope", self.scope, score_math.SCOPES),
-            ("coords_scale", self.coords_scale, score_math.COORDS_SCALES),
-            ("size_mismatch", self.size_mismatch, SIZE_MISMATCH_POLICIES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.mask_mode is not None and self.mask_mode not in score_math.MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {score_math.MASK_MODES}, got {self.mask_mode!r}")
-        if self.max_side < 0:
-            raise ValueError(f"max_side must be >= 0 (0 = no downscale), got {self.max_side}")
-        if self.max_image_pixels <= 0:
-            raise ValueError(f"max_image_pixels must be > 0, got {self.max_image_pixels}")
-        if self.max_image_bytes <= 0:
-            raise ValueError(f"max_image_bytes must be > 0, got {self.max_image_bytes}")
+        settings.check(self)
 
     @property
     def image_columns(self) -> tuple[str, str]:

@@ -72,8 +72,7 @@ with _without_model_manager():
     from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import score_math
-from transforms import layout
+from transforms import layout, score_math, settings
 from transforms.layout import CounterName
 from transforms.metrics import NAMESPACE, counter
 from transforms.scorer import LpipsScorer, cuda_available
@@ -104,12 +103,64 @@ SCOPE_NAMES = ("unedit_area", "edit_area")
 MAX_SCOPE_VALUES_COUNTED = 20
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether ``--device`` means a GPU here: ``cuda``, or ``auto`` where this process sees one (a CPU
+    launcher of GPU workers should pass ``--device cuda``)."""
+    return device == "cuda" or (device == "auto" and cuda_available())
+
+
 def default_batch_pixels(device: str) -> int:
-    """The batch budget for ``device`` (``auto``: CUDA when this process sees one): big on CUDA, one
-    512x512 pair on CPU. A CPU launcher of GPU workers should pass ``--device cuda``."""
-    if device == "cuda" or (device == "auto" and cuda_available()):
-        return GPU_BATCH_PIXELS
-    return CPU_BATCH_PIXELS
+    """The batch budget for ``device``: big on CUDA, one 512x512 pair on CPU."""
+    return GPU_BATCH_PIXELS if uses_cuda(device) else CPU_BATCH_PIXELS
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How a worker batches, decodes and reuses (options declared once, :mod:`transforms.settings`)."""
+
+    batch_pixels: int = settings.option(
+        0, f"Pixel budget of one model batch (pairs x H x W); bounds memory. 0 = by device: {CPU_BATCH_PIXELS} on "
+           f"CPU, {GPU_BATCH_PIXELS} on CUDA.", settings.count(0))
+    max_batch_pairs: int = settings.option(DEFAULT_MAX_BATCH_PAIRS, "Most pairs in one forward.", settings.count(1))
+    max_batch_duration_secs: float = settings.option(
+        0.0, "With --streaming: a partial model batch is scored after this many seconds instead of waiting for "
+             "the bundle's end (Beam's stateful batching; 0 = off).", settings.seconds())
+    model_copies: int = settings.option(
+        0, "Share this many models across the SDK processes of a worker (e.g. 1 on a GPU VM running N "
+           "processes); 0 = one model per process.", settings.count(0))
+    decode_threads: Optional[int] = settings.option(
+        DEFAULT_DECODE_THREADS, "Threads per worker decoding images ahead of the model (0 = decode inline). "
+        f"Default auto: 1 on a CPU worker, its cores but one (at most {MAX_AUTO_DECODE_THREADS}) on a CUDA "
+        "worker.", settings.auto_or_count(0), metavar="N|auto")
+    reference_cache_mb: int = settings.option(
+        DEFAULT_REFERENCE_CACHE_MB, "Rows sharing a reference decode it and run its backbone once, keeping up to "
+        "this many MB per worker process (0 = off). Same scores either way.", settings.count(0))
+    group_by_reference: bool = settings.option(
+        False, "Shuffle rows by reference before scoring, so candidates of one reference meet in one worker even "
+               "when far apart in the input (a shuffle of the rows).", settings.switch())
+
+    def __post_init__(self) -> None:
+        settings.check(self)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What the workers need, resolved once from the configs when the transform is built: the batch budget
+    (0 resolved by device), the reference cache split (feature bytes per worker process, decoded-reference
+    bytes per decode DoFn instance) and the decode threads (``None``: sized from the worker's own cores at
+    ``setup()``, :func:`auto_decode_threads`)."""
+
+    batch_pixels: int
+    feature_cache_bytes: int
+    decode_cache_bytes: int
+    decode_threads: Optional[int]
+
+
+def plan_workers(scoring: ScoringConfig, model: ModelConfig) -> WorkerPlan:
+    """The :class:`WorkerPlan` of ``scoring`` for ``model``'s device."""
+    feature_bytes, decoded_bytes = reference_cache_bytes(scoring.reference_cache_mb)
+    return WorkerPlan(scoring.batch_pixels or default_batch_pixels(model.device), feature_bytes, decoded_bytes,
+                      scoring.decode_threads)
 
 
 def worker_cores() -> int:
@@ -126,7 +177,7 @@ def auto_decode_threads(device: str, cores: Optional[int] = None) -> int:
     :data:`MAX_AUTO_DECODE_THREADS`; on a CPU worker 1 (the forward takes every core; one thread lets the
     next batch decode while this one is in the forward)."""
     cores = worker_cores() if cores is None else cores
-    if device == "cuda" or (device == "auto" and cuda_available()):
+    if uses_cuda(device):
         return max(1, min(cores - 1, MAX_AUTO_DECODE_THREADS))
     return 1
 
@@ -223,8 +274,9 @@ class PreparePairs(beam.DoFn):
     def __init__(self, config: RecordConfig, row_format: RowFormat, decode_threads: Optional[int] = 0,
                  progress: Optional[ProgressConfig] = None, ahead_pixels: int = 0, device: str = "auto",
                  drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None) -> None:
-        if (decode_threads is not None and decode_threads < 0) or ahead_pixels < 0:
-            raise ValueError(f"decode_threads and ahead_pixels must be >= 0, got {decode_threads}, {ahead_pixels}")
+        ScoringConfig(decode_threads=decode_threads)  # the option's one rule (ValueError)
+        if ahead_pixels < 0:
+            raise ValueError(f"ahead_pixels must be >= 0, got {ahead_pixels}")
         self._config = config
         self._row_format = row_format
         self._decode_threads = decode_threads
@@ -428,11 +480,16 @@ class LpipsModelHandler(ModelHandler[PreparedPair, ScoredPair, LpipsScorer]):
         # batch of several pairs costs no cache locality; it lets a cached reference's candidates fill a
         # forward (2 filled images) instead of padding one alone. Memory: the batch's uint8 arrays only.
         target = self._batch_pixels
-        if max_bytes and self._batch_pixels == CPU_BATCH_PIXELS and not (
-                self._model_config.device == "cuda" or (self._model_config.device == "auto" and cuda_available())):
+        if max_bytes and self._batch_pixels == CPU_BATCH_PIXELS and not uses_cuda(self._model_config.device):
             target = self._batch_pixels * REUSE_CPU_BATCH_FACTOR
         self._batch_target = target
         return self
+
+    @classmethod
+    def for_plan(cls, model_config: ModelConfig, scoring: ScoringConfig, plan: WorkerPlan) -> "LpipsModelHandler":
+        """The handler of a :class:`ScoringConfig` resolved into ``plan``."""
+        return cls(model_config, plan.batch_pixels, scoring.max_batch_pairs, scoring.max_batch_duration_secs,
+                   scoring.model_copies).with_reference_cache(plan.feature_cache_bytes)
 
     @property
     def reference_cache_bytes(self) -> int:
@@ -561,13 +618,28 @@ ERROR_PARTS = ("errors_decode", "errors_model", "errors_failed_batches")
 class ScoreOutputs(dict):
     """The outputs of :class:`ScorePairs` / ``ScoreLPIPS``: ``.scores`` and ``.errors`` (also
     ``result["scores"]``, ``result["errors"]``), plus ``.error_parts``, the error rows of decoding, of the
-    model and of failed batches, before they are flattened into ``errors`` (on first use). ``ScoreLPIPS``
-    also sets ``.score`` (itself) and, when its rows came from ``ReadPairs``, ``.input_schema`` and
-    ``.input_id_column``: what ``WriteScores`` derives the output schemas from."""
+    model and of failed batches, before they are flattened into ``errors`` (on first use). ``.score`` (the
+    ``ScoreLPIPS`` that made them) and, when its rows came from ``ReadPairs``, ``.input_schema`` and
+    ``.input_id_column``: what ``WriteScores`` derives the output schemas from. They are kept on the scores
+    PCollection (Beam rebuilds the dict of a transform's outputs, not its PCollections)."""
 
-    score: Any = None
-    input_schema: Any = None
-    input_id_column: Optional[str] = None
+    def describe(self, score: Any, input_schema: Any, input_id_column: Optional[str]) -> "ScoreOutputs":
+        scores = dict.__getitem__(self, SCORES)
+        scores.lpips_pipe_score = score
+        scores.lpips_pipe_input = (input_schema, input_id_column)
+        return self
+
+    @property
+    def score(self) -> Any:
+        return getattr(dict.__getitem__(self, SCORES), "lpips_pipe_score", None)
+
+    @property
+    def input_schema(self) -> Any:
+        return getattr(dict.__getitem__(self, SCORES), "lpips_pipe_input", (None, None))[0]
+
+    @property
+    def input_id_column(self) -> Optional[str]:
+        return getattr(dict.__getitem__(self, SCORES), "lpips_pipe_input", (None, None))[1]
 
     @property
     def scores(self) -> beam.PCollection:
@@ -601,8 +673,10 @@ class ScorePairs(beam.PTransform):
     def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, row_format: RowFormat,
                  decode_threads: Optional[int] = DEFAULT_DECODE_THREADS,
                  progress: Optional[ProgressConfig] = None,
-                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None) -> None:
+                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None,
+                 decode_cache_bytes: int = 0) -> None:
         super().__init__()
+        self._decode_cache_bytes = decode_cache_bytes  # decoded references kept per decode DoFn (WorkerPlan)
         self._drift_maps = drift_map_selector(drift_maps)
         self._decode_threads = decode_threads
         self._record_config = record_config
@@ -615,7 +689,7 @@ class ScorePairs(beam.PTransform):
             PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress,
                          ahead_pixels=self._model_handler.batch_target_pixels,
                          device=self._model_handler.device, drift_maps=self._drift_maps)
-            .with_reference_cache(decode_cache_bytes(self._model_handler.reference_cache_bytes))).with_outputs(
+            .with_reference_cache(self._decode_cache_bytes)).with_outputs(
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
@@ -636,11 +710,6 @@ def reference_cache_bytes(reference_cache_mb: int) -> tuple[int, int]:
         raise ValueError(f"reference_cache_mb must be >= 0, got {reference_cache_mb}")
     total = int(reference_cache_mb) * 1024 * 1024
     return total - total // 8, total // 8
-
-
-def decode_cache_bytes(feature_cache_bytes: int) -> int:
-    """The decoded-reference share that goes with a feature cache of ``feature_cache_bytes`` (1/7 of it)."""
-    return feature_cache_bytes // 7
 
 
 def reference_group_key(row: dict[str, Any], column: str) -> str:

@@ -14,21 +14,20 @@ re-exported by the ``lpips_pipe`` package.
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from typing import Any, Optional, Sequence, Union
 
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms import layout
+from transforms import layout, settings
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
 from transforms.progress import ProgressConfig
-from transforms.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from transforms.records import RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas
-from transforms.scoring import (DEFAULT_DECODE_THREADS, DEFAULT_MAX_BATCH_PAIRS, DEFAULT_REFERENCE_CACHE_MB,
-                                DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
-                                drift_map_selector, reference_cache_bytes)
+from transforms.scoring import (DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
+                                ScoringConfig, WorkerPlan, drift_map_selector, plan_workers)
 from transforms.sink import CommitPlan, WriteParquet, WriteWindowedParquet, part_labels
 from transforms.weights import ModelConfig, check_weights
 
@@ -122,67 +121,57 @@ class ScoreLPIPS(beam.PTransform):
     ``error_stage``, ``error_type``, ``error_message``.
     """
 
-    def __init__(self, scope: str = "unedit_area", net: str = "alex", max_side: int = 2048,
-                 precision: str = "fp32", device: str = "auto", *, mask_mode: Optional[str] = None,
-                 id_column: Optional[str] = "id", ref_column: str = "ref_image", edited_column: str = "edited_image",
-                 coords_column: str = "coords", scope_column: Optional[str] = None, coords_scale: str = "pixel",
-                 size_mismatch: str = "resize", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 weights: Optional[str] = None, allow_download: bool = False, torch_threads: int = 0,
-                 batch_pixels: int = 0, max_batch_pairs: int = DEFAULT_MAX_BATCH_PAIRS,
-                 max_batch_duration_secs: float = 0, model_copies: int = 0,
-                 decode_threads: Optional[int] = DEFAULT_DECODE_THREADS, row_format: Optional[RowFormat] = None,
-                 progress: Optional[ProgressConfig] = None, check: bool = True,
-                 reference_cache_mb: int = DEFAULT_REFERENCE_CACHE_MB, group_by_reference: bool = False,
-                 drift_maps: Optional[DriftMapRows] = None) -> None:
+    # Its keywords are the options of these configs (declared once, transforms.settings), these five first and
+    # also positional, in this order (a public promise); then the keywords of the Python API alone.
+    CONFIGS = (RecordConfig, ModelConfig, ScoringConfig)
+    POSITIONAL = ("scope", "net", "max_side", "precision", "device")
+
+    def __init__(self, *args: Any, id_column: Optional[str] = layout.ID_FIELD,
+                 drift_maps: Optional[DriftMapRows] = None, row_format: Optional[RowFormat] = None,
+                 progress: Optional[ProgressConfig] = None, check: bool = True, workers: Optional[WorkerPlan] = None,
+                 **options: Any) -> None:
         super().__init__()
-        self.record_config = RecordConfig(
-            ref_column=ref_column, edited_column=edited_column, coords_column=coords_column,
-            scope_column=scope_column, scope=scope, mask_mode=mask_mode, coords_scale=coords_scale,
-            max_side=max_side, size_mismatch=size_mismatch, max_image_pixels=max_image_pixels,
-            max_image_bytes=max_image_bytes)
-        self.model_config = ModelConfig(net=net, weights=weights, allow_download=allow_download, device=device,
-                                        precision=precision, torch_threads=torch_threads)
+        values = settings.bind(_OPTIONS_SIGNATURE, args, options)  # TypeError for an unknown keyword
+        self.record_config = settings.from_values(RecordConfig, values)  # ValueError for a bad value
+        self.model_config = settings.from_values(ModelConfig, values)
+        self.scoring_config = settings.from_values(ScoringConfig, values)
         if check:  # fail while the pipeline is built, not on a worker
             check_weights(self.model_config)
-        if decode_threads is not None and decode_threads < 0:
-            raise ValueError(f"decode_threads must be >= 0 or None (sized from the worker's cores), got "
-                             f"{decode_threads}")
-        self.handler = LpipsModelHandler(self.model_config, batch_pixels, max_batch_pairs, max_batch_duration_secs,
-                                         model_copies)
-        feature_bytes, _ = reference_cache_bytes(reference_cache_mb)  # ValueError when < 0
-        self.handler.with_reference_cache(feature_bytes)
-        self._group_by_reference = bool(group_by_reference)
+        # what the workers need, resolved once: here, or at the job's planning (``workers``)
+        self.workers = workers or plan_workers(self.scoring_config, self.model_config)
+        self.handler = LpipsModelHandler.for_plan(self.model_config, self.scoring_config, self.workers)
         self._row_format = row_format or RowFormat(id_column, self.record_config.image_columns)
-        self._decode_threads = decode_threads
         self._progress = progress
         self._drift_maps = drift_map_selector(drift_maps)  # ValueError for a string, a non-collection
 
     @classmethod
-    def from_configs(cls, record_config: RecordConfig, model_config: ModelConfig, **kwargs: Any) -> "ScoreLPIPS":
+    def from_configs(cls, record_config: RecordConfig, model_config: ModelConfig,
+                     scoring_config: Optional[ScoringConfig] = None, **kwargs: Any) -> "ScoreLPIPS":
         """The transform for already checked configs (the job's plan)."""
-        fields = {name: getattr(record_config, name) for name in (
-            "scope", "max_side", "mask_mode", "ref_column", "edited_column", "coords_column", "scope_column",
-            "coords_scale", "size_mismatch", "max_image_pixels", "max_image_bytes")}
-        fields.update({name: getattr(model_config, name) for name in (
-            "net", "precision", "device", "weights", "allow_download", "torch_threads")})
-        return cls(**fields, **kwargs)
+        return cls(**settings.values_of(record_config, model_config, scoring_config or ScoringConfig()), **kwargs)
 
     def expand(self, rows: beam.PCollection) -> ScoreOutputs:
-        if self._group_by_reference:
+        if self.scoring_config.group_by_reference:
             rows = rows | "ByReference" >> GroupByReference(self.record_config.ref_column)
         # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
-        outputs = ScorePairs(self.record_config, self.handler, self._row_format, self._decode_threads,
-                             self._progress, drift_maps=self._drift_maps).expand(rows)
-        outputs.score = self
-        outputs.input_schema, outputs.input_id_column = getattr(rows, "lpips_pipe_input", (None, None))
-        return outputs
+        outputs = ScorePairs(self.record_config, self.handler, self._row_format, self.workers.decode_threads,
+                             self._progress, drift_maps=self._drift_maps,
+                             decode_cache_bytes=self.workers.decode_cache_bytes).expand(rows)
+        return outputs.describe(self, *getattr(rows, "lpips_pipe_input", (None, None)))
 
     def model_settings(self) -> dict[str, Any]:
         """What the scores files record of the model (:func:`transforms.schemas.job_settings`)."""
         weights = self.model_config.weights
         return {"net": self.model_config.net, "weights": layout.absolute(weights) if weights else None,
                 "precision": self.model_config.precision}
+
+
+_OPTIONS_SIGNATURE = inspect.Signature(settings.parameters(ScoreLPIPS.CONFIGS, ScoreLPIPS.POSITIONAL))
+# What help(ScoreLPIPS) and inspect.signature show: every keyword with its default.
+ScoreLPIPS.__init__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *_OPTIONS_SIGNATURE.parameters.values(),
+    *(parameter for name, parameter in inspect.signature(ScoreLPIPS.__init__).parameters.items()
+      if parameter.kind == inspect.Parameter.KEYWORD_ONLY)])
 
 
 def output_schemas_for(input_schema: pa.Schema, score: "ScoreLPIPS", id_column: Optional[str] = None) -> OutputSchemas:

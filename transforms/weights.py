@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from transforms import settings
+
 from transforms.messages import one_line
 from transforms.uri_io import FileTooLargeError, NotARegularFileError, read_uri
 
@@ -88,25 +90,22 @@ class BadWeightsFile(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """What the scorer is built from; picklable, so Beam can ship it to workers."""
+    """What the scorer is built from (options declared once, :mod:`transforms.settings`); picklable, so Beam
+    can ship it to workers."""
 
-    net: str = "alex"
-    weights: Optional[str] = None
-    allow_download: bool = False
-    device: str = "auto"
-    precision: str = "fp32"
-    torch_threads: int = 0
+    net: str = settings.option("alex", "LPIPS backbone (default alex).", settings.one_of(NETS))
+    weights: Optional[str] = settings.option(None, "Weights file/URI made by lpips-pipe-export-weights (default: "
+                                             "offline sources).", metavar="FILE_OR_URI")
+    allow_download: bool = settings.option(False, "Let torchvision download the backbone when no local source "
+                                           "has it.", settings.switch())
+    device: str = settings.option("auto", "auto = cuda when available.", settings.one_of(DEVICES))
+    precision: str = settings.option("fp32", "fp32 (exact), bf16 (CPU/GPU), fp16 (GPU only).",
+                                     settings.one_of(PRECISIONS))
+    torch_threads: int = settings.option(0, "Torch threads per worker process (0 = torch's default).",
+                                         settings.count(0))
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("net", self.net, NETS),
-            ("device", self.device, DEVICES),
-            ("precision", self.precision, PRECISIONS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.torch_threads < 0:
-            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        settings.check(self)
 
 
 @dataclass(frozen=True)
