@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
-from transforms import layout, settings
+from transforms import layout, score_math, settings
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
 REPORT_MD = layout.REPORT_MD
@@ -57,7 +57,7 @@ MAX_HISTOGRAM_SERIES = 8
 DUPLICATE_EXAMPLES = 5
 # One group for every missing key: None (null) and NaN alike.
 NULL_LABEL = "null/NaN"
-KNOWN_SCOPES = ("unedit_area", "edit_area")
+KNOWN_SCOPES = score_math.MASKED_SCOPES
 SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, layout.MEASURED_FRACTION_FIELD, layout.MASK_MODE_FIELD)
 ERROR_COLUMNS = (layout.ID_FIELD, layout.ERROR_STAGE_FIELD, layout.ERROR_TYPE_FIELD)
 PROG = "lpips-pipe-report"

@@ -230,7 +230,7 @@ def prepare_scored(row: dict[str, Any], config: records.RecordConfig) -> Prepare
         if edited.size != (width, height):
             edited = edited.resize((width, height))
         boxes: list[score_math.Box] = []
-        if pair.mask_mode != "none":
+        if pair.mask_mode != score_math.NO_MASK:
             with Image.open(io.BytesIO(ref_bytes)) as header:
                 original = header.size
             boxes = records.pixel_boxes(records.parse_coords(row.get(config.coords_column)) or [], original,

@@ -75,8 +75,8 @@ class RecordConfig:
     def may_need_coords(self) -> bool:
         """Whether some row may be masked, so the coords column must exist."""
         if self.mask_mode is not None:
-            return self.mask_mode != "none"
-        return self.scope_column is not None or score_math.mask_mode_for_scope(self.scope) != "none"
+            return self.mask_mode != score_math.NO_MASK
+        return self.scope_column is not None or score_math.mask_mode_for_scope(self.scope) != score_math.NO_MASK
 
 
 @dataclass
@@ -162,7 +162,7 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
     """
     mask_mode = config.row_mask_mode(row)
     raw_boxes = None
-    if mask_mode != "none":
+    if mask_mode != score_math.NO_MASK:
         raw_boxes = parse_coords(row.get(config.coords_column))
         if raw_boxes is None:
             raise RecordError(

@@ -23,7 +23,9 @@ import numpy as np
 Box = tuple[int, int, int, int]
 
 MASK_MODES = ("outer", "inner", "none")
+NO_MASK = MASK_MODES[2]  # the whole image is measured
 SCOPES = ("unedit_area", "edit_area", "full")
+MASKED_SCOPES = SCOPES[:2]  # any other per-row scope value is scored as the full image, as the seed does
 COORDS_SCALES = ("pixel", "qwen1000")
 
 _SCOPE_TO_MASK_MODE = {"unedit_area": "outer", "edit_area": "inner"}

@@ -99,7 +99,6 @@ MAX_AUTO_DECODE_THREADS = 16
 DEFAULT_REFERENCE_CACHE_MB = 256
 # With reuse on CPU, Beam batches hold up to this many default budgets (8 pairs of 512x512).
 REUSE_CPU_BATCH_FACTOR = 8
-SCOPE_NAMES = ("unedit_area", "edit_area")
 MAX_SCOPE_VALUES_COUNTED = 20
 
 
@@ -250,7 +249,7 @@ def _count_scope(row: dict[str, Any], config: RecordConfig, seen: set) -> None:
     if config.scope_column is None or config.mask_mode is not None:
         return
     scope = row.get(config.scope_column)
-    if scope is None or scope in SCOPE_NAMES or scope == "full":
+    if scope is None or scope in score_math.SCOPES:
         return
     counter(CounterName.UNKNOWN_SCOPE_ROWS).inc()
     value = str(scope)[:40]
