@@ -8,7 +8,8 @@ the other demo pieces, from here so test data has one home.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ from transforms import layout
 
 __all__ = [
     "EDITS", "PAIRS_SCHEMA", "PHOTOS", "centre_box", "demo_table", "encode", "photo", "small_pairs",
-    "scores_table", "errors_table", "write_kind", "write_run", "read_kind", "PROVENANCE",
+    "scores_table", "errors_table", "write_kind", "write_run", "read_kind", "PROVENANCE", "wait_for",
 ]
 
 # What a real run records (net, lpips version, weights digest); tests vary one field at a time.
@@ -95,3 +96,13 @@ def read_kind(output: str, kind: str) -> pa.Table:
     paths = layout.kind_files(output, kind)
     assert paths, f"no {kind} files in {output}"
     return pa.concat_tables([pq.read_table(path) for path in paths], promote_options="permissive")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, every: float = 0.3) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` seconds (checked every ``every`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return False

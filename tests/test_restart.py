@@ -31,7 +31,7 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import cli, runners
-from tests.data_helpers import demo_table
+from tests.data_helpers import demo_table, wait_for
 from transforms import layout, ledger, sink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,12 +68,21 @@ def _outputs(out: str) -> tuple[pa.Table, pa.Table]:
     return (pq.read_table(os.path.join(out, layout.SCORES)), pq.read_table(os.path.join(out, layout.ERRORS)))
 
 
+def origin_counts(out: str) -> collections.Counter:
+    """How many output rows (scores and errors) each input row ``(source_file, source_row)`` has."""
+    return collections.Counter((path, row) for kind in _outputs(out) for path, row in zip(
+        kind.column(layout.SOURCE_FILE_FIELD).to_pylist(), kind.column(layout.SOURCE_ROW_FIELD).to_pylist()))
+
+
+def assert_each_row_once(out: str, rows: int) -> None:
+    origins = origin_counts(out)
+    repeated = [origin for origin, n in origins.items() if n > 1]
+    assert not repeated and sum(origins.values()) == rows, (sum(origins.values()), repeated[:3])
+
+
 def assert_exactly_once(out: str, table: pa.Table, baseline: dict[str, float]) -> None:
+    assert_each_row_once(out, table.num_rows)
     scores, errors = _outputs(out)
-    origins = [(path, row) for kind in (scores, errors) for path, row in
-               zip(kind.column(layout.SOURCE_FILE_FIELD).to_pylist(), kind.column(layout.SOURCE_ROW_FIELD).to_pylist())]
-    repeated = [origin for origin, n in collections.Counter(origins).items() if n > 1]
-    assert not repeated and len(origins) == table.num_rows, (len(origins), repeated[:3])
     ids = scores.column("id").to_pylist() + errors.column("id").to_pylist()
     assert sorted(ids) == sorted(table.column("id").to_pylist())
     assert dict(zip(scores.column("id").to_pylist(), scores.column("lpips").to_pylist())) == baseline
@@ -207,10 +216,7 @@ def test_sigkill_mid_run_then_the_same_command(tmp_path):
     scored = int(rerun.stdout.split("scored ")[1].split(",")[0])
     errors = int(rerun.stdout.split("errors ")[1].split(",")[0])
     assert scored + errors == table.num_rows - committed  # the kept rows were not read again
-    scores, error_rows = _outputs(str(out))
-    origins = collections.Counter(scores.column(layout.SOURCE_ROW_FIELD).to_pylist()
-                                  + error_rows.column(layout.SOURCE_ROW_FIELD).to_pylist())
-    assert len(origins) == table.num_rows and set(origins.values()) == {1}
+    assert_each_row_once(str(out), table.num_rows)
 
 
 # --------------------------------------------------------------------------- streams
@@ -321,13 +327,7 @@ def test_a_stream_killed_at_each_step_of_a_window_commit_continues(step, tmp_pat
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Traceback" not in resumed.stderr and "continuing the stream" in resumed.stderr
-    table = pa.concat_tables(tables)
-    scores, errors = _outputs(str(out))
-    origins = collections.Counter(zip(scores.column(layout.SOURCE_FILE_FIELD).to_pylist()
-                                      + errors.column(layout.SOURCE_FILE_FIELD).to_pylist(),
-                                      scores.column(layout.SOURCE_ROW_FIELD).to_pylist()
-                                      + errors.column(layout.SOURCE_ROW_FIELD).to_pylist()))
-    assert len(origins) == table.num_rows and set(origins.values()) == {1}
+    assert_each_row_once(str(out), pa.concat_tables(tables).num_rows)
     staging = out / layout.STAGING
     leftovers = [p for p in staging.rglob("*") if p.is_file() and layout.LEDGER not in p.relative_to(staging).parts]
     assert leftovers == []  # only the ledger stays, to continue the stream later
@@ -362,7 +362,7 @@ def test_the_users_scenario_sigterm_then_sigkill_then_the_same_command(runner, t
     tables = [_land(incoming, 0)]
     first = start()
     try:
-        assert _wait(lambda: written_files() >= 1 or first.poll() is not None, 150)
+        assert wait_for(lambda: written_files() >= 1 or first.poll() is not None, 150)
         os.killpg(first.pid, signal.SIGTERM)
         output, _ = first.communicate(timeout=90)
     finally:
@@ -373,7 +373,7 @@ def test_the_users_scenario_sigterm_then_sigkill_then_the_same_command(runner, t
     tables.append(_land(incoming, 1))
     second = start()
     try:
-        assert _wait(lambda: written_files() >= 2 or second.poll() is not None, 150)
+        assert wait_for(lambda: written_files() >= 2 or second.poll() is not None, 150)
         tables.append(_land(incoming, 2))
         time.sleep(1.5)
         os.killpg(second.pid, signal.SIGKILL)  # while file 2 lands: maybe read, surely not written
@@ -385,23 +385,10 @@ def test_the_users_scenario_sigterm_then_sigkill_then_the_same_command(runner, t
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     table = pa.concat_tables(tables)
+    assert_each_row_once(str(out), table.num_rows)
     scores, errors = _outputs(str(out))
-    origins = collections.Counter(zip(scores.column(layout.SOURCE_FILE_FIELD).to_pylist()
-                                      + errors.column(layout.SOURCE_FILE_FIELD).to_pylist(),
-                                      scores.column(layout.SOURCE_ROW_FIELD).to_pylist()
-                                      + errors.column(layout.SOURCE_ROW_FIELD).to_pylist()))
-    assert len(origins) == table.num_rows and set(origins.values()) == {1}, origins.most_common(3)
     assert sorted(scores.column("id").to_pylist() + errors.column("id").to_pylist()) == sorted(
         table.column("id").to_pylist())
-
-
-def _wait(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a small filesystem (tmpfs) needs root")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import runners
-from tests.data_helpers import small_pairs
+from tests.data_helpers import small_pairs, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(runners.prism_binary() is None,
@@ -45,12 +45,7 @@ def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
+    return wait_for(condition, timeout, every=0.5)
 
 
 @pytest.fixture(scope="module")
