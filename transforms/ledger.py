@@ -235,10 +235,8 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}{layout.LEDGER_TEMP_SUFFIX}"
-    with open(temporary, "wb") as handle:
-        handle.write(encoded)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with open(temporary, "wb") as handle:  # no fsync: what a record guards against is the process dying (its
+        handle.write(encoded)               # writes stay in the OS's cache), like the staged files it names
     os.replace(temporary, path)
 
 
