@@ -31,6 +31,13 @@ one of each per source file ``i`` of ``m``. An id with several score rows goes t
 were kept. The join streams the source batch by batch: only the kept and rejected id sets are held (ids, not
 images), so memory does not grow with the images.
 
+A source that is a WebDataset tar shard (``.tar``, ``.tar.gz``, ``.tgz``; :mod:`transforms.tar_io`) is split
+into shards, ``OUT/kept_source/part-i-of-m.tar`` (uncompressed, whatever the source's compression) and so
+on: its samples' ids are read as the job reads them (the json's id, else the sample key; only the json
+members), then every sample's members are copied whole, member by member (headers and bytes; links and
+devices as headers only, never followed), into the shard its id goes to, so the kept shard is the input
+minus the rejected and unscored samples. Folders named by ``--source`` give their ``*.parquet`` and shards.
+
 **No silent mixing**: if the scores disagree on ``net``, ``lpips_version`` or ``weights_sha256``, or on
 ``mask_mode`` while the rule is not per group of ``mask_mode`` (``--group_column mask_mode``), the scores
 were not made the same way and thresholds or z-scores across them compare unlike things: the command
@@ -63,7 +70,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import filtering, layout, settings
+from transforms import filtering, layout, settings, tar_io
 from transforms import calibration as calibration_rules
 from transforms.messages import one_line as _one_line
 
@@ -140,12 +147,14 @@ def resolve_scores(spec: str) -> list[str]:
 
 
 def resolve_source(spec: str) -> list[str]:
-    """The input files ``--source`` names: a file, a glob, or a folder (its ``*.parquet``)."""
+    """The input files ``--source`` names: a file, a glob, or a folder (its ``*.parquet`` and tar shards)."""
     try:
         if not layout.has_glob(spec) and _is_dir(spec) and (not _is_local(spec) or os.path.exists(spec)):
-            files = layout.match(FileSystems.join(layout.escape_glob(spec.rstrip("/")), f"*{layout.PARQUET_SUFFIX}"))
+            folder = layout.escape_glob(spec.rstrip("/"))
+            files = sorted({path for suffix in (layout.PARQUET_SUFFIX, *layout.TAR_SUFFIXES)
+                            for path in layout.match(FileSystems.join(folder, f"*{suffix}"))})
             if not files:
-                raise FilterError(f"--source {spec}: no *.parquet in this folder")
+                raise FilterError(f"--source {spec}: no *.parquet in this folder (nor tar shards: *.tar, *.tar.gz)")
             return files
         files = layout.match(spec)
     except FilterError:
@@ -221,7 +230,7 @@ def _source_plan(files: Sequence[str], id_column: str, scores_id_type: pa.DataTy
     ids); the type the id sets are compared in."""
     join_type = None
     for path in files:
-        schema = _read_schema(path, "--source file")
+        schema = _source_schema(path)
         if id_column not in schema.names:
             raise FilterError(f"--source file {path} has no column {id_column!r} (--source_id_column); columns: "
                               f"{', '.join(schema.names) or 'none'}")
@@ -237,6 +246,16 @@ def _source_plan(files: Sequence[str], id_column: str, scores_id_type: pa.DataTy
         join_type = this
     assert join_type is not None
     return join_type
+
+
+def _source_schema(path: str) -> pa.Schema:
+    """A ``--source`` file's schema: a Parquet footer's, or a tar shard's as the job plans it."""
+    if not tar_io.is_shard(path):
+        return _read_schema(path, "--source file")
+    try:
+        return tar_io.plan_shard(path).schema
+    except (OSError, ValueError) as error:  # InputError: not a readable shard
+        raise FilterError(f"--source file {_one_line(error)}") from error
 
 
 def _join_type(left: pa.DataType, right: pa.DataType) -> Optional[pa.DataType]:
@@ -260,11 +279,10 @@ def _join_type(left: pa.DataType, right: pa.DataType) -> Optional[pa.DataType]:
 
 
 def existing_outputs(output: str) -> list[str]:
-    found = [path for name in OUTPUTS
-             for path in layout.match(FileSystems.join(layout.escape_glob(output), f"{name}-*.parquet"))]
+    found = [path for name in OUTPUTS for path in layout.match(layout.filter_files_glob(output, name))]
     for name in SOURCE_OUTPUTS:
-        found += layout.match(FileSystems.join(layout.escape_glob(FileSystems.join(output, name)),
-                                               f"*{layout.PARQUET_SUFFIX}"))
+        for suffix in layout.SOURCE_SUFFIXES:
+            found += layout.match(FileSystems.join(layout.escape_glob(FileSystems.join(output, name)), f"*{suffix}"))
     summary = FileSystems.join(output, SUMMARY_JSON)
     return found + ([summary] if FileSystems.exists(summary) else [])
 
@@ -357,8 +375,7 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     outcome = FilterOutcome(provenance=provenance)
     ids = _IdSets() if source_files else None
     for index, path in enumerate(files):  # pass 2: place every row
-        names = {name: FileSystems.join(output, f"{name}-{index:05d}-of-{len(files):05d}.parquet")
-                 for name in OUTPUTS}
+        names = {name: FileSystems.join(output, layout.shard_name(index, len(files), prefix=name)) for name in OUTPUTS}
         handles = {name: FileSystems.create(target) for name, target in names.items()}
         writers = {name: pq.ParquetWriter(handles[name], out_schema) for name in OUTPUTS}
         try:
@@ -378,8 +395,8 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                     [name for name in batch.schema.names if name not in (Z_COLUMN, TIER_COLUMN)])
                 table = table.append_column(Z_COLUMN, pa.array(z, pa.float64(), mask=~np.isfinite(z)))
                 table = table.append_column(TIER_COLUMN, pa.array(tier.tolist(), pa.string()))
-                writers["kept"].write_table(table.filter(pa.array(keep)).cast(out_schema))
-                writers["rejected"].write_table(table.filter(pa.array(~keep)).cast(out_schema))
+                writers[layout.FILTER_KEPT].write_table(table.filter(pa.array(keep)).cast(out_schema))
+                writers[layout.FILTER_REJECTED].write_table(table.filter(pa.array(~keep)).cast(out_schema))
                 if ids is not None:
                     ids.add(batch.column(ID_COLUMN), keep)
                 outcome.kept += int(keep.sum())
@@ -479,9 +496,18 @@ def _load_calibration(path: str) -> calibration_rules.CalibrationRule:
 def split_source(files: Sequence[str], id_column: str, join_type: pa.DataType, kept_ids: pa.Array,
                  rejected_ids: pa.Array, output: str, written: list[str]) -> dict[str, int]:
     """Copy every row of the source ``files`` to ``kept_source/``, ``rejected_source/`` or
-    ``unscored_source/`` by its id, batch by batch; rows per output."""
+    ``unscored_source/`` by its id, batch by batch (a tar shard sample by sample, into shards); rows per
+    output."""
     counts = {name: 0 for name in SOURCE_OUTPUTS}
     for index, path in enumerate(files):
+        if tar_io.is_shard(path):
+            targets = {name: FileSystems.join(output, name, layout.source_part_name(index, len(files),
+                                                                                   tar_io.shard_suffix(path)))
+                       for name in SOURCE_OUTPUTS}
+            for name, rows in _split_shard(path, id_column, join_type, kept_ids, rejected_ids, targets).items():
+                counts[name] += rows
+            written += list(targets.values())
+            continue
         with _open(path) as parquet:
             schema = parquet.schema_arrow
             targets = {name: FileSystems.join(output, name, f"{layout.SHARD_PREFIX}-{index:05d}-of-{len(files):05d}"
@@ -508,6 +534,31 @@ def split_source(files: Sequence[str], id_column: str, join_type: pa.DataType, k
     return counts
 
 
+def _split_shard(path: str, id_column: str, join_type: pa.DataType, kept_ids: pa.Array, rejected_ids: pa.Array,
+                 targets: dict[str, str]) -> dict[str, int]:
+    """One shard's samples into the ``targets`` shards by id (ids first, from the json members only; then the
+    members copied whole); samples per output."""
+    try:
+        plan = tar_io.plan_shard(path)
+        sample_ids = _cast_ids(tar_io.sample_ids(plan, id_column), join_type)
+    except (OSError, ValueError) as error:  # changed since it was checked
+        raise FilterError(f"--source file {_one_line(error)}") from error
+    in_kept = pc.fill_null(pc.is_in(sample_ids, value_set=kept_ids, skip_nulls=True), False).to_numpy(
+        zero_copy_only=False)
+    in_rejected = pc.fill_null(pc.is_in(sample_ids, value_set=rejected_ids, skip_nulls=True), False).to_numpy(
+        zero_copy_only=False)
+    kept_name, rejected_name, unscored_name = SOURCE_OUTPUTS
+
+    def choose(index: int) -> str:
+        if index < len(in_kept) and in_kept[index]:
+            return kept_name
+        if index < len(in_rejected) and in_rejected[index]:
+            return rejected_name
+        return unscored_name
+
+    return tar_io.copy_samples(plan, choose, targets)
+
+
 def _group_name(key: Any) -> str:
     return "NaN" if key is filtering.NAN_KEY else str(key)
 
@@ -529,7 +580,7 @@ def format_outcome(outcome: FilterOutcome, output: str, group_column: Optional[s
         for key, group in sorted(outcome.groups.items()):
             spread = "—" if group["std"] is None else f"{group['std']:.4f}"
             lines.append(f"  {_one_line(key):<24} {group['rows']:>7} {group['mean']:>8.4f} {spread:>8}")
-    outputs = [FileSystems.join(output, "kept-*.parquet"), FileSystems.join(output, "rejected-*.parquet")]
+    outputs = [FileSystems.join(output, layout.FILTER_FILE_GLOB.format(name=name)) for name in OUTPUTS]
     if outcome.source:
         lines.append("  source rows: " + ", ".join(f"{name.replace('_source', '')} {count}"
                                                    for name, count in outcome.source.items()))
@@ -574,10 +625,11 @@ def parser() -> argparse.ArgumentParser:
     described.add_argument("--std", choices=filtering.STD_KINDS, default=None,
                            help="Group std: population (ddof=0, default) or sample (ddof=1); overrides the config.")
     described.add_argument("--source", metavar="GLOB_OR_DIR", default=None,
-                           help="The job's input Parquet (file, glob or folder of *.parquet): its rows, all columns "
-                                "and images included, are joined by id and written to OUTPUT/kept_source/, "
-                                "OUTPUT/rejected_source/ and, for ids without a score (errored in the job), "
-                                "OUTPUT/unscored_source/. Streams batch by batch; only the ids are held.")
+                           help="The job's input Parquet or WebDataset tar shards (file, glob or folder of *.parquet, "
+                                "*.tar, *.tar.gz): its rows, all columns and images included, are joined by id and "
+                                "written to OUTPUT/kept_source/, OUTPUT/rejected_source/ and, for ids without a score "
+                                "(errored in the job), OUTPUT/unscored_source/ (a shard's samples into shards, "
+                                "members copied whole). Streams batch by batch; only the ids are held.")
     described.add_argument("--source_id_column", default=ID_COLUMN,
                            help="The id column of the --source rows, matched against the scores' id (default id).")
     described.add_argument("--allow_mixed", action="store_true",

@@ -588,7 +588,8 @@ def build_graph(pipeline: beam.Pipeline, plan: JobPlan, output: Optional[str] = 
     """``ReadPairs | ScoreLPIPS | WriteScores`` into ``pipeline``, plus the duplicate-id count. ``output``: the
     path the sink writes to (default the plan's; see :func:`transforms.layout.glob_free`); ``bar_dir``: see
     :func:`progress_config`."""
-    rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns)
+    rows = pipeline | "ReadPairs" >> ReadPairs(plan.splits, plan.schemas.id_column, plan.records.image_columns,
+                                                  plan.records.max_image_bytes)
     outputs = rows | "Score" >> score_transform(plan, progress_config(plan, bar_dir))
     _ = outputs | "WriteScores" >> WriteScores(output or plan.output, plan.schemas, plan.options.num_shards,
                                                commit=plan.commit_plan())

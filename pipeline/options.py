@@ -39,8 +39,8 @@ class JobConfig:
     """The options of the command line's job itself (inputs, outputs, restarts, streams, exit codes),
     declared once (:mod:`transforms.settings`)."""
 
-    input: Optional[str] = settings.option(None, "Parquet / JSON Lines file or glob (local, gs://, s3://, ...) of "
-                                                 "image pairs.")
+    input: Optional[str] = settings.option(None, "Parquet, JSON Lines or WebDataset tar shard file(s) or glob "
+                                                 "(local, gs://, s3://, ...) of image pairs.")
     output: Optional[str] = settings.option(None, "Directory for scores/, errors/ (Parquet) and report/.")
     overwrite: bool = settings.option(False, "Replace the outputs, report and restart ledger already in --output "
                                              "(default: a finished run's outputs are refused, an interrupted run "

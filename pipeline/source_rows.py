@@ -1,4 +1,5 @@
-"""Read a few rows of Parquet / JSON Lines files by position, and only those rows' columns (the report page).
+"""Read a few rows of Parquet / JSON Lines files / tar shards by position, and only those rows' columns (the
+report page).
 
 Every score row and error row the job writes records where it came from: ``source_file`` (the input file's
 path or URI) and ``source_row`` (its 0-based row index in that file, counting rows as ``<file>:<row>`` ids
@@ -12,6 +13,10 @@ images and never a whole file:
   of it are shown.
 - **JSON Lines**: the file is streamed block by block and lines are counted (non-blank lines are rows, as the
   reader counts them) up to the last requested row; only the requested lines are parsed.
+- **Tar shards** (:mod:`transforms.tar_io`): row N is the shard's sample N (counted from 0). The shard is
+  planned (headers and json members only, for a ``.tar``), then only the splits holding requested samples
+  are read, seeking to each split's first header, and only those samples' members are read (a ``.tar.gz``
+  streams from its start).
 
 Image values that are relative paths (a string, or the ``path`` of a ``{bytes, path}`` struct without bytes)
 resolve against the folder of the file that names them, as the job's reader does. Any filesystem Beam knows
@@ -58,7 +63,9 @@ def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
         try:
             if not FileSystems.exists(path):
                 raise FileNotFoundError(f"{path} no longer exists")
-            if parquet_io.input_format(path) == parquet_io.JSONL:
+            if parquet_io.input_format(path) == parquet_io.TAR:
+                got = _shard_rows(path, wanted)
+            elif parquet_io.input_format(path) == parquet_io.JSONL:
                 got = _jsonl_rows(path, wanted)
             else:
                 got = _parquet_rows(path, wanted, columns)
@@ -81,6 +88,14 @@ def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
                         value[name] = parquet_io._resolve_image(value[name], path)  # the reader's own rule
             found[(path, row)] = value
     return found
+
+
+def _shard_rows(path: str, wanted: Sequence[int]) -> dict[int, Fetched]:
+    from transforms import tar_io  # noqa: PLC0415  # only for shards
+
+    out: dict[int, Fetched] = {row: f"row {row} is not a row index" for row in wanted if row < 0}
+    out.update(tar_io.fetch_samples(path, [row for row in wanted if row >= 0]))
+    return out
 
 
 def _parquet_rows(path: str, wanted: Sequence[int], columns: Sequence[str]) -> dict[int, Fetched]:

@@ -8,7 +8,8 @@ Parquet per window of ``--window_s`` seconds of arrival time: ``OUT/scores/part-
 ``OUT/errors/part-<window>-*.parquet``, each file finished when its window closes.
 
 The file rule: a file is read once, when its size and modification time have not changed since the
-previous poll and its footer (Parquet) or schema (JSON Lines) reads, so a half-written file is not read
+previous poll and its footer (Parquet) or schema (JSON Lines) reads, or (a tar shard) it reads to its
+end-of-archive blocks, so a half-written file is not read
 until it is complete; write files elsewhere and rename them in for the lowest latency. A file that
 changes after it was read is not scored again (a warning and the ``files_changed_after_read`` counter
 say so); a file whose columns differ from the first file's is refused (``files_rejected``, logged).
@@ -44,7 +45,9 @@ from pipeline.options import LpipsPipeOptions
 from transforms import layout, ledger
 from transforms.layout import CounterName
 from transforms.metrics import counter
-from transforms.parquet_io import ParquetSplit, common_schema, match_inputs, plan_file, read_footer
+from transforms import tar_io
+from transforms.parquet_io import (TAR, InputError, ParquetSplit, common_schema, input_format, match_inputs, plan_file,
+                                   read_footer)
 from transforms.progress import ProgressBar
 from transforms.stage import ReadSplits, WriteScores
 
@@ -137,8 +140,13 @@ class NewFiles(beam.DoFn):
 
     @staticmethod
     def complete(path: str) -> bool:
-        """Whether ``path``'s footer (Parquet) or schema (JSON Lines) reads: not still being written."""
+        """Whether ``path``'s footer (Parquet) or schema (JSON Lines) reads, or (a tar shard) it reads to its
+        end-of-archive blocks with nothing cut: not still being written."""
         try:
+            if input_format(path) == TAR:
+                if not tar_io.shard_complete(path):
+                    raise InputError("no end-of-archive blocks yet: the shard is still being written")
+                return True
             read_footer(path)
         except Exception as error:  # still being written
             _LOGGER.info("streaming: %s is not complete yet (%s); retrying at the next poll", path, error)
@@ -175,7 +183,8 @@ def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float,
         | "Key" >> beam.Map(lambda tick: (POLL_KEY, tick))
         | "NewFiles" >> beam.ParDo(NewFiles(first.options.input, done_files(first)))
         | "FileSplits" >> beam.ParDo(FileSplits(first.files[0], first.input_schema))
-        | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns)
+        | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns,
+                                              first.records.max_image_bytes)
         | "Windows" >> beam.WindowInto(window.FixedWindows(plan.window_s))
     )
     outputs = rows | "Score" >> job.score_transform(first, job.progress_config(first, bar_dir))

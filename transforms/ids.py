@@ -117,11 +117,12 @@ def input_ids(path: str, id_column: Optional[str], num_rows: int,
               splits: Sequence[ParquetSplit] = ()) -> pa.Array:
     """The ids one input file's rows get: its ``id_column`` (read alone), or ``"<path>:<row>"``.
 
-    ``splits`` (all the file's splits) are needed for JSON Lines files, which are read split by split.
+    ``splits`` (all the file's splits) are needed for JSON Lines files and tar shards, which are read split by
+    split (a shard's ids: the json's id, else the sample key; only the json members are read).
     """
     if id_column is None:
         return pa.array([f"{path}:{row}" for row in range(num_rows)], type=pa.string())
-    if splits and splits[0].is_jsonl:
+    if splits and (splits[0].is_jsonl or splits[0].is_tar):
         ordered = sorted(splits, key=lambda split: split.first_row)
         parts = [read_split_column(split, id_column) for split in ordered]
         return pa.concat_arrays(parts) if parts else pa.array([], type=pa.null())

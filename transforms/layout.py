@@ -193,10 +193,16 @@ def staging_run_dir(output: str, run: str, part: str) -> str:
     return FileSystems.join(staging_dir(output), run, part)
 
 
-def shard_name(index: int, count: int, tag: str = "") -> str:
-    """``part-SSSSS-of-NNNNN.parquet`` (``part-<tag>-SSSSS-of-NNNNN.parquet`` with a tag)."""
-    prefix = f"{SHARD_PREFIX}-{tag}" if tag else SHARD_PREFIX
+def shard_name(index: int, count: int, tag: str = "", prefix: str = SHARD_PREFIX) -> str:
+    """``part-SSSSS-of-NNNNN.parquet`` (``part-<tag>-SSSSS-of-NNNNN.parquet`` with a tag; the filter's
+    ``kept-SSSSS-of-NNNNN.parquet`` with ``prefix``)."""
+    prefix = f"{prefix}-{tag}" if tag else prefix
     return f"{prefix}-{index:05d}-of-{count:05d}{PARQUET_SUFFIX}"
+
+
+def filter_files_glob(output: str, name: str) -> str:
+    """The filter's ``OUT/<name>-*.parquet`` (``name``: one of :data:`FILTER_OUTPUTS`), as a match pattern."""
+    return FileSystems.join(escape_glob(output), FILTER_FILE_GLOB.format(name=name))
 
 
 def runner_pids_path(output: str) -> str:
@@ -496,3 +502,26 @@ REPORT_TILE_MAP = "map"  # the drift map as a heat overlay on the reference
 REPORT_TILE_PARTS = (REPORT_TILE_REF, REPORT_TILE_EDITED, REPORT_TILE_MAP)
 # The filter's kept / rejected files: <name>-SSSSS-of-NNNNN.parquet under its --output.
 FILTER_FILE_GLOB = "{name}-*" + PARQUET_SUFFIX
+
+# --------------------------------------------------------------------------- WebDataset shards (transforms.tar_io)
+# Tar shards as inputs: ``.tar`` (read by seeking, cut into several splits on sample boundaries) and
+# ``.tar.gz`` / ``.tgz`` (streamed: one split each). The filter's --source writes a shard source's samples
+# back as (uncompressed) shards: kept_source/part-SSSSS-of-NNNNN.tar.
+TAR_SUFFIX = ".tar"
+TAR_GZ_SUFFIX = ".tar.gz"
+TGZ_SUFFIX = ".tgz"
+TAR_SUFFIXES = (TAR_SUFFIX, TAR_GZ_SUFFIX, TGZ_SUFFIX)
+SOURCE_SUFFIXES = (PARQUET_SUFFIX, TAR_SUFFIX)  # what the filter's source outputs are
+# A sample's json member (``<key>.json``): its object holds the sample's other columns.
+SAMPLE_JSON_FIELD = "json"
+# The key under which the reader hands ScoreLPIPS why a sample could not be read whole (a missing or doubled
+# member, a json that is not an object, a cut shard, an unsafe member, a member over --max_image_bytes):
+# ``(error_stage, error_type, error_message)``. records.prepare_pair raises it as the row's RecordError, so
+# the row is an error row with that reason and every member the reader could take (like SOURCE_KEY, a row
+# dict key no input column is expected to have; never written).
+READ_PROBLEM_KEY = "__lpips_pipe_read_problem__"
+
+
+def source_part_name(index: int, count: int, suffix: str = PARQUET_SUFFIX) -> str:
+    """``part-SSSSS-of-NNNNN<suffix>``: one of the filter's source outputs (``.parquet``, or ``.tar`` for shards)."""
+    return f"{SHARD_PREFIX}-{index:05d}-of-{count:05d}{suffix}"

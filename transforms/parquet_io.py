@@ -1,4 +1,4 @@
-"""Inputs (Parquet and JSON Lines), on any Beam filesystem; writing is :mod:`transforms.sink`'s.
+"""Inputs (Parquet, JSON Lines, WebDataset tar shards), on any Beam filesystem; writing is :mod:`transforms.sink`'s.
 
 Reading is a DoFn over splits planned at job start, so each row keeps its file and position
 (``<file>:<row>`` ids when the input has no id column) and every column arrives as it is stored (error rows
@@ -21,6 +21,9 @@ Splits, all linear (every stored row is decoded once):
   memory), so a worker parses its range with that same explicit schema and rows have the types the job
   planned with. Blank lines are not rows; ``<file>:<row>`` counts rows (non-blank lines) from 0, error
   messages count lines from 1.
+- Tar shards (``.tar``, ``.tar.gz``, ``.tgz``; :mod:`transforms.tar_io`): one row per sample, scanned once at
+  planning (schema, sample count); a ``.tar`` is cut at sample starts (at most ``SPLIT_ROWS`` samples, about
+  ``SPLIT_BYTES`` bytes a split), a ``.tar.gz`` is one split. ``<file>:<row>`` counts samples from 0.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SPLIT_BYTES = 64 << 20  # a JSON Lines split also stops at about this many bytes
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET = "parquet"
 JSONL = "jsonl"
+TAR = "tar"
 _SCAN_BLOCK = 8 << 20  # JSON Lines planning reads this much at a time
 MAX_LINE_BYTES = 1 << 30  # one JSON Lines line larger than this is refused
 _WHITESPACE = np.zeros(256, dtype=bool)
@@ -66,8 +70,12 @@ _one_line = functools.partial(one_line, limit=300, cut_to=297)  # a reason in an
 
 
 def input_format(path: str) -> str:
-    """:data:`JSONL` for ``.jsonl`` / ``.ndjson`` / ``.json`` files, else :data:`PARQUET`."""
-    return JSONL if path.lower().endswith(JSONL_SUFFIXES) else PARQUET
+    """:data:`TAR` for tar shards (``.tar``, ``.tar.gz``, ``.tgz``), :data:`JSONL` for ``.jsonl`` / ``.ndjson`` /
+    ``.json`` files, else :data:`PARQUET`."""
+    lower = path.lower()
+    if lower.endswith(layout.TAR_SUFFIXES):
+        return TAR
+    return JSONL if lower.endswith(JSONL_SUFFIXES) else PARQUET
 
 
 def _is_local(path: str) -> bool:
@@ -101,7 +109,9 @@ class ParquetSplit(NamedTuple):
     Parquet: the rows are those of ``row_groups`` consecutive row groups from ``row_group``, counted from the
     first of them (planned splits are whole groups: ``start`` is 0). JSON Lines: ``byte_start``/``byte_stop``
     hold exactly the split's lines, ``json_schema`` the file's schema (``pa.Schema.serialize()``) and
-    ``row_group`` is 0.
+    ``row_group`` is 0. Tar shards (``tar`` set: :data:`transforms.tar_io.PLAIN` or ``STREAM``): the rows are
+    samples, ``byte_start`` is the offset of the first sample's first header (0 for a compressed shard,
+    read from its start), ``byte_stop`` the end of its last sample, ``json_schema`` the shard's schema.
 
     ``skip`` (resume, see :mod:`transforms.ids`) is ``None`` or a bitmask (``numpy.packbits``, one bit per
     row of the split, in order) of rows whose id is already in earlier outputs: they are counted, not read.
@@ -120,6 +130,7 @@ class ParquetSplit(NamedTuple):
     byte_stop: Optional[int] = None
     json_schema: Optional[bytes] = None
     kept: Optional[bytes] = None
+    tar: Optional[str] = None
 
     @property
     def num_rows(self) -> int:
@@ -127,10 +138,14 @@ class ParquetSplit(NamedTuple):
 
     @property
     def is_jsonl(self) -> bool:
-        return self.byte_start is not None
+        return self.byte_start is not None and self.tar is None
+
+    @property
+    def is_tar(self) -> bool:
+        return self.tar is not None
 
     def schema(self) -> Optional[pa.Schema]:
-        """The JSON Lines file's schema (``None`` for Parquet splits)."""
+        """The JSON Lines file's or tar shard's schema (``None`` for Parquet splits)."""
         if self.json_schema is None:
             return None
         return pa.ipc.read_schema(pa.py_buffer(self.json_schema))
@@ -230,9 +245,15 @@ def read_footer(path: str) -> tuple[pa.Schema, list[int]]:
     """The schema of one input file and its row counts: one per row group (Parquet, the footer only), or
     one count for all the rows of a JSON Lines file (which is scanned once, see :func:`plan_file`).
 
-    Raises :class:`InputError` (one line naming the file) when it cannot be read as such.
+    Raises :class:`InputError` (one line naming the file) when it cannot be read as such. A tar shard is
+    scanned (:func:`transforms.tar_io.plan_shard`): one count, its samples.
     """
     _check_regular(path)
+    if input_format(path) == TAR:
+        from transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
+
+        plan = tar_io.plan_shard(path)
+        return plan.schema, [plan.rows]
     if input_format(path) == JSONL:
         schema, rows, _ = _scan_jsonl(path, SPLIT_ROWS, SPLIT_BYTES)
         return schema, [rows]
@@ -240,8 +261,13 @@ def read_footer(path: str) -> tuple[pa.Schema, list[int]]:
 
 
 def plan_file(path: str, split_rows: int = SPLIT_ROWS) -> tuple[pa.Schema, list[ParquetSplit]]:
-    """The schema of one input file and its splits (one pass over a JSON Lines file)."""
+    """The schema of one input file and its splits (one pass over a JSON Lines file or a tar shard)."""
     _check_regular(path)
+    if input_format(path) == TAR:
+        from transforms import tar_io  # noqa: PLC0415
+
+        plan = tar_io.plan_shard(path, split_rows)
+        return plan.schema, list(plan.splits)
     if input_format(path) == JSONL:
         schema, _, splits = _scan_jsonl(path, split_rows, SPLIT_BYTES)
         return schema, splits
@@ -254,8 +280,16 @@ def plan_splits(path: str, row_group_rows: list[int], split_rows: int = SPLIT_RO
     split of its own), or JSON Lines byte ranges of at most ``split_rows`` lines (the file is scanned again:
     :func:`plan_file` does both in one pass; ``row_group_rows`` must then be ``read_footer``'s count).
 
-    Every row is in exactly one split, in file order; reading a split decodes only its own rows.
+    Every row is in exactly one split, in file order; reading a split decodes only its own rows. A tar shard
+    is scanned again, as a JSON Lines file is.
     """
+    if input_format(path) == TAR:
+        from transforms import tar_io  # noqa: PLC0415
+
+        plan = tar_io.plan_shard(path, split_rows)
+        if plan.rows != sum(row_group_rows):
+            raise InputError(f"{path} changed during planning ({sum(row_group_rows)} samples, now {plan.rows})")
+        return list(plan.splits)
     if input_format(path) == JSONL:
         _, rows, splits = _scan_jsonl(path, split_rows, SPLIT_BYTES)
         if rows != sum(row_group_rows):
@@ -302,7 +336,7 @@ def common_schema(schemas: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
         fields = []
         for field in merged:
             other = schema.field(field.name)
-            fields.append(pa.field(field.name, _merge_types(path, field.name, field.type, other.type,
+            fields.append(pa.field(field.name, merge_types(path, field.name, field.type, other.type,
                                                             strings_win=False), nullable=True))
         merged = pa.schema(fields, metadata=first.metadata)
     return merged
@@ -320,7 +354,7 @@ def plan_files(paths: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
     return common_schema(schemas), splits
 
 
-def _merge_types(path: str, name: str, left: pa.DataType, right: pa.DataType, strings_win: bool,
+def merge_types(path: str, name: str, left: pa.DataType, right: pa.DataType, strings_win: bool,
                  where: str = "") -> pa.DataType:
     if left.equals(right):
         return left
@@ -405,7 +439,7 @@ def _scan_jsonl(path: str, split_rows: int, split_bytes: int) -> tuple[pa.Schema
                 if nonblank.any():
                     block_schema = _block_schema(path, block, starts, stops, nonblank, lines + 1)
                     schema = block_schema if schema is None else pa.schema([
-                        pa.field(name, _merge_types(path, name, schema.field(name).type,
+                        pa.field(name, merge_types(path, name, schema.field(name).type,
                                                     block_schema.field(name).type, strings_win=True,
                                                     where=f" (lines {lines + 1}-{lines + len(starts)})"))
                         if name in schema.names and name in block_schema.names
@@ -483,6 +517,10 @@ def _read_jsonl_range(split: ParquetSplit, schema: Optional[pa.Schema] = None) -
 
 def read_split_column(split: ParquetSplit, column: str) -> pa.Array:
     """One column of one split's rows (all of them, skip mask ignored), e.g. ids for resume."""
+    if split.is_tar:
+        from transforms import tar_io  # noqa: PLC0415
+
+        return tar_io.read_column(split, column)
     if split.is_jsonl:
         field = split.schema().field(column)
         return _read_jsonl_range(split, pa.schema([field])).column(column).combine_chunks()
@@ -524,8 +562,8 @@ def _resolve_image(value: Any, base_file: str) -> Any:
 
 
 class ReadParquetSplit(beam.DoFn):
-    """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order (Parquet or JSON
-    Lines; ``ReadInputSplit`` is the same class).
+    """:class:`ParquetSplit` -> ``(record_id, row)`` for each of its rows, in file order (Parquet, JSON
+    Lines or a tar shard; ``ReadInputSplit`` is the same class).
 
     ``record_id`` is the value of ``id_column``, or ``"<path>:<row index>"`` when ``id_column`` is ``None``.
     ``with_source`` (what ``ReadPairs`` asks for) adds ``row[layout.SOURCE_KEY] = (path, row index)``, where the
@@ -535,13 +573,20 @@ class ReadParquetSplit(beam.DoFn):
     file naming them (so an error row shows where the image was looked for). Rows in the split's skip mask
     are counted (``rows_read`` and ``rows_skipped``), rows in its kept mask (``rows_read`` and ``rows_kept``),
     but not emitted; a split skipped whole is not opened.
+
+    A tar shard's split (:mod:`transforms.tar_io`) gives one row per sample, read member by member (one
+    sample held at a time); ``image_columns`` are its image fields (a sample without one is an error row
+    ``MissingImage``) and a member over ``max_image_bytes`` is not read (an error row ``ImageTooLarge``).
     """
 
     def __init__(self, id_column: Optional[str], image_columns: Sequence[str] = (),
-                 resolve_relative: bool = True, with_source: bool = False) -> None:
+                 resolve_relative: bool = True, with_source: bool = False,
+                 max_image_bytes: Optional[int] = None) -> None:
         self._id_column = id_column
         self._image_columns = tuple(image_columns) if resolve_relative else ()
+        self._image_fields = tuple(image_columns)
         self._with_source = with_source
+        self._max_image_bytes = max_image_bytes
 
     def process(self, split: ParquetSplit) -> Iterator[tuple[Any, dict[str, Any]]]:
         rows_read = counter(CounterName.ROWS_READ)
@@ -554,6 +599,9 @@ class ReadParquetSplit(beam.DoFn):
         if skip is not None and skip.all():
             rows_read.inc(split.num_rows)
             return
+        if split.is_tar:
+            yield from self._shard_rows(split, skip, rows_read)
+            return
         for offset, piece in _batches(split):
             positions = np.arange(offset, offset + piece.num_rows)  # in the split
             rows_read.inc(len(positions))
@@ -564,10 +612,28 @@ class ReadParquetSplit(beam.DoFn):
             for position, row in zip(positions.tolist(), piece.to_pylist()):
                 for name in images:
                     row[name] = _resolve_image(row[name], split.path)
-                row_index = split.first_row + position
-                if self._with_source:
-                    row[layout.SOURCE_KEY] = (split.path, row_index)
-                yield (row[self._id_column] if self._id_column else f"{split.path}:{row_index}", row)
+                yield self._element(split, position, row)
+
+    def _element(self, split: ParquetSplit, position: int, row: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        row_index = split.first_row + position
+        if self._with_source:
+            row[layout.SOURCE_KEY] = (split.path, row_index)
+        return (row[self._id_column] if self._id_column else f"{split.path}:{row_index}", row)
+
+    def _shard_rows(self, split: ParquetSplit, skip: Optional[np.ndarray],
+                    rows_read: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+        from transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
+
+        limit = self._max_image_bytes if self._max_image_bytes is not None else tar_io.DEFAULT_MAX_IMAGE_BYTES
+        for position, row in tar_io.split_rows(split, skip, self._image_fields, limit):
+            rows_read.inc()
+            if row is None:  # skipped or kept: walked past, never read
+                continue
+            for name in self._image_columns:
+                if name in row:
+                    row[name] = _resolve_image(row[name], split.path)
+            yield self._element(split, position, row)
+            del row  # one sample's members at a time
 
 
 ReadInputSplit = ReadParquetSplit

@@ -24,6 +24,7 @@ from transforms.cache import BoundedCache
 from transforms.coords import parse_coords, pixel_boxes
 from transforms.decode import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image,
                                read_image_bytes)
+from transforms.layout import READ_PROBLEM_KEY
 from transforms.messages import RecordError
 
 SIZE_MISMATCH_POLICIES = ("resize", "error")
@@ -160,6 +161,9 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
     references by :func:`reference_digest`, so rows sharing a reference decode it once;
     the pair then carries that ``reference_key``. The pixels are the same either way.
     """
+    problem = row.get(READ_PROBLEM_KEY)  # the reader could not take this row whole (transforms.tar_io)
+    if problem is not None:
+        raise RecordError(*problem)
     mask_mode = config.row_mask_mode(row)
     raw_boxes = None
     if mask_mode != score_math.NO_MASK:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
                                ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
-                               SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
+                               READ_PROBLEM_KEY, SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
 from transforms.coords import coords_type_supported
 from transforms.records import RecordConfig
 
@@ -99,7 +99,7 @@ class RowFormat:
     def passthrough_of(self, row: dict[str, Any]) -> Sequence[str]:
         if self.passthrough is not None:
             return self.passthrough
-        skipped = set(self.image_columns) | {self.id_column, SOURCE_KEY}
+        skipped = set(self.image_columns) | {self.id_column, SOURCE_KEY, READ_PROBLEM_KEY}
         return [name for name in row if name not in skipped]
 
     def score_row(self, record_id: Any, row: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +115,8 @@ class RowFormat:
         """An errors row: the whole input row plus the reason (and ``id`` when the row has no id column, and
         ``source_file`` / ``source_row`` for rows ReadPairs read)."""
         reserved = ERROR_NAMES if self.id_column in (None, ID_FIELD) else ERROR_NAMES | {ID_FIELD}
-        out = {kept_name(name, reserved): value for name, value in row.items() if name != SOURCE_KEY}
+        out = {kept_name(name, reserved): value for name, value in row.items()
+               if name not in (SOURCE_KEY, READ_PROBLEM_KEY)}
         if self.id_column != ID_FIELD:
             out[ID_FIELD] = record_id
         out.update(source_values(row))

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from transforms import layout, settings
 from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
+from transforms.decode import DEFAULT_MAX_IMAGE_BYTES
 from transforms.progress import ProgressConfig
 from transforms.records import RecordConfig
 from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas
@@ -53,7 +54,8 @@ class ReadPairs(beam.PTransform):
     """
 
     def __init__(self, source: Union[str, Sequence[ParquetSplit]], id_column: Optional[str] = None,
-                 image_columns: Sequence[str] = ("ref_image", "edited_image")) -> None:
+                 image_columns: Sequence[str] = ("ref_image", "edited_image"),
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
         super().__init__()
         self.schema: Optional[pa.Schema] = None
         if isinstance(source, str):
@@ -64,11 +66,12 @@ class ReadPairs(beam.PTransform):
         self._splits = list(source)
         self._id_column = id_column
         self._image_columns = tuple(image_columns)
+        self._max_image_bytes = max_image_bytes
 
     def expand(self, pipeline: beam.pvalue.PBegin) -> beam.PCollection:
         rows = (pipeline
                 | "Splits" >> beam.Create(self._splits)
-                | "Read" >> ReadSplits(self._id_column, self._image_columns))
+                | "Read" >> ReadSplits(self._id_column, self._image_columns, self._max_image_bytes))
         # What WriteScores derives the output schemas from when these rows are scored (ScoreOutputs).
         rows.lpips_pipe_input = (self.schema, self._id_column)
         return rows
@@ -79,15 +82,18 @@ class ReadSplits(beam.PTransform):
     uses as its files land."""
 
     def __init__(self, id_column: Optional[str] = None,
-                 image_columns: Sequence[str] = ("ref_image", "edited_image")) -> None:
+                 image_columns: Sequence[str] = ("ref_image", "edited_image"),
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> None:
         super().__init__()
         self._id_column = id_column
         self._image_columns = tuple(image_columns)
+        self._max_image_bytes = max_image_bytes
 
     def expand(self, splits: beam.PCollection) -> beam.PCollection:
         return (splits
                 | "Spread" >> beam.Reshuffle()  # splits, not rows: image bytes are streamed, never gathered
-                | "Rows" >> beam.ParDo(ReadParquetSplit(self._id_column, self._image_columns, with_source=True))
+                | "Rows" >> beam.ParDo(ReadParquetSplit(self._id_column, self._image_columns, with_source=True,
+                                                      max_image_bytes=self._max_image_bytes))
                 | "WithIds" >> beam.Map(_with_id))
 
 
