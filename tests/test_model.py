@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 
@@ -236,3 +237,30 @@ def test_bf16_keeps_the_first_slice_in_fp32_and_stays_within_one_percent(alex_sc
     assert scored.sum() >= 6
     assert np.max(np.abs(low[scored] - exact[scored]) / exact[scored]) <= 0.01
     assert not np.array_equal(low, exact)  # it did run in bf16
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(lpips_scorer, "_BF16_WARNED", False)
+    monkeypatch.setattr(lpips_scorer, "cpu_has_native_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    bf16 = ModelConfig(net="alex", device="cpu", precision="bf16")
+    assert lpips_scorer.warn_slow_bf16(bf16, cpu) is False  # native bf16: nothing to say
+    monkeypatch.setattr(lpips_scorer, "cpu_has_native_bf16", lambda: False)
+    assert lpips_scorer.warn_slow_bf16(ModelConfig(net="alex", device="cpu"), cpu) is False  # fp32
+    assert lpips_scorer.warn_slow_bf16(bf16, torch.device("meta")) is False  # not a CPU
+    with caplog.at_level(logging.WARNING, logger="lpips_pipe"):
+        assert lpips_scorer.warn_slow_bf16(bf16, cpu) is True
+        assert lpips_scorer.warn_slow_bf16(bf16, cpu) is False  # once per process
+    warned = [record.getMessage() for record in caplog.records if "bf16" in record.getMessage()]
+    assert len(warned) == 1 and "slower than fp32" in warned[0]
+
+
+def test_native_bf16_answer_matches_torch(monkeypatch):
+    assert lpips_scorer.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    class NoOneDnn:
+        def __getattr__(self, name):
+            raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(torch.ops, "mkldnn", NoOneDnn())
+    assert lpips_scorer.cpu_has_native_bf16() is True  # unknown: nothing claimed

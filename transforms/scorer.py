@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import threading
 import warnings
@@ -35,6 +36,8 @@ from transforms.weights import (
 )
 
 _EPS = 1e-10  # lpips.normalize_tensor's
+LOG = logging.getLogger("lpips_pipe")
+_BF16_WARNED = False
 
 
 def cuda_available() -> bool:
@@ -49,6 +52,29 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device on this worker")
     return torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX, as oneDNN sees it); ``True`` when torch
+    cannot tell, so that nothing is claimed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pylint: disable=broad-except  # a torch build without oneDNN: say nothing
+        return True
+
+
+def warn_slow_bf16(config: ModelConfig, device: torch.device) -> bool:
+    """Once per process, a warning when ``--precision bf16`` runs on a CPU without native bf16: there oneDNN
+    emulates it and the forward is several times slower than fp32 (3.8x on an AVX2-only EPYC, README
+    Performance). Returns whether it warned now."""
+    global _BF16_WARNED
+    if _BF16_WARNED or config.precision != "bf16" or device.type != "cpu" or cpu_has_native_bf16():
+        return False
+    _BF16_WARNED = True
+    LOG.warning("--precision bf16: this CPU has no native bf16 (no AVX512-BF16 or AMX; torch's CPU capability: "
+                "%s), so bf16 runs slower than fp32 here; fp32 is seed-exact",
+                torch.backends.cpu.get_cpu_capability())
+    return True
 
 
 def check_device(config: ModelConfig) -> None:
@@ -200,6 +226,7 @@ class LpipsScorer:
             torch.set_num_threads(config.torch_threads)
         if self.device.type == "cpu":
             tune_cpu_allocator()
+            warn_slow_bf16(config, self.device)
         self.lanes, self.lane_threads = cpu_lanes(torch.get_num_threads()) if self.device.type == "cpu" else (1, 0)
         self._lane_pool: Optional[ThreadPoolExecutor] = None
         model = _build_lpips(config.net)

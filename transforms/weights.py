@@ -99,7 +99,8 @@ class ModelConfig:
     allow_download: bool = settings.option(False, "Let torchvision download the backbone when no local source "
                                            "has it.", settings.switch())
     device: str = settings.option("auto", "auto = cuda when available.", settings.one_of(DEVICES))
-    precision: str = settings.option("fp32", "fp32 (exact), bf16 (CPU/GPU), fp16 (GPU only).",
+    precision: str = settings.option("fp32", "fp32 (exact), bf16 (GPU, or a CPU with native bf16: "
+                                     "emulated and slower elsewhere), fp16 (GPU only).",
                                      settings.one_of(PRECISIONS))
     torch_threads: int = settings.option(0, "Torch threads per worker process (0 = torch's default).",
                                          settings.count(0))
