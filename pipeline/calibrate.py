@@ -52,6 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline import filter as filter_cli
+from pipeline.report import _cell, _step, _write  # one way to write Markdown cells, ticks, files
 from transforms import calibration as cal
 from transforms import layout
 from transforms.messages import one_line, quote_value
@@ -77,10 +79,9 @@ def _warn(warnings: list[str], message: str) -> None:
     warnings.append(one_line(message))
 
 
-def _examples(values: Sequence[Any], count: Optional[int] = None) -> str:
+def _examples(values: Sequence[Any]) -> str:
     shown = ", ".join(quote_value(value, 40) for value in list(values)[:EXAMPLES])
-    total = len(values) if count is None else count
-    return shown + (f" and {total - EXAMPLES} more" if total > EXAMPLES else "")
+    return shown + (f" and {len(values) - EXAMPLES} more" if len(values) > EXAMPLES else "")
 
 
 def _is_local(path: str) -> bool:
@@ -184,7 +185,7 @@ def read_labels(path: str, id_column: str = "id", label_column: str = "label",
                 column_types={name: pa.string() for name in wanted}, strings_can_be_null=False))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
             raise CalibrateError(f"labels file {path} is not a readable CSV file ({one_line(error)})") from error
-        names = table.column_names
+        _check_columns(table.column_names, path, id_column, label_column)
     elif kind == "jsonl":
         names, values = _read_jsonl(_text(data, path), path, wanted)
         _check_columns(names, path, id_column, label_column)
@@ -200,7 +201,6 @@ def read_labels(path: str, id_column: str = "id", label_column: str = "label",
         except Exception as error:  # not Parquet, truncated
             raise CalibrateError(f"labels file {path} is not a readable Parquet file "
                                  f"({one_line(error) or type(error).__name__})") from error
-    _check_columns(names, path, id_column, label_column)
     if not table.num_rows:
         raise CalibrateError(f"labels file {path} has no label rows")
     for name in wanted:
@@ -243,9 +243,9 @@ def clean_labels(table: pa.Table, path: str, label_column: str, drop_conflicts: 
         raise CalibrateError(f"labels file {path}: column {label_column!r} holds {sum(unknown.values())} row(s) "
                              f"with unknown label values: {listed}{more}; expected keep/reject, 1/0 or true/false "
                              "(case-insensitive)")
-    order: dict[Any, int] = {}
-    labels: dict[Any, set] = {}
+    labels: dict[Any, set] = {}  # in the order of the ids' first rows
     first: dict[Any, int] = {}
+    rows_per_id: collections.Counter = collections.Counter()
     missing_id = missing_label = 0
     for index, (ident, label) in enumerate(zip(ids, parsed)):
         if ident is None or (isinstance(ident, str) and not ident.strip()) or (
@@ -256,9 +256,9 @@ def clean_labels(table: pa.Table, path: str, label_column: str, drop_conflicts: 
             missing_label += 1
             continue
         key = _hashable(ident)
-        order.setdefault(key, len(order))
         first.setdefault(key, index)
         labels.setdefault(key, set()).add(label)
+        rows_per_id[key] += 1
     counts["labels_missing_id"], counts["labels_missing_value"] = missing_id, missing_label
     if missing_id:
         _warn(warnings, f"{missing_id} label row(s) without an id: left out")
@@ -272,13 +272,11 @@ def clean_labels(table: pa.Table, path: str, label_column: str, drop_conflicts: 
             raise CalibrateError(f"labels file {path}: {message}; resolve them, or pass --drop_conflicts to leave "
                                  "them out")
         _warn(warnings, f"{message}: left out (--drop_conflicts)")
-    rows_per_id = collections.Counter(_hashable(ident) for ident, label in zip(ids, parsed)
-                                      if label is not None and ident is not None)
-    repeated = sum(1 for key, n in rows_per_id.items() if n > 1 and len(labels.get(key, ())) == 1)
+    repeated = sum(1 for key, n in rows_per_id.items() if n > 1 and len(labels[key]) == 1)
     counts["repeated_labels"] = repeated
     if repeated:
         _warn(warnings, f"{repeated} id(s) labelled more than once with the same label: counted once")
-    keep = [key for key in order if len(labels[key]) == 1]
+    keep = [key for key in labels if len(labels[key]) == 1]
     if not keep:
         raise CalibrateError(f"labels file {path}: no usable label (every row lacks an id or a label, or conflicts)")
     id_type = table.schema.field("id").type
@@ -293,8 +291,6 @@ def clean_labels(table: pa.Table, path: str, label_column: str, drop_conflicts: 
 def resolve_scores(spec: str) -> list[str]:
     """The scores files ``--scores`` names (the filter's rule: a run directory, a scores folder, a file, a
     glob)."""
-    from pipeline import filter as filter_cli  # noqa: PLC0415
-
     try:
         return filter_cli.resolve_scores(spec)
     except filter_cli.FilterError as error:
@@ -495,9 +491,8 @@ def calibrate(files: Sequence[str], labels_path: str, id_column: str = "id", lab
     warnings: list[str] = []
     counts: dict[str, int] = {}
     try:
-        distinct = layout.check_provenance(files, None, allow_mixed,
-                                           mixed_mask_modes=group_column == layout.MASK_MODE_FIELD)
-    except layout.ProvenanceError as error:
+        distinct = filter_cli.check_provenance(files, group_column, allow_mixed)
+    except filter_cli.FilterError as error:
         raise CalibrateError(str(error)) from error
     mixed = [name for name, values in distinct.items() if len(values) > 1]
     if mixed and allow_mixed:
@@ -558,12 +553,6 @@ CURVE_SIZE = (860, 460)
 CURVE_BOX = (70, 52, 590, 392)  # the plot area
 COLORS = {"precision": "#1f77b4", "recall": "#ff7f0e", "f1": "#2ca02c", "chosen": "#d62728", "band": "#f6d2d2",
           "target": "#7f7f7f"}
-
-
-def _tick_step(span: float, most: int = 6) -> float:
-    raw = max(span / most, 1e-12)
-    power = 10.0 ** math.floor(math.log10(raw))
-    return next(factor * power for factor in (1, 2, 2.5, 5, 10) if factor * power >= raw * (1 - 1e-9))
 
 
 def _fonts() -> tuple[Any, Any]:
@@ -638,7 +627,7 @@ def render_curve(entry: Mapping[str, Any], title: str) -> bytes:
     for y in np.arange(0.0, 1.0001, 0.2):
         draw.line((left - 4, y_of(y), left, y_of(y)), fill="black")
         draw.text((left - 7, y_of(y)), f"{y:.1f}", fill="black", font=small, anchor="rm")
-    step = _tick_step(high - low)
+    step = _step(high - low, 6)
     for x in np.arange(math.ceil(low / step) * step, high + step * 1e-6, step):
         draw.line((x_of(x), bottom, x_of(x), bottom + 4), fill="black")
         draw.text((x_of(x), bottom + 7), f"{x:.3g}", fill="black", font=small, anchor="mt")
@@ -691,10 +680,6 @@ def curve_title(group_column: Optional[str], group: Optional[str]) -> str:
 
 
 # --------------------------------------------------------------------------- markdown and HTML
-def _cell(text: Any) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
 TABLE_HEAD = ("group", "labels", "keep", "reject", "threshold", "95% interval", "precision", "recall",
               "F1-best t", "95% interval", "F1", "note")
 
@@ -820,42 +805,34 @@ def insert_section(page: str, section: str) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-def _write(path: str, data: bytes) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(data)
-
-
 def _read(path: str) -> bytes:
     with FileSystems.open(path, compression_type="uncompressed") as handle:
         return handle.read()
 
 
-def check_output(output: str) -> None:
-    if _is_local(output) and os.path.exists(output) and not os.path.isdir(output):
-        raise CalibrateError(f"--output {output} is a file; give a directory")
-
-
-def write_outputs(calibration: dict, output: str) -> list[str]:
+def write_outputs(calibration: dict, output: str) -> tuple[list[str], dict[str, bytes]]:
     """calibration.json, calibration.md and the curves into ``output``; earlier curves there are replaced.
-    Returns the paths written."""
+    Returns the paths written and what was written, by file name."""
     if _is_local(output):
         os.makedirs(output, exist_ok=True)
     stale = layout.match(FileSystems.join(layout.escape_glob(output), f"{layout.CALIBRATION_CURVE_PREFIX}-*"
                                                                       f"{layout.CALIBRATION_CURVE_SUFFIX}"))
     if stale:
         layout.delete(stale)
-    written = []
+    written, contents = [], {}
     group_column = calibration.get("group_column")
     for name, entry in [(None, calibration["overall"])] + list(calibration["groups"].items()):
         path = FileSystems.join(output, entry["curve_png"])
-        _write(path, render_curve(entry, curve_title(group_column, name)))
+        contents[entry["curve_png"]] = data = render_curve(entry, curve_title(group_column, name))
+        _write(path, data)
         written.append(path)
     for name, data in ((layout.CALIBRATION_MD, render_markdown(calibration).encode("utf-8")),
                        (layout.CALIBRATION_JSON, json.dumps(calibration, indent=1).encode("utf-8"))):
         path = FileSystems.join(output, name)
+        contents[name] = data
         _write(path, data)
         written.append(path)
-    return written
+    return written, contents
 
 
 def run_report_page(scores_spec: str) -> Optional[str]:
@@ -872,14 +849,14 @@ def run_report_page(scores_spec: str) -> Optional[str]:
         return None
 
 
-def update_report_page(folder: str, calibration: dict, output: str) -> str:
+def update_report_page(folder: str, calibration: dict, contents: Mapping[str, bytes]) -> str:
     """Put the calibration section into the run's report page ``folder/index.html`` (replacing an earlier
     one), and the curves and a copy of calibration.json (:data:`transforms.layout.REPORT_CALIBRATION_JSON`)
-    beside it; returns the page's path."""
+    beside it (``contents``: what :func:`write_outputs` wrote, by file name); returns the page's path."""
     page = FileSystems.join(folder, layout.REPORT_HTML)
     for entry in [calibration["overall"], *calibration["groups"].values()]:
-        _write(FileSystems.join(folder, entry["curve_png"]), _read(FileSystems.join(output, entry["curve_png"])))
-    _write(FileSystems.join(folder, layout.REPORT_CALIBRATION_JSON), json.dumps(calibration, indent=1).encode("utf-8"))
+        _write(FileSystems.join(folder, entry["curve_png"]), contents[entry["curve_png"]])
+    _write(FileSystems.join(folder, layout.REPORT_CALIBRATION_JSON), contents[layout.CALIBRATION_JSON])
     text = _read(page).decode("utf-8", errors="replace")
     _write(page, insert_section(text, report_section(calibration)).encode("utf-8"))
     return page
@@ -937,7 +914,7 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
     data, rule = load_calibration(calibration_path)
     files = resolve_scores(scores_spec)
     lines: list[str] = []
-    holds = True
+    provenance_holds = True
     try:
         layout.check_provenance(files, rule.provenance or {}, False)
     except layout.ProvenanceError as error:
@@ -945,7 +922,7 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
             lines.append(f"provenance differs (--allow_mixed: compared anyway): {one_line(error)}")
         else:
             lines.append(f"provenance: DOES NOT HOLD: {one_line(error)}")
-            holds = False
+            provenance_holds = False
     scores, grouped = read_scores(files, rule.group_column)
     if rule.group_column and not grouped:
         raise CalibrateError(f"the new scores have no group column {rule.group_column!r} (the calibration's "
@@ -956,7 +933,7 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
 
     verdicts: list[bool] = []
 
-    def line(name: str, entry: Mapping[str, Any], new: np.ndarray) -> bool:
+    def line(name: str, entry: Mapping[str, Any], new: np.ndarray) -> None:
         result = cal.drift(_reference(entry, name, calibration_path), new, alpha, max_shift)
         if result["holds"] is not None:
             verdicts.append(bool(result["holds"]))
@@ -964,7 +941,7 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
         cut = f"threshold {_fmt(threshold)}" if _finite(threshold) is not None else "no threshold"
         if result["holds"] is None:
             lines.append(f"{name}: not compared ({'; '.join(result['reasons'])}; {cut})")
-            return True
+            return
         facts = (f"KS D={result['ks_statistic']:.3f} p={result['ks_pvalue']:.3g}; median "
                  f"{result['median_shift']:+.4f}, p90 {result['p90_shift']:+.4f}; {result['n_calibration']} "
                  f"labelled vs {result['n_new']} new; {cut}")
@@ -972,9 +949,8 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
             lines.append(f"{name}: holds ({facts})")
         else:
             lines.append(f"{name}: DOES NOT HOLD: {'; '.join(result['reasons'])} ({facts})")
-        return bool(result["holds"])
 
-    holds &= line("overall", data["overall"], values)
+    line("overall", data["overall"], values)
     if rule.group_column:
         rows_of = group_rows(scores.column("group"))
         groups = data.get("groups") or {}
@@ -987,11 +963,11 @@ def check_drift(calibration_path: str, scores_spec: str, alpha: float = cal.DEFA
             if group not in rows_of:
                 lines.append(f"{label}: not in the new scores")
                 continue
-            holds &= line(label, groups[group], values[rows_of[group]])
+            line(label, groups[group], values[rows_of[group]])
     failed = verdicts.count(False)
     lines.append(f"{len(verdicts) - failed} of {len(verdicts)} compared hold" + (
         f", {failed} do not" if failed else ""))
-    return lines, holds
+    return lines, provenance_holds and not failed
 
 
 # --------------------------------------------------------------------------- command line
@@ -1090,13 +1066,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK if holds else EXIT_DRIFT
         if not args.labels or not args.output:
             raise CalibrateError("give --labels FILE and --output DIR (or --check CALIBRATION_JSON)")
-        check_output(args.output)
+        try:
+            filter_cli._check_output(args.output)  # pylint: disable=protected-access
+        except filter_cli.FilterError as error:
+            raise CalibrateError(str(error)) from error
         files = resolve_scores(args.scores)
         result = calibrate(files, args.labels, args.id_column, args.label_column, args.group_column,
                            args.target_precision, args.bootstrap, args.seed, args.min_labels, args.allow_mixed,
                            args.drop_conflicts)
         try:
-            written = write_outputs(result, args.output)
+            written, contents = write_outputs(result, args.output)
         except Exception as error:  # a read-only folder, a full disk
             raise CalibrateError(f"cannot write into --output {args.output}: "
                                  f"{one_line(error) or type(error).__name__}") from error
@@ -1115,7 +1094,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if folder:
             page = FileSystems.join(folder, layout.REPORT_HTML)
             try:
-                update_report_page(folder, result, args.output)
+                update_report_page(folder, result, contents)
                 print(f"  report: calibration section added to {page}")
             except Exception as error:  # pylint: disable=broad-except  # the calibration is written
                 print(f"{PROG}: warning: the calibration is written, but {page} could not be updated "

@@ -27,10 +27,8 @@ becomes a note on the tile, the gallery or the page, never an exception.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import itertools
 import logging
 import math
 from collections import defaultdict
@@ -43,12 +41,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import report as run_report  # its label(): one way to write keys (imported first, no cycle at use)
 from pipeline import source_rows, tiles
+from pipeline.report import label  # keys and ids as text (null and NaN: ``null/NaN``), as the report's tables
 from transforms import layout, records, schemas
+from transforms.cache import BoundedCache
+from transforms.messages import one_line
+from transforms.settings import from_values
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
-DEFAULT_K = 12
 SCAN_BATCH_ROWS = 65536
 MAX_MASK_MODE_GALLERIES = 4
 MAX_GROUP_GALLERIES = 8
@@ -57,13 +57,9 @@ SCORES, ERRORS = "scores", "errors"  # what a gallery's rows are
 _MASK64 = (1 << 64) - 1
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def label(value: Any) -> str:
-    """A key or id as text (null and NaN: ``null/NaN``), as the report's tables write it."""
-    return run_report.label(value)
+def _not_drawn(error: BaseException) -> str:
+    """A tile's note for a picture that could not be made."""
+    return f"not drawn ({type(error).__name__}: {one_line(error) or type(error).__name__})"
 
 
 def json_value(value: Any) -> Any:
@@ -164,9 +160,7 @@ class _Batch:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError, ValueError):
             return np.full(self.table.num_rows, np.nan)
 
-    def labels(self, name: Optional[str]) -> np.ndarray:
-        if name is None:
-            return np.full(self.table.num_rows, label(None), dtype=object)
+    def labels(self, name: str) -> np.ndarray:
         if name not in self._labels:
             if name in self.table.column_names:
                 column = layout.plain_values(self.table.column(name))
@@ -233,7 +227,7 @@ def _scan(paths: Sequence[str], columns: Sequence[str], notes: list[str]) -> Ite
                     yield index, path, pa.Table.from_batches([batch]), offset
                     offset += batch.num_rows
         except Exception as error:  # not Parquet, truncated: the galleries show the rest
-            notes.append(f"galleries: left out {path} ({_one_line(error)})")
+            notes.append(f"galleries: left out {path} ({one_line(error) or type(error).__name__})")
 
 
 def select(paths: Sequence[str], rules: Sequence[_Rule], group_column: Optional[str], notes: list[str]) -> None:
@@ -329,10 +323,6 @@ def count_ids(paths: Sequence[str], galleries: Sequence[Gallery], notes: list[st
 # --------------------------------------------------------------------------- the galleries of a run / a filter
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
 def run_galleries(output: str, k: int, mask_modes: Sequence[str], groups: Sequence[str],
                   group_column: Optional[str], median: Optional[float], threshold: Optional[float], seed: int,
                   notes: list[str]) -> list[Gallery]:
@@ -379,8 +369,7 @@ def run_galleries(output: str, k: int, mask_modes: Sequence[str], groups: Sequen
 def filter_files(output: str) -> list[str]:
     """The filter's kept and rejected files under ``output``."""
     return sorted(path for name in layout.FILTER_OUTPUTS
-                  for path in layout.match(FileSystems.join(layout.escape_glob(output),
-                                                            layout.FILTER_FILE_GLOB.format(name=name))))
+                  for path in layout.match(layout.filter_files_glob(output, name)))
 
 
 def filter_galleries(output: str, summary: dict[str, Any], k: int, notes: list[str]) -> list[Gallery]:
@@ -445,11 +434,12 @@ def _settings(path: str, cache: dict[str, Optional[dict[str, Any]]]) -> Optional
 
 
 def _record_config(settings: Optional[dict[str, Any]]) -> Optional[records.RecordConfig]:
+    """The job's :class:`~transforms.records.RecordConfig` from its settings (:func:`_settings`: ``records`` is
+    a dict), ``None`` without settings or for a value it refuses."""
     if not settings:
         return None
     try:
-        known = {item.name for item in dataclasses.fields(records.RecordConfig)}
-        return records.RecordConfig(**{name: value for name, value in settings["records"].items() if name in known})
+        return from_values(records.RecordConfig, settings["records"])
     except (TypeError, ValueError):
         return None
 
@@ -483,15 +473,16 @@ def make_tiles(galleries: Sequence[Gallery], report_folder: str, settings_files:
     error_requests: set[tuple[str, int]] = set()
     columns: set[str] = set()
     images: set[str] = set()
+    configs: dict[int, Optional[records.RecordConfig]] = {}  # id(tile) -> its config (error tiles: never None)
     for gallery in galleries:
         for tile in gallery.tiles:
             if gallery.kind == ERRORS:
-                config = _record_config(settings_of(tile)) or default_config
+                config = configs[id(tile)] = _record_config(settings_of(tile)) or default_config
                 error_requests.add((tile.file, tile.row))
                 columns.update(config.image_columns)
                 continue
             settings = settings_of(tile)
-            config = _record_config(settings)
+            config = configs[id(tile)] = _record_config(settings)
             source, row = tile.values.get(layout.SOURCE_FILE_FIELD), tile.values.get(layout.SOURCE_ROW_FIELD)
             if config is None:
                 tile.notes.append("images unavailable: the scores file records no job settings (an older release)")
@@ -514,11 +505,12 @@ def make_tiles(galleries: Sequence[Gallery], report_folder: str, settings_files:
     for gallery in galleries:
         for tile in gallery.tiles:
             try:
-                keys[id(tile)] = _plan(gallery, tile, settings_of(tile), default_config, fetched, fetched_errors, jobs)
+                keys[id(tile)] = _plan(gallery, tile, settings_of(tile), configs[id(tile)], fetched, fetched_errors,
+                                       jobs)
             except Exception as error:  # an odd value must cost one tile, not the page
                 _LOGGER.warning("report: tile %s of %s not drawn (%s)", label(tile.values.get(layout.ID_FIELD)),
-                                gallery.name, _one_line(error))
-                tile.notes.append(f"not drawn ({type(error).__name__}: {_one_line(error)})")
+                                gallery.name, one_line(error) or type(error).__name__)
+                tile.notes.append(_not_drawn(error))
                 keys[id(tile)] = None
     made = _draw(jobs)
 
@@ -561,18 +553,17 @@ class _Job:
     error_row: bool = False
 
 
-def _plan(gallery: Gallery, tile: Tile, settings: Optional[dict[str, Any]], default_config: records.RecordConfig,
+def _plan(gallery: Gallery, tile: Tile, settings: Optional[dict[str, Any]], config: Optional[records.RecordConfig],
           fetched: dict, fetched_errors: dict, jobs: dict) -> Optional[tuple[str, str, int]]:
-    """The key of the job drawing ``tile`` (added to ``jobs`` when new), or ``None`` for no picture."""
+    """The key of the job drawing ``tile`` (added to ``jobs`` when new), or ``None`` for no picture. ``config``:
+    the tile's record config (``None``: its scores file records no job settings)."""
     if gallery.kind == ERRORS:
         key = (ERRORS, tile.file, tile.row)
         if key not in jobs:
             row = fetched_errors.get((tile.file, tile.row))
-            config = _record_config(settings) or default_config
             jobs[key] = (_Job(row=row, config=config, error_row=True) if isinstance(row, dict)
                          else _Job(ready=tiles.TileImages(notes=[f"images unavailable: {row}"])))
         return key
-    config = _record_config(settings)
     source, row_index = tile.values.get(layout.SOURCE_FILE_FIELD), tile.values.get(layout.SOURCE_ROW_FIELD)
     if config is None or source is None or row_index is None:
         return None
@@ -631,27 +622,25 @@ def _draw(jobs: dict[tuple[str, str, int], _Job]) -> dict[tuple[str, str, int], 
     models = [jobs[keys[0]].model for keys in ordered if jobs[keys[0]].model is not None]
 
     def prepare(keys: list[tuple[str, str, int]]) -> list[tiles.PreparedTile]:
-        return [_safely_prepared(jobs[key]) for key in keys]
+        # the group's shared reference decodes once (same pixels: records.prepare_pair); unbounded, as its
+        # arrays are the pairs' own and it goes with the group
+        references = BoundedCache(1 << 62)
+        return [_safely_prepared(jobs[key], references) for key in keys]
 
     with ThreadPoolExecutor(1, thread_name_prefix="report-model") as warm, \
             ThreadPoolExecutor(1, thread_name_prefix="report-decode") as decode:
         if models:
             warm.submit(tiles.warm_up, models[0])
-        pending: collections.deque = collections.deque()
-        queue = iter(ordered)
-        for keys in itertools.islice(queue, 1):
-            pending.append((keys, decode.submit(prepare, keys)))
-        while pending:
-            keys, future = pending.popleft()
+        future = decode.submit(prepare, ordered[0])
+        for number, keys in enumerate(ordered, start=1):
             prepared = future.result()
-            following = next(queue, None)
-            if following is not None:
-                pending.append((following, decode.submit(prepare, following)))
+            if number < len(ordered):  # the next group decodes while this one is in the forward
+                future = decode.submit(prepare, ordered[number])
             job = jobs[keys[0]]
             try:
                 done = tiles.finish_scored_group(prepared, job.model, [jobs[key].recorded for key in keys])
             except Exception as error:  # a bug or an odd value must cost these tiles, not the page
-                note = f"not drawn ({type(error).__name__}: {_one_line(error)})"
+                note = _not_drawn(error)
                 _LOGGER.warning("report: %d tile(s) were not drawn (%s)", len(keys), note)
                 done = [tiles.TileImages(notes=[note]) for _ in keys]
             made.update(zip(keys, done))
@@ -663,16 +652,18 @@ def _safely(draw: Callable[[], tiles.TileImages]) -> tiles.TileImages:
     try:
         return draw()
     except Exception as error:  # a bug or an odd value must cost one tile, not the page
-        _LOGGER.warning("report: a tile was not drawn (%s: %s)", type(error).__name__, _one_line(error))
-        return tiles.TileImages(notes=[f"not drawn ({type(error).__name__}: {_one_line(error)})"])
+        _LOGGER.warning("report: a tile was not drawn (%s: %s)", type(error).__name__,
+                        one_line(error) or type(error).__name__)
+        return tiles.TileImages(notes=[_not_drawn(error)])
 
 
-def _safely_prepared(job: _Job) -> tiles.PreparedTile:
+def _safely_prepared(job: _Job, reference_cache: Optional[BoundedCache] = None) -> tiles.PreparedTile:
     try:
-        return tiles.prepare_scored(job.row, job.config)
+        return tiles.prepare_scored(job.row, job.config, reference_cache)
     except Exception as error:  # pylint: disable=broad-except
-        _LOGGER.warning("report: a tile was not drawn (%s: %s)", type(error).__name__, _one_line(error))
-        return tiles.PreparedTile(tiles.TileImages(notes=[f"not drawn ({type(error).__name__}: {_one_line(error)})"]))
+        _LOGGER.warning("report: a tile was not drawn (%s: %s)", type(error).__name__,
+                        one_line(error) or type(error).__name__)
+        return tiles.PreparedTile(tiles.TileImages(notes=[_not_drawn(error)]))
 
 
 def build(galleries_of: Callable[[list[str]], list[Gallery]], report_folder: str, notes: list[str],
@@ -682,12 +673,14 @@ def build(galleries_of: Callable[[list[str]], list[Gallery]], report_folder: str
     try:
         galleries = galleries_of(notes)
     except Exception as error:  # pylint: disable=broad-except
-        _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, _one_line(error))
-        notes.append(f"galleries not made ({type(error).__name__}: {_one_line(error)})")
+        reason = one_line(error) or type(error).__name__
+        _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, reason)
+        notes.append(f"galleries not made ({type(error).__name__}: {reason})")
         galleries = []
     try:
         make_tiles(galleries, report_folder, settings_files)
     except Exception as error:  # pylint: disable=broad-except  # e.g. tiles/ not writable
-        _LOGGER.warning("report: gallery images not written (%s: %s)", type(error).__name__, _one_line(error))
-        notes.append(f"gallery images not written ({type(error).__name__}: {_one_line(error)})")
+        reason = one_line(error) or type(error).__name__
+        _LOGGER.warning("report: gallery images not written (%s: %s)", type(error).__name__, reason)
+        notes.append(f"gallery images not written ({type(error).__name__}: {reason})")
     return galleries

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import io
 import json
 import logging
@@ -43,6 +44,7 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
 from transforms import layout, score_math, settings
+from transforms.messages import one_line
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
 REPORT_MD = layout.REPORT_MD
@@ -200,7 +202,7 @@ def _read_columns(paths: Sequence[str], wanted: Sequence[str], notes: list[str],
                         raise ValueError(f"column {required!r} has type {kind}, not a number")
                 tables.append(parquet.read(columns=[name for name in wanted if name in names]))
         except Exception as error:  # not Parquet, truncated, unreadable: say so, report the rest
-            reason = " ".join(str(error).split()) or type(error).__name__
+            reason = one_line(error) or type(error).__name__
             _LOGGER.warning("report: leaving out %s (%s)", path, reason)
             notes.append(f"left out {path}: {reason}")
     return _concat(tables)
@@ -387,7 +389,7 @@ def _number(value: Optional[float]) -> str:
 
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell (one line, no column break)."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return one_line(text).replace("|", "\\|")
 
 
 def _quantile_table(summaries: list[ScoreSummary], heading: str) -> list[str]:
@@ -651,7 +653,7 @@ def _write_report(output: str, scores: pa.Table, errors: pa.Table, notes: list[s
         _write(page_path(output), (calibrate.insert_section(page, section) if section else page).encode("utf-8"))
     except Exception as error:  # pylint: disable=broad-except  # the page is extra: the rest is written
         _LOGGER.warning("report: %s not written (%s: %s)", page_path(output), type(error).__name__,
-                        " ".join(str(error).split()))
+                        one_line(error))
     return report
 
 
@@ -661,8 +663,8 @@ def _galleries(output: str, report: Report, k: int, threshold: Optional[float], 
     try:
         from pipeline import gallery  # noqa: PLC0415  # images, and torch for the maps, only when galleries are on
     except Exception as error:  # pylint: disable=broad-except  # a broken installation: the rest is written
-        _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, " ".join(str(error).split()))
-        report.notes.append(f"galleries not made ({type(error).__name__}: {' '.join(str(error).split())})")
+        _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, one_line(error))
+        report.notes.append(f"galleries not made ({type(error).__name__}: {one_line(error)})")
         return []
     median = report.by_mask_mode[0].quantiles.get("median") if report.by_mask_mode else None
     mask_modes = [summary.label for summary in report.by_mask_mode[1:]]
@@ -721,7 +723,7 @@ def _earlier_run_facts(output: str) -> dict[str, Any]:
                 earlier = json.loads(handle.read().decode("utf-8"))
         except (ValueError, OSError) as error:  # bad JSON, not UTF-8, a folder, unreadable
             _LOGGER.warning("ignoring %s (%s): the report will have no counters", path,
-                            " ".join(str(error).split()) or type(error).__name__)
+                            one_line(error) or type(error).__name__)
             return {}
         problem = _valid_facts(earlier)
         if problem:
@@ -747,7 +749,7 @@ def check_output(output: str) -> None:
     try:
         found = layout.kind_files(output, layout.SCORES)
     except Exception as error:  # an unreachable bucket, a bad path
-        raise ReportError(f"cannot list {output}: {' '.join(str(error).split())}") from error
+        raise ReportError(f"cannot list {output}: {one_line(error)}") from error
     if not found:
         raise ReportError(f"no scores in {output} (expected {layout.SCORES}/*.parquet or scores-*.parquet)")
     folder = layout.report_dir(output)
@@ -757,9 +759,8 @@ def check_output(output: str) -> None:
 
 def _preload_galleries() -> None:
     try:
-        import lpips  # noqa: F401,PLC0415  # pylint: disable=unused-import
-
-        from pipeline import gallery  # noqa: F401,PLC0415  # pylint: disable=unused-import
+        importlib.import_module("lpips")  # only loaded ahead: torch, the LPIPS package, the galleries' code
+        importlib.import_module("pipeline.gallery")
     except Exception:  # pylint: disable=broad-except  # _galleries reports what is wrong
         pass
 
@@ -786,7 +787,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if layout.LPIPS_FIELD not in scores.column_names:
             raise ReportError(f"no readable scores in {args.output}: {notes[0] if notes else 'no lpips column'}")
     except ReportError as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 2
     try:
         report = _write_report(args.output, scores, errors, notes, group_column=args.group_column,
@@ -794,7 +795,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                report_seed=args.report_seed, **_earlier_run_facts(args.output))
     except (OSError, IOError) as error:  # a read-only folder, a full disk: one line, not a traceback
         print(f"{PROG}: error: cannot write the report into {layout.report_dir(args.output)}: "
-              f"{' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+              f"{one_line(error) or type(error).__name__}", file=sys.stderr)
         return 2
     print(format_table(report))
     print(f"  report: {', '.join(report_paths(args.output) + [page_path(args.output)])}")

@@ -12,7 +12,8 @@ import html
 from typing import Any, Optional, Sequence
 
 from pipeline import tiles
-from pipeline.gallery import ERRORS, Gallery, Tile
+from pipeline.gallery import ERRORS, Gallery, Tile, label
+from pipeline.report import HISTOGRAM_PNG, HISTOGRAM_SIZE, QUANTILE_NAMES, _number, unknown_scope_line
 from transforms import layout
 
 CSS = """
@@ -75,10 +76,6 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: Optional[float], digits: int = 4) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
 def _page(title: str, body: Sequence[str]) -> str:
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
                       '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -127,8 +124,6 @@ def _picture(tile: Tile, part: str, what: str) -> str:
 
 
 def tiles_label(tile: Tile) -> str:
-    from pipeline.gallery import label  # noqa: PLC0415
-
     return label(tile.values.get(layout.ID_FIELD))
 
 
@@ -235,16 +230,12 @@ def _notes(notes: Sequence[str]) -> list[str]:
 
 
 def _quantile_rows(summaries: Sequence[Any]) -> list[list[str]]:
-    from pipeline.report import QUANTILE_NAMES  # noqa: PLC0415
-
     return [[esc(s.label), esc(s.count), _number(s.mean)] + [_number(s.quantiles[q]) for q in QUANTILE_NAMES]
             for s in summaries]
 
 
 def render_run_page(report: Any, galleries: Sequence[Gallery], k: int) -> str:
     """The run's ``index.html``: counts, where-to-cut figures, quantiles, histogram, notes, galleries."""
-    from pipeline.report import QUANTILE_NAMES, unknown_scope_line  # noqa: PLC0415
-
     counts = report.counts
     overall = report.by_mask_mode[0] if report.by_mask_mode else None
     q = overall.quantiles if overall else {}
@@ -280,8 +271,6 @@ def render_run_page(report: Any, galleries: Sequence[Gallery], k: int) -> str:
              "</div><div>", "<h3>Errors by stage and type</h3>",
              _table(["stage", "type", "rows"], errors, 2) if errors else '<p class="empty">No errors.</p>']
     if report.duplicate_examples:
-        from pipeline.gallery import label  # noqa: PLC0415
-
         body += ["<h3>Ids on several rows</h3>",
                  _table(["id", "rows"], [[esc(label(value)), esc(n)] for value, n in report.duplicate_examples])]
     scope = unknown_scope_line(report)
@@ -308,8 +297,6 @@ def render_run_page(report: Any, galleries: Sequence[Gallery], k: int) -> str:
     if report.by_group:
         body += [f"<h3>LPIPS by {esc(report.group_column)}</h3>",
                  _table([esc(report.group_column), "n", "mean", *QUANTILE_NAMES], _quantile_rows(report.by_group))]
-    from pipeline.report import HISTOGRAM_PNG, HISTOGRAM_SIZE  # noqa: PLC0415
-
     body += ['<h2 id="histogram">Histogram</h2>',
              f'<img class="hist" src="{esc(HISTOGRAM_PNG)}" width="{HISTOGRAM_SIZE[0]}" height="{HISTOGRAM_SIZE[1]}" '
              'alt="LPIPS per mask mode (or group) and measured fraction histograms">']

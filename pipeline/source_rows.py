@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import parquet_io
+from transforms.messages import one_line
 
 BATCH_ROWS = 8  # rows per batch within a row group: image columns are large
 READ_BUFFER = 1 << 20  # bytes: Parquet pages stream through a buffer this big
@@ -43,10 +44,6 @@ JSONL_BLOCK = 1 << 20
 
 RowKey = tuple[str, int]
 Fetched = Union[dict[str, Any], str]  # the row's columns, or why it could not be read
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
@@ -70,7 +67,7 @@ def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
             else:
                 got = _parquet_rows(path, wanted, columns)
         except Exception as error:  # gone, unreadable, not Parquet: every row of it gets the reason
-            reason = f"cannot read {path}: {_one_line(error)}"
+            reason = f"cannot read {path}: {one_line(error) or type(error).__name__}"
             got = {}
             for row in wanted:
                 found[(path, row)] = reason
@@ -166,7 +163,7 @@ def _json_row(line: bytes, row: int) -> Fetched:
     try:
         value: Optional[Any] = json.loads(line)
     except (ValueError, UnicodeDecodeError) as error:
-        return f"row {row} is not valid JSON ({_one_line(error)})"
+        return f"row {row} is not valid JSON ({one_line(error) or type(error).__name__})"
     if not isinstance(value, dict):
         return f"row {row} is a JSON {type(value).__name__}, not an object"
     return value

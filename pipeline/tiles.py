@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from transforms import records, score_math
+from transforms.cache import BoundedCache
+from transforms.messages import one_line
 from transforms.weights import ModelConfig
 
 THUMB_MAX_SIDE = 256
@@ -101,14 +103,10 @@ def _thumbnail(image: Image.Image) -> Image.Image:
     return _resized(image.convert("RGB"), thumb_size(*image.size))
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _problem(error: BaseException) -> str:
     if isinstance(error, records.RecordError):
         return f"{error.stage}/{error.error_type}: {error.message}"
-    return f"{type(error).__name__}: {_one_line(error)}"
+    return f"{type(error).__name__}: {one_line(error) or type(error).__name__}"
 
 
 def model_config(settings: Optional[dict[str, Any]], net: Optional[str] = None) -> Optional[ModelConfig]:
@@ -122,32 +120,31 @@ def model_config(settings: Optional[dict[str, Any]], net: Optional[str] = None) 
                        device="auto")
 
 
-def drift_map(pair: records.PreparedPair, config: ModelConfig) -> tuple[float, np.ndarray]:
-    """(raw score, float32 (H, W) drift map) of a prepared pair: one forward of ``config``'s model (this
-    process's scorer). fp16 without a GPU runs in fp32."""
+def _scorer(config: ModelConfig) -> Any:
+    """This process's scorer for ``config`` (:func:`transforms.masked.scorer_for`); fp16 without a GPU runs
+    in fp32."""
     from transforms import masked  # noqa: PLC0415  # torch only when a map is drawn
     from transforms.scorer import cuda_available  # noqa: PLC0415
 
     if config.precision == "fp16" and not cuda_available():
         config = dataclasses.replace(config, precision="fp32")
-    scorer = masked.scorer_for(config)
-    raw, maps = scorer.raw_scores_and_maps(pair.reference[None], pair.filled[None])
+    return masked.scorer_for(config)
+
+
+def drift_map(pair: records.PreparedPair, config: ModelConfig) -> tuple[float, np.ndarray]:
+    """(raw score, float32 (H, W) drift map) of a prepared pair: one forward of ``config``'s model (this
+    process's scorer). fp16 without a GPU runs in fp32."""
+    raw, maps = _scorer(config).raw_scores_and_maps(pair.reference[None], pair.filled[None])
     return float(np.asarray(raw).reshape(-1)[0]), np.asarray(maps, dtype=np.float32).reshape(pair.height, pair.width)
 
 
 def drift_maps(pairs: Sequence[records.PreparedPair], config: ModelConfig) -> list[tuple[float, np.ndarray]]:
     """:func:`drift_map` of each pair; pairs with the same reference (same pixels) share one backbone run of it
     (:meth:`transforms.scorer.LpipsScorer.raw_scores_and_maps_shared`: the job's reference-reuse numbers)."""
-    from transforms import masked  # noqa: PLC0415  # torch only when a map is drawn
-    from transforms.scorer import cuda_available  # noqa: PLC0415
-
     if len(pairs) < 2 or any(pair.reference.shape != pairs[0].reference.shape
                              or not np.array_equal(pair.reference, pairs[0].reference) for pair in pairs[1:]):
         return [drift_map(pair, config) for pair in pairs]
-    if config.precision == "fp16" and not cuda_available():
-        config = dataclasses.replace(config, precision="fp32")
-    raw, maps = masked.scorer_for(config).raw_scores_and_maps_shared(pairs[0].reference,
-                                                                       [pair.filled for pair in pairs])
+    raw, maps = _scorer(config).raw_scores_and_maps_shared(pairs[0].reference, [pair.filled for pair in pairs])
     return [(float(value), np.asarray(values, dtype=np.float32)) for value, values in zip(raw, maps)]
 
 
@@ -197,22 +194,25 @@ def _map_thumbnail(values: np.ndarray, size: tuple[int, int], notes: list[str]) 
 @dataclass
 class PreparedTile:
     """A scored row prepared again (:func:`prepare_scored`): its thumbnails, and the pair for the forward
-    (dropped by :func:`finish_scored`)."""
+    (dropped by :func:`finish_scored_group`)."""
 
     tile: TileImages
     pair: Optional[records.PreparedPair] = None
     size: tuple[int, int] = (0, 0)
 
 
-def prepare_scored(row: dict[str, Any], config: records.RecordConfig) -> PreparedTile:
+def prepare_scored(row: dict[str, Any], config: records.RecordConfig,
+                   reference_cache: Optional[BoundedCache] = None) -> PreparedTile:
     """Decode and composite a scored row's pair as the job did, and make its reference and edited thumbnails
-    (no model yet). Problems are notes; the pair is ``None`` when it cannot be prepared."""
+    (no model yet). Problems are notes; the pair is ``None`` when it cannot be prepared. ``reference_cache``
+    (:func:`transforms.records.prepare_pair`'s): rows sharing a reference decode it once, same pixels."""
     tile = TileImages()
     ref_column, edited_column = config.ref_column, config.edited_column
     try:
         ref_bytes = records.read_image_bytes(row.get(ref_column), ref_column, config.max_image_bytes)
         edited_bytes = records.read_image_bytes(row.get(edited_column), edited_column, config.max_image_bytes)
-        pair = records.prepare_pair(None, {**row, ref_column: ref_bytes, edited_column: edited_bytes}, config)
+        pair = records.prepare_pair(None, {**row, ref_column: ref_bytes, edited_column: edited_bytes}, config,
+                                    reference_cache=reference_cache)
     except Exception as error:  # a file gone, an image that no longer decodes, coords that no longer parse
         tile.notes.append(f"cannot prepare the pair again ({_problem(error)})")
         shown = error_tile(row, config)
@@ -247,17 +247,11 @@ def prepare_scored(row: dict[str, Any], config: records.RecordConfig) -> Prepare
     return PreparedTile(tile, pair, size)
 
 
-def finish_scored(prepared: PreparedTile, model: Optional[ModelConfig], recorded: Optional[float] = None
-                  ) -> TileImages:
-    """The drift map of a prepared row (one forward of ``model``) at thumbnail size, and a note when the pair
-    scores differently now than the run recorded (``recorded``). The full-size pair is released."""
-    return finish_scored_group([prepared], model, [recorded])[0]
-
-
 def finish_scored_group(prepared: Sequence[PreparedTile], model: Optional[ModelConfig],
                         recorded: Sequence[Optional[float]]) -> list[TileImages]:
-    """:func:`finish_scored` of rows sharing a reference: its backbone runs once for all of them
-    (:func:`drift_maps`). The full-size pairs are released."""
+    """The drift maps of prepared rows sharing a reference (their forwards of ``model``; its backbone runs once
+    for all of them, :func:`drift_maps`) at thumbnail size, and a note on each whose pair scores differently
+    now than the run recorded (its ``recorded``). The full-size pairs are released."""
     tiles_made = [item.tile for item in prepared]
     pairs = [item.pair for item in prepared]
     for item in prepared:
@@ -295,23 +289,11 @@ def _finish_one(tile: TileImages, pair: records.PreparedPair, size: tuple[int, i
         tile.notes.append("the forward gave a non-finite score now")
 
 
-def scored_tile(row: dict[str, Any], config: records.RecordConfig, model: Optional[ModelConfig],
-                recorded: Optional[float] = None) -> TileImages:
-    """The pictures of a scored row (its input row's image, coords and scope columns): prepared as the job did
-    (:func:`prepare_scored`), its drift map from one forward (:func:`finish_scored`). Problems are notes."""
-    return finish_scored(prepare_scored(row, config), model, recorded)
-
-
 def warm_up(model: ModelConfig) -> None:
     """Build this process's scorer for ``model`` (torch, weights) ahead of the first map; errors are left
     for :func:`drift_map` to report."""
     try:
-        from transforms import masked  # noqa: PLC0415
-        from transforms.scorer import cuda_available  # noqa: PLC0415
-
-        if model.precision == "fp16" and not cuda_available():
-            model = dataclasses.replace(model, precision="fp32")
-        masked.scorer_for(model)
+        _scorer(model)
     except Exception:  # pylint: disable=broad-except  # drift_map says what went wrong, on the tile
         pass
 

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from transforms import filtering
+
 KEEP_VALUES = frozenset({"keep", "1", "1.0", "true"})
 REJECT_VALUES = frozenset({"reject", "0", "0.0", "false"})
 NULL_GROUP = "null/NaN"  # the group of null and NaN keys (as the report names it)
@@ -106,7 +108,6 @@ class Curve:
     kept: np.ndarray  # rows kept at t
     true_keep: np.ndarray  # good rows kept at t
     n_good: int
-    n_rows: int
 
     @property
     def precision(self) -> np.ndarray:
@@ -139,10 +140,10 @@ def pr_curve(scores: Any, good: Any) -> Curve:
     values, labels = _sorted(scores, good)
     if not len(values):
         empty = np.zeros(0)
-        return Curve(empty, empty.astype(np.int64), empty.astype(np.int64), 0, 0)
+        return Curve(empty, empty.astype(np.int64), empty.astype(np.int64), 0)
     last = np.flatnonzero(np.r_[values[1:] != values[:-1], True])  # the last row of each distinct score
     true_keep = np.cumsum(labels, dtype=np.int64)[last]
-    return Curve(values[last], last + 1, true_keep, int(labels.sum()), len(values))
+    return Curve(values[last], last + 1, true_keep, int(labels.sum()))
 
 
 def target_index(curve: Curve, target: float) -> Optional[int]:
@@ -208,7 +209,6 @@ class Bootstrap:
     f1_threshold_ci: Optional[list[float]] = None
     f1_ci: Optional[list[float]] = None  # F1 at the chosen F1-best threshold
     without_threshold: int = 0  # resamples in which no threshold reached the target precision
-    single_class: int = 0  # resamples holding only one class (no threshold of either kind)
     thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per resample (NaN: none)
     f1_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
@@ -274,7 +274,6 @@ def bootstrap(scores: Any, good: Any, target: float, resamples: int = DEFAULT_BO
                 inside = index < f1_cut
                 good_at = (inside & label).sum(axis=1)
                 parts["f1"].append(np.where(both, 2.0 * good_at / (inside.sum(axis=1) + n_good), np.nan))
-        result.single_class += int((~both).sum())
         result.without_threshold += int((both & ~found).sum())
     joined = {name: np.concatenate(chunks) if chunks else np.zeros(0) for name, chunks in parts.items()}
     result.thresholds, result.f1_thresholds = joined["t"], joined["f1t"]
@@ -287,13 +286,6 @@ def bootstrap(scores: Any, good: Any, target: float, resamples: int = DEFAULT_BO
 
 
 # --------------------------------------------------------------------------- one group's calibration
-def _num(value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def calibrate_group(scores: Any, good: Any, target: float = DEFAULT_TARGET_PRECISION,
                     resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                     min_labels: int = DEFAULT_MIN_LABELS) -> dict[str, Any]:
@@ -419,8 +411,6 @@ class CalibrationRule:
     def tiers(self, keys: Optional[Sequence[Any]], values: np.ndarray, used: Mapping[str, float]) -> np.ndarray:
         """``pass`` where ``lpips <= `` the row's group threshold (from ``used``, :meth:`resolve`'s), ``fail``
         above it, ``invalid`` for a missing or non-finite score (the threshold rule's tiers)."""
-        from transforms import filtering  # noqa: PLC0415
-
         values = np.asarray(values, dtype=np.float64)
         if keys is None or not self.group_column:
             limits = np.full(len(values), next(iter(used.values()), np.nan) if used else np.nan)
