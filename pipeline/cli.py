@@ -190,14 +190,15 @@ def _reason(error: BaseException) -> str:
 _OS_ERROR = re.compile(r"\[Errno (\d+)\] ([^\[\]:'\n]+?)(?::\s*'([^']+)')?\s*(?:\[|$|\n|')")
 
 
-def failure_line(error: BaseException, output: str) -> str:
-    """What failed, in one line: for an environmental failure (a full disk, a permission lost, a filesystem
-    error on write), the path and the OS error; else the error's type and first line."""
+def failure_line(error: BaseException, output: str, what: str = "job") -> str:
+    """What failed (``what``: the job or the stream), in one line: for an environmental failure (a full disk,
+    a permission lost, a filesystem error on write), the path and the OS error; else the error's type and
+    first line."""
     found = _OS_ERROR.search(str(error))
     if found:
         errno, text, path = found.group(1), found.group(2).strip(), found.group(3)
-        return f"the job failed on {path or output} ([Errno {errno}] {text})"
-    return f"the job failed ({_reason(error)})"
+        return f"the {what} failed on {path or output} ([Errno {errno}] {text})"
+    return f"the {what} failed ({_reason(error)})"
 
 
 class _FailureLog:
@@ -271,8 +272,7 @@ def _stream(pipeline_options: PipelineOptions, options: LpipsPipeOptions) -> int
             _print_error(f"interrupted before the stream started; {streaming.written_line(options.output)}")
             return EXIT_INTERRUPTED
         except Exception as error:
-            line = failure_line(error, options.output).replace("the job failed", "the stream failed", 1)
-            _print_error(f"{line}; {streaming.written_line(options.output)}; the same command continues the "
+            _print_error(f"{failure_line(error, options.output, 'stream')}; {streaming.written_line(options.output)}; the same command continues the "
                          f"stream; details: {details.keep(error)}")
             return EXIT_FAILED
     if outcome.counters:

@@ -71,6 +71,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import filtering, layout, settings, tar_io
+from transforms import ids as record_ids
 from transforms import calibration as calibration_rules
 from transforms.messages import one_line as _one_line
 
@@ -380,13 +381,13 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
         writers = {name: pq.ParquetWriter(handles[name], out_schema) for name in OUTPUTS}
         try:
             for batch in _batches(path):
-                values = _scores(batch)
-                z = stats.z_scores(_keys(batch, group_column), values, std)
+                values, keys = _scores(batch), _keys(batch, group_column)
+                z = stats.z_scores(keys, values, std)
                 if tiers is not None:
                     tier = filtering.assign_tiers(z, tiers)
                     keep = filtering.kept(tier, tiers.keep)
                 elif calibration is not None and used is not None:  # lpips <= the row's group threshold
-                    tier = calibration.tiers(_keys(batch, group_column), values, used)
+                    tier = calibration.tiers(keys, values, used)
                     keep = filtering.kept(tier, frozenset([filtering.PASS_TIER]))
                 else:
                     tier = filtering.threshold_tiers(values, threshold)
@@ -501,17 +502,16 @@ def split_source(files: Sequence[str], id_column: str, join_type: pa.DataType, k
     counts = {name: 0 for name in SOURCE_OUTPUTS}
     for index, path in enumerate(files):
         if tar_io.is_shard(path):
-            targets = {name: FileSystems.join(output, name, layout.source_part_name(index, len(files),
-                                                                                   tar_io.shard_suffix(path)))
-                       for name in SOURCE_OUTPUTS}
+            targets = {name: FileSystems.join(output, name, layout.shard_name(index, len(files),
+                                                                             suffix=layout.TAR_SUFFIX))
+                       for name in SOURCE_OUTPUTS}  # .tar whatever the source's compression (images do not compress)
             for name, rows in _split_shard(path, id_column, join_type, kept_ids, rejected_ids, targets).items():
                 counts[name] += rows
             written += list(targets.values())
             continue
         with _open(path) as parquet:
             schema = parquet.schema_arrow
-            targets = {name: FileSystems.join(output, name, f"{layout.SHARD_PREFIX}-{index:05d}-of-{len(files):05d}"
-                                                            f"{layout.PARQUET_SUFFIX}")
+            targets = {name: FileSystems.join(output, name, layout.shard_name(index, len(files)))
                        for name in SOURCE_OUTPUTS}
             handles = {name: FileSystems.create(target) for name, target in targets.items()}
             writers = {name: pq.ParquetWriter(handles[name], schema) for name in SOURCE_OUTPUTS}
@@ -540,7 +540,7 @@ def _split_shard(path: str, id_column: str, join_type: pa.DataType, kept_ids: pa
     members copied whole); samples per output."""
     try:
         plan = tar_io.plan_shard(path)
-        sample_ids = _cast_ids(tar_io.sample_ids(plan, id_column), join_type)
+        sample_ids = _cast_ids(record_ids.input_ids(path, id_column, plan.rows, plan.splits), join_type)
     except (OSError, ValueError) as error:  # changed since it was checked
         raise FilterError(f"--source file {_one_line(error)}") from error
     in_kept = pc.fill_null(pc.is_in(sample_ids, value_set=kept_ids, skip_nulls=True), False).to_numpy(

@@ -36,11 +36,11 @@ from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, 
 from transforms import ids as record_ids
 from transforms import layout, ledger
 from transforms.metrics import NAMESPACE
-from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column
+from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column, rows_per_file
 from transforms.progress import ProgressBar, ProgressConfig
 from transforms.records import RecordConfig
 from transforms.uri_io import unsupported_uri_scheme
-from transforms.schemas import OutputSchemas, build_output_schemas
+from transforms.schemas import OutputSchemas, build_output_schemas, model_settings
 from transforms.scoring import ScoringConfig, WorkerPlan, plan_workers
 from transforms.scorer import check_device
 from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
@@ -196,7 +196,8 @@ def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
         raise JobError(str(error)) from error
 
 
-def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: RecordConfig, source: str) -> OutputSchemas:
+def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: RecordConfig, model: ModelConfig,
+                   source: str) -> OutputSchemas:
     """The output schemas for an input ``schema`` (``source`` names it in messages)."""
     id_column = options.id_column
     if id_column is None and DEFAULT_ID_COLUMN in schema.names:
@@ -204,18 +205,9 @@ def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: Record
     try:
         if id_column is not None and id_column in schema.names:
             record_ids.check_id_type(schema.field(id_column))
-        return build_output_schemas(schema, records, id_column, model_settings(options))
+        return build_output_schemas(schema, records, id_column, model_settings(model))
     except ValueError as error:  # InputSchemaError, or check_id_type's InputError
         raise JobError(f"{source}: {error}") from error
-
-
-def model_settings(options: LpipsPipeOptions) -> dict:
-    """What the scores files record of the model (:func:`transforms.schemas.job_settings`)."""
-    return {"net": options.net, "weights": layout.absolute(options.weights) if options.weights else None,
-            "precision": options.precision}
-
-
-URI_SAMPLE_ROWS = 64
 
 
 def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records: RecordConfig) -> None:
@@ -337,7 +329,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
             raise JobError(f"--skip_existing reads {doomed[0]}, which --overwrite would delete before scoring; "
                            "write the resumed run to a new --output")
     schema, splits = read_schema(files)
-    schemas = output_schemas(schema, options, records, files[0])
+    schemas = output_schemas(schema, options, records, model, files[0])
     check_image_uris(splits, schema, records)
     try:
         source, digest = checked_weights(model)
@@ -349,7 +341,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
         try:
             ledger.check_settings(restart, settings, options.allow_mixed)
             if mode == ledger.BATCH and not restart.published:
-                ledger.check_inputs(restart, _rows_per_file(splits))
+                ledger.check_inputs(restart, rows_per_file(splits))
         except ledger.LedgerError as error:
             raise JobError(str(error)) from error
         if mode == ledger.BATCH:
@@ -372,13 +364,6 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
                    input_schema=schema, existing_outputs=tuple(existing), skipped_rows=skipped,
                    local_workers=local_workers(options), run=ledger.new_run_id(), settings=settings, restart=restart,
                    kept_rows=kept, finish_only=bool(restart is not None and restart.published))
-
-
-def _rows_per_file(splits: Sequence[ParquetSplit]) -> dict[str, int]:
-    rows: dict[str, int] = {}
-    for split in splits:
-        rows[split.path] = max(rows.get(split.path, 0), split.first_row + split.num_rows)
-    return rows
 
 
 class OutputLock:
@@ -544,7 +529,7 @@ def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
     if plan.finish_only:
         return
     ledger.write_run(plan.output, plan.run, mode, plan.settings or {},
-                     _rows_per_file(plan.splits) if mode == ledger.BATCH else {})
+                     rows_per_file(plan.splits) if mode == ledger.BATCH else {})
 
 
 def _legacy_temp_dirs(output: str) -> list[str]:

@@ -154,13 +154,3 @@ def parse_options(argv: Sequence[str]) -> PipelineOptions:
             runner == "PrismRunner" or (runner == "FlinkRunner" and local_flink)):
         portable.environment_type = "LOOPBACK"  # SDK workers in this process: nothing to start, no container
     return pipeline_options
-
-
-def record_config(options: LpipsPipeOptions) -> RecordConfig:
-    """The decoding/masking settings of ``options``."""
-    return config_of(RecordConfig, options)
-
-
-def model_config(options: LpipsPipeOptions) -> ModelConfig:
-    """The model settings of ``options``."""
-    return config_of(ModelConfig, options)

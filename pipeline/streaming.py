@@ -65,7 +65,7 @@ class StreamPlan:
     window_s: float
 
 
-def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) -> list[str]:
+def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) -> str:
     """The first complete file matching ``--input`` now, or the first to land complete before ``deadline``
     (its schema makes the output schemas; only its footer is read). Polls every ``--watch_interval`` seconds."""
     announced = False
@@ -76,7 +76,7 @@ def wait_for_first_file(options: LpipsPipeOptions, deadline: Optional[float]) ->
             raise job.JobError(f"--input {options.input}: {error}") from error
         first = next((path for path in files if NewFiles.complete(path)), None)  # a half-written file waits
         if first is not None:
-            return [first]  # its schema is the stream's; the polls find the others
+            return first  # its schema is the stream's; the polls find the others
         if deadline is not None and time.monotonic() >= deadline:
             raise job.JobError(f"no file matched --input {options.input} within --watch_stop_after "
                                f"{options.watch_stop_after:g} s")
@@ -93,8 +93,7 @@ def plan_stream(options: LpipsPipeOptions, started: float) -> StreamPlan:
     if options.skip_existing:
         raise job.JobError("--skip_existing is for batch runs; a stream reads each file once by itself")
     deadline = started + options.watch_stop_after if options.watch_stop_after else None
-    files = wait_for_first_file(options, deadline)
-    first = job.plan_job(options, files=files[:1], mode=ledger.STREAM)
+    first = job.plan_job(options, files=[wait_for_first_file(options, deadline)], mode=ledger.STREAM)
     return StreamPlan(first, options.watch_interval, options.watch_stop_after,
                       options.window_s or options.watch_interval)
 
@@ -231,11 +230,12 @@ def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> Str
                  plan.interval_s, plan.window_s,
                  f"stopping after {plan.stop_after_s:g} s" if plan.stop_after_s else "until stopped")
     stopped_by: list[str] = []
+    finished = done_files(plan.job)
     with job.OutputLock(options.output), layout.glob_free(options.output) as output:
         job.prepare_output(plan.job, ledger.STREAM)
         if plan.job.restart is not None:
             _LOGGER.info("streaming: continuing the stream in %s: %d file(s) an earlier run finished are not read "
-                         "again", options.output, len(done_files(plan.job)))
+                         "again", options.output, len(finished))
         bar_dir = job.bar_dir_for(plan.job, pipeline_options, bar_stream) if bar_stream is not None else None
         pipeline = beam.Pipeline(options=pipeline_options)
         build_stream(pipeline, plan, started_wall, output, bar_dir)
@@ -254,8 +254,8 @@ def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> Str
         if bar_dir:
             shutil.rmtree(bar_dir, ignore_errors=True)
     counters = job.summarise(result) if not stopped_by else layout.Counters()
-    if not counters.files_kept and done_files(plan.job):  # runners that do not report a stateful step's counters
-        counters = counters.plus(**{layout.CounterName.FILES_KEPT: len(done_files(plan.job))})
+    if not counters.files_kept and finished:  # runners that do not report a stateful step's counters
+        counters = counters.plus(**{layout.CounterName.FILES_KEPT: len(finished)})
     return StreamOutcome(counters, time.monotonic() - started, stopped_by[0] if stopped_by else None)
 
 

@@ -25,6 +25,7 @@ import pytest
 from pipeline import cli, runners
 from pipeline import filter as filter_cli
 from tests.shard_helpers import build_shard_set, shard_members
+from transforms import ids as record_ids
 from transforms import layout, ledger, tar_io
 
 SCORE_COLUMNS = ("lpips", "measured_fraction", "mask_mode", "width", "height", "net", "lpips_version",
@@ -121,15 +122,14 @@ def test_the_filter_splits_shards_into_kept_rejected_and_unscored_shards(runs, t
     for name, wanted in expected.items():
         got_ids: set = set()
         for index, source in enumerate(files):
-            suffix = tar_io.shard_suffix(source)
-            part = out / name / layout.source_part_name(index, len(files), suffix)
+            part = out / name / layout.shard_name(index, len(files), suffix=layout.TAR_SUFFIX)
             assert part.is_file(), part
             try:
                 plan = tar_io.plan_shard(str(part))
             except ValueError:  # no sample went there: an empty archive
                 assert not shard_members(part)
                 continue
-            ids = tar_io.sample_ids(plan).to_pylist()
+            ids = record_ids.input_ids(str(part), layout.ID_FIELD, plan.rows, plan.splits).to_pylist()
             got_ids.update(ids)
             source_members = dict(shard_members(shards.folder / source))
             for member, data in shard_members(part):  # copied whole, byte for byte

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from transforms import layout
 from transforms.layout import ID_FIELD, CounterName
 from transforms.metrics import counter
-from transforms.parquet_io import InputError, ParquetSplit, read_split_column
+from transforms.parquet_io import InputError, ParquetSplit, read_split_column, rows_per_file
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -156,18 +156,15 @@ def plan_skips(splits: Sequence[ParquetSplit], id_column: Optional[str], done: p
     """``splits`` with skip masks for rows whose id is in ``done``, and how many rows that skips (rows a split
     already keeps from an interrupted run are not counted again)."""
     done_ids = done.combine_chunks() if isinstance(done, pa.ChunkedArray) else done
-    rows_of: dict[str, int] = {}
     splits_of: dict[str, list[ParquetSplit]] = {}
     for split in splits:
-        rows_of[split.path] = max(rows_of.get(split.path, 0), split.first_row + split.num_rows)
         splits_of.setdefault(split.path, []).append(split)
     marks = {path: mark_done(input_ids(path, id_column, rows, splits_of[path]), done_ids)
-             for path, rows in rows_of.items()}
+             for path, rows in rows_per_file(splits).items()}
     planned, skipped = [], 0
     for split in splits:
         mask = marks[split.path][split.first_row:split.first_row + split.num_rows]
-        kept = split.kept_mask()
-        skipped += int((mask & ~kept).sum() if kept is not None else mask.sum())
+        skipped += split.newly_skipped(mask)
         planned.append(split.with_skip_mask(mask))
     return planned, skipped
 

@@ -53,8 +53,8 @@ LEDGER_RUN_PREFIX = "run-"
 LEDGER_COMMIT_PREFIX = "commit-"
 LEDGER_PUBLISH_PREFIX = "publish-"
 LEDGER_TEMP_SUFFIX = ".tmp"  # a record being written (local disks): never read
-STAGING_PUBLISH = "publish"
-RUNNER_PIDS = "runner-processes"  # OUT/_staging/<run>/publish/: merged files of a batch run's last step
+STAGING_PUBLISH = "publish"  # OUT/_staging/<run>/publish/: merged files of a batch run's last step
+RUNNER_PIDS = "runner-processes"  # OUT/_staging/runner-processes: runner processes a run started
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -169,11 +169,6 @@ def kind_dir(output: str, kind: str) -> str:
     return FileSystems.join(output, kind)
 
 
-def shard_prefix(output: str, kind: str, tag: str = "") -> str:
-    """The path prefix the sink gets: ``OUT/<kind>/part`` or ``OUT/<kind>/part-<tag>``."""
-    return FileSystems.join(kind_dir(output, kind), f"{SHARD_PREFIX}-{tag}" if tag else SHARD_PREFIX)
-
-
 def staging_dir(output: str) -> str:
     return FileSystems.join(output, STAGING)
 
@@ -193,11 +188,13 @@ def staging_run_dir(output: str, run: str, part: str) -> str:
     return FileSystems.join(staging_dir(output), run, part)
 
 
-def shard_name(index: int, count: int, tag: str = "", prefix: str = SHARD_PREFIX) -> str:
+def shard_name(index: int, count: int, tag: str = "", prefix: str = SHARD_PREFIX, suffix: str = PARQUET_SUFFIX
+               ) -> str:
     """``part-SSSSS-of-NNNNN.parquet`` (``part-<tag>-SSSSS-of-NNNNN.parquet`` with a tag; the filter's
-    ``kept-SSSSS-of-NNNNN.parquet`` with ``prefix``)."""
+    ``kept-SSSSS-of-NNNNN.parquet`` with ``prefix``; its source outputs ``part-SSSSS-of-NNNNN.tar`` for shards
+    with ``suffix``)."""
     prefix = f"{prefix}-{tag}" if tag else prefix
-    return f"{prefix}-{index:05d}-of-{count:05d}{PARQUET_SUFFIX}"
+    return f"{prefix}-{index:05d}-of-{count:05d}{suffix}"
 
 
 def filter_files_glob(output: str, name: str) -> str:
@@ -248,6 +245,16 @@ def scores_files(spec: str) -> list[str]:
         return direct
     # A scores folder itself (OUT/scores) names its files.
     return match(FileSystems.join(escape_glob(spec), f"*{PARQUET_SUFFIX}"))
+
+
+def mkdirs(directory: str) -> None:
+    """Make ``directory`` (and its parents) unless it exists; one made meanwhile by another writer is fine."""
+    if not FileSystems.exists(directory):
+        try:
+            FileSystems.mkdirs(directory)
+        except OSError:  # made meanwhile by another writer
+            if not FileSystems.exists(directory):
+                raise
 
 
 def delete(paths: list[str]) -> None:
@@ -522,6 +529,3 @@ SAMPLE_JSON_FIELD = "json"
 READ_PROBLEM_KEY = "__lpips_pipe_read_problem__"
 
 
-def source_part_name(index: int, count: int, suffix: str = PARQUET_SUFFIX) -> str:
-    """``part-SSSSS-of-NNNNN<suffix>``: one of the filter's source outputs (``.parquet``, or ``.tar`` for shards)."""
-    return f"{SHARD_PREFIX}-{index:05d}-of-{count:05d}{suffix}"

@@ -174,7 +174,7 @@ class LedgerState:
     commits: list[Commit] = dataclasses.field(default_factory=list)
     dropped: list[Commit] = dataclasses.field(default_factory=list)  # overlapping an earlier commit
     publishes: list[Publish] = dataclasses.field(default_factory=list)
-    record_paths: list[str] = dataclasses.field(default_factory=list)
+    _done: Optional[dict[str, Ranges]] = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def exists(self) -> bool:
@@ -193,12 +193,14 @@ class LedgerState:
         return bool(self.publishes)
 
     def done(self) -> dict[str, Ranges]:
-        """Input rows the kept commits hold, by input file."""
-        rows: dict[str, list[list[int]]] = {}
-        for commit in self.commits:
-            for path, ranges in commit.sources.items():
-                rows.setdefault(path, []).extend(ranges)
-        return {path: merge_ranges(ranges) for path, ranges in rows.items()}
+        """Input rows the kept commits hold, by input file (worked out once: :func:`read_state` has them)."""
+        if self._done is None:
+            rows: dict[str, list[list[int]]] = {}
+            for commit in self.commits:
+                for path, ranges in commit.sources.items():
+                    rows.setdefault(path, []).extend(ranges)
+            self._done = {path: merge_ranges(ranges) for path, ranges in rows.items()}
+        return dict(self._done)
 
     @property
     def done_rows(self) -> int:
@@ -318,7 +320,6 @@ def read_state(output: str) -> LedgerState:
             reason = " ".join(str(error).split()) or type(error).__name__
             raise LedgerError(f"the restart ledger record {path} cannot be read ({reason}); pass --overwrite to "
                               "start over") from error
-        state.record_paths.append(path)
     done: dict[str, Ranges] = {}
     for commit in sorted(commits, key=lambda item: item.name):
         if any(overlaps(done.get(path, []), ranges) for path, ranges in commit.sources.items()):
@@ -327,6 +328,7 @@ def read_state(output: str) -> LedgerState:
         state.commits.append(commit)
         for path, ranges in commit.sources.items():
             done[path] = merge_ranges(done.get(path, []) + ranges)
+    state._done = done
     return state
 
 
@@ -382,8 +384,8 @@ def apply_moves(moves: Sequence[tuple[str, str]], deletes: Sequence[str] = ()) -
                 continue
             raise OSError(f"{source} and {destination} are both missing: a committed file was removed")
         parent = destination.rsplit("/", 1)[0]
-        if parent and not FileSystems.exists(parent):
-            FileSystems.mkdirs(parent)
+        if parent:
+            layout.mkdirs(parent)
         if "://" in destination and FileSystems.exists(destination):
             FileSystems.delete([destination])  # an object store's rename copies: no half copy stays in the way
         FileSystems.rename([source], [destination])
@@ -395,15 +397,12 @@ def apply_moves(moves: Sequence[tuple[str, str]], deletes: Sequence[str] = ()) -
 def roll_forward(state: LedgerState) -> int:
     """Finish what kept records started (stream commits' moves, a batch run's publish). Returns how many
     records needed it."""
+    steps = [([(staged.path, staged.final) for staged in commit.files if staged.final], commit.deletes)
+             for commit in state.commits] + [(publish.moves, publish.deletes) for publish in state.publishes]
     finished = 0
-    for commit in state.commits:
-        moves = [(staged.path, staged.final) for staged in commit.files if staged.final]
-        if any(FileSystems.exists(path) for path in [source for source, _ in moves] + commit.deletes):
-            apply_moves(moves, commit.deletes)
-            finished += 1
-    for publish in state.publishes:
-        if any(FileSystems.exists(path) for path in [source for source, _ in publish.moves] + publish.deletes):
-            apply_moves(publish.moves, publish.deletes)
+    for moves, deletes in steps:
+        if any(FileSystems.exists(path) for path in [source for source, _ in moves] + deletes):
+            apply_moves(moves, deletes)
             finished += 1
     return finished
 
@@ -431,8 +430,7 @@ def remove_orphans(state: LedgerState) -> int:
     if "://" not in directory and os.path.isdir(directory):
         orphans += [os.path.join(directory, name) for name in os.listdir(directory)
                     if name.endswith(layout.LEDGER_TEMP_SUFFIX)]
-    orphans += [layout.ledger_record(state.output, layout.LEDGER_COMMIT_PREFIX, commit.name[
-        len(layout.LEDGER_COMMIT_PREFIX):-len(layout.JSON_SUFFIX)]) for commit in state.dropped]
+    orphans += [FileSystems.join(directory, commit.name) for commit in state.dropped]
     if orphans:
         layout.delete(orphans)
     return len(orphans)
@@ -445,8 +443,7 @@ def compact(state: LedgerState, run: str) -> int:
     :func:`read_state` (same content). Returns how many records it replaced."""
     if len(state.commits) <= 1:
         return 0
-    kept_files = [staged for commit in state.commits for staged in commit.files if not staged.final]
-    write_commit(state.output, run, kept_files, state.done(), name=f"{0:020d}-compacted")
+    write_commit(state.output, run, state.kept_files(), state.done(), name=f"{0:020d}-compacted")
     old = [FileSystems.join(layout.ledger_dir(state.output), commit.name) for commit in state.commits]
     layout.delete(old)
     return len(old)

@@ -176,13 +176,21 @@ class ParquetSplit(NamedTuple):
         """This split keeping (not reading) the rows where ``mask`` (``bool[num_rows]``) is true."""
         return self._replace(kept=self._pack(mask, "kept"))
 
+    def unread_mask(self) -> Optional[np.ndarray]:
+        """``bool[num_rows]``: rows this split does not emit (skipped or kept), or ``None`` when it emits all."""
+        skip, kept = self.skip_mask(), self.kept_mask()
+        return kept if skip is None else skip if kept is None else skip | kept
+
+    def newly_skipped(self, skip: np.ndarray) -> int:
+        """How many of the rows ``skip`` marks this split does not already keep (what a skip mask adds)."""
+        kept = self.kept_mask()
+        return int((skip & ~kept).sum() if kept is not None else skip.sum())
+
     @property
     def rows_to_read(self) -> int:
         """Rows this split emits: neither skipped nor kept."""
-        masks = [mask for mask in (self.skip_mask(), self.kept_mask()) if mask is not None]
-        if not masks:
-            return self.num_rows
-        return int((~np.logical_or.reduce(masks)).sum())
+        unread = self.unread_mask()
+        return self.num_rows if unread is None else int((~unread).sum())
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -340,6 +348,14 @@ def common_schema(schemas: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
                                                             strings_win=False), nullable=True))
         merged = pa.schema(fields, metadata=first.metadata)
     return merged
+
+
+def rows_per_file(splits: Sequence[ParquetSplit]) -> dict[str, int]:
+    """``{path: rows}`` of the files ``splits`` cover (all of each file's splits: its row count)."""
+    rows: dict[str, int] = {}
+    for split in splits:
+        rows[split.path] = max(rows.get(split.path, 0), split.first_row + split.num_rows)
+    return rows
 
 
 def plan_files(paths: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
@@ -592,10 +608,10 @@ class ReadParquetSplit(beam.DoFn):
         rows_read = counter(CounterName.ROWS_READ)
         skip, kept = split.skip_mask(), split.kept_mask()
         if skip is not None:
-            counter(CounterName.ROWS_SKIPPED).inc(int((skip & ~kept).sum() if kept is not None else skip.sum()))
+            counter(CounterName.ROWS_SKIPPED).inc(split.newly_skipped(skip))
         if kept is not None:
             counter(CounterName.ROWS_KEPT).inc(int(kept.sum()))
-            skip = kept if skip is None else skip | kept
+            skip = split.unread_mask()
         if skip is not None and skip.all():
             rows_read.inc(split.num_rows)
             return

@@ -109,7 +109,7 @@ class ProgressMeter:
                 self._write_counts()
 
     def _write_counts(self) -> None:
-        temporary = f"{self._bar_file}.tmp"
+        temporary = f"{self._bar_file}{_TEMP_SUFFIX}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
                 handle.write(f"{self._done} {self._errors}")
@@ -147,6 +147,7 @@ class ProgressConfig:
 
 BAR_WRITE_S = 0.5  # a worker writes its counts for the bar at most this often
 BAR_REFRESH_S = 1.0
+_TEMP_SUFFIX = ".tmp"  # a counts file being written (renamed into place), never read
 
 
 class ProgressBar:
@@ -164,7 +165,7 @@ class ProgressBar:
         """Rows done and errors, summed over the workers' files."""
         done = errors = 0
         try:
-            names = [name for name in os.listdir(self._folder) if not name.endswith(".tmp")]
+            names = [name for name in os.listdir(self._folder) if not name.endswith(_TEMP_SUFFIX)]
         except OSError:
             return 0, 0
         for name in names:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
 from transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
                                ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
-                               READ_PROBLEM_KEY, SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD)
+                               READ_PROBLEM_KEY, SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD, absolute)
 from transforms.coords import coords_type_supported
 from transforms.records import RecordConfig
 
@@ -53,6 +53,17 @@ def source_values(row: dict[str, Any]) -> dict[str, Any]:
     if not source:
         return {}
     return {SOURCE_FILE_FIELD: source[0], SOURCE_ROW_FIELD: source[1]}
+
+
+if TYPE_CHECKING:  # weights imports torch; only its config's fields are read here
+    from transforms.weights import ModelConfig
+
+
+def model_settings(model: "ModelConfig") -> dict[str, Any]:
+    """What the scores files record of the model (:func:`job_settings`): ``net``, ``weights`` (absolute) and
+    ``precision``."""
+    return {"net": model.net, "weights": absolute(model.weights) if model.weights else None,
+            "precision": model.precision}
 
 
 def job_settings(config: RecordConfig, id_column: Optional[str],

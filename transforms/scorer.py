@@ -19,7 +19,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -175,17 +175,21 @@ class LpipsHead(torch.nn.Module):
             out.append(feature / (norm + _EPS))
         return out
 
+    def _weighted(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor]) -> Iterator[
+            torch.Tensor]:
+        """Per layer, in order, the channel-weighted squared difference ``(N, 1, h, w)`` of already normalised
+        features: the 1x1 linear layer as a channel-weighted sum (batch-size invariant)."""
+        if len(references) != self.layers or len(filled) != self.layers:
+            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
+        for layer, (reference, other) in enumerate(zip(references, filled)):
+            yield ((reference - other) ** 2 * self.weight(layer)).sum(1, keepdim=True)
+
     def distance(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor]) -> torch.Tensor:
         """Raw scores ``(N, 1, 1, 1)`` from already normalised features (:meth:`normalise`) of N references
         and N filled images: the rest of :meth:`forward`."""
-        if len(references) != self.layers or len(filled) != self.layers:
-            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
         total = 0
-        for layer, (reference, other) in enumerate(zip(references, filled)):
-            diff = (reference - other) ** 2
-            # The 1x1 linear layer as a channel-weighted sum (batch-size invariant), then
-            # lpips.spatial_average.
-            total = total + (diff * self.weight(layer)).sum(1, keepdim=True).mean([2, 3], keepdim=True)
+        for weighted in self._weighted(references, filled):
+            total = total + weighted.mean([2, 3], keepdim=True)  # lpips.spatial_average
         return total
 
     def distance_map(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor],
@@ -196,18 +200,19 @@ class LpipsHead(torch.nn.Module):
         mean), upsampled to ``size`` (bilinear, ``align_corners=False``: ``lpips.upsample``), summed over
         layers. Its mean is close to, not equal to, :meth:`distance` (the upsampling weighs border cells
         differently)."""
-        if len(references) != self.layers or len(filled) != self.layers:
-            raise ValueError(f"LpipsHead has {self.layers} layers, got {len(references)} and {len(filled)}")
-        maps = []
-        for layer, (reference, other) in enumerate(zip(references, filled)):
-            diff = (reference - other) ** 2
-            weighted = (diff * self.weight(layer)).sum(1, keepdim=True)
-            maps.append(torch.nn.functional.interpolate(weighted, size=tuple(size), mode="bilinear",
-                                                        align_corners=False))
-        total = maps[0]
-        for layer_map in maps[1:]:  # in layer order, as lpips.LPIPS.forward sums
-            total = total + layer_map
-        return total
+        return self.distance_and_map(references, filled, size)[1]
+
+    def distance_and_map(self, references: Sequence[torch.Tensor], filled: Sequence[torch.Tensor],
+                         size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`distance` and :meth:`distance_map` of the same features, each layer's weighted difference
+        computed once for both."""
+        total, maps = 0, None
+        for weighted in self._weighted(references, filled):
+            total = total + weighted.mean([2, 3], keepdim=True)
+            upsampled = torch.nn.functional.interpolate(weighted, size=tuple(size), mode="bilinear",
+                                                        align_corners=False)
+            maps = upsampled if maps is None else maps + upsampled  # in layer order, as lpips.LPIPS.forward sums
+        return total, maps
 
 
 class LpipsScorer:
@@ -311,14 +316,10 @@ class LpipsScorer:
         model = self.model
         with torch.inference_mode():
             both = self._to_input(np.concatenate([references, filled]))
-            features = self._backbone(model.scaling_layer(both))
-            if len(features) != self.head.layers:
-                raise ValueError(f"LpipsHead has {self.head.layers} layers, got {len(features)} feature maps")
-            normalised = LpipsHead.normalise(features)
-            reference_features = [feature[:count] for feature in normalised]
-            filled_features = [feature[count:] for feature in normalised]
-            total = self.head.distance(reference_features, filled_features)  # = self.head(features, count)
-            maps = self.head.distance_map(reference_features, filled_features, (height, width))
+            normalised = LpipsHead.normalise(self._backbone(model.scaling_layer(both)))
+            # total = self.head(features, count): the same operations on the same features
+            total, maps = self.head.distance_and_map([feature[:count] for feature in normalised],
+                                                     [feature[count:] for feature in normalised], (height, width))
         return (total.float().reshape(count).cpu().numpy(),
                 maps.float().reshape(count, height, width).contiguous().cpu().numpy())
 
@@ -336,8 +337,9 @@ class LpipsScorer:
         reference_features, scores, maps = features[0], [], []
         with torch.inference_mode():
             for filled_features in features[1:]:
-                scores.append(self.head.distance(reference_features, filled_features).reshape(()))
-                maps.append(self.head.distance_map(reference_features, filled_features, (height, width)))
+                score, drift = self.head.distance_and_map(reference_features, filled_features, (height, width))
+                scores.append(score.reshape(()))
+                maps.append(drift)
         return (torch.stack(scores).float().cpu().numpy(),
                 torch.cat(maps).float().reshape(len(filled), height, width).cpu().numpy())
 

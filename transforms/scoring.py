@@ -145,20 +145,19 @@ class ScoringConfig:
 @dataclass(frozen=True)
 class WorkerPlan:
     """What the workers need, resolved once from the configs when the transform is built: the batch budget
-    (0 resolved by device), the reference cache split (feature bytes per worker process, decoded-reference
-    bytes per decode DoFn instance) and the decode threads (``None``: sized from the worker's own cores at
-    ``setup()``, :func:`auto_decode_threads`)."""
+    (0 resolved by device), the reference-feature bytes per worker process (the decoded references get
+    :func:`decode_cache_share` of it per decode DoFn instance) and the decode threads (``None``: sized from
+    the worker's own cores at ``setup()``, :func:`auto_decode_threads`)."""
 
     batch_pixels: int
     feature_cache_bytes: int
-    decode_cache_bytes: int
     decode_threads: Optional[int]
 
 
 def plan_workers(scoring: ScoringConfig, model: ModelConfig) -> WorkerPlan:
     """The :class:`WorkerPlan` of ``scoring`` for ``model``'s device."""
-    feature_bytes, decoded_bytes = reference_cache_bytes(scoring.reference_cache_mb)
-    return WorkerPlan(scoring.batch_pixels or default_batch_pixels(model.device), feature_bytes, decoded_bytes,
+    feature_bytes, _ = reference_cache_bytes(scoring.reference_cache_mb)
+    return WorkerPlan(scoring.batch_pixels or default_batch_pixels(model.device), feature_bytes,
                       scoring.decode_threads)
 
 
@@ -672,10 +671,8 @@ class ScorePairs(beam.PTransform):
     def __init__(self, record_config: RecordConfig, model_handler: LpipsModelHandler, row_format: RowFormat,
                  decode_threads: Optional[int] = DEFAULT_DECODE_THREADS,
                  progress: Optional[ProgressConfig] = None,
-                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None,
-                 decode_cache_bytes: int = 0) -> None:
+                 drift_maps: Optional[Union[DriftMapRows, DriftMapSelector]] = None) -> None:
         super().__init__()
-        self._decode_cache_bytes = decode_cache_bytes  # decoded references kept per decode DoFn (WorkerPlan)
         self._drift_maps = drift_map_selector(drift_maps)
         self._decode_threads = decode_threads
         self._record_config = record_config
@@ -688,7 +685,7 @@ class ScorePairs(beam.PTransform):
             PreparePairs(self._record_config, self._row_format, self._decode_threads, self._progress,
                          ahead_pixels=self._model_handler.batch_target_pixels,
                          device=self._model_handler.device, drift_maps=self._drift_maps)
-            .with_reference_cache(self._decode_cache_bytes)).with_outputs(
+            .with_reference_cache(decode_cache_share(self._model_handler.reference_cache_bytes))).with_outputs(
             ERRORS, main="pairs"
         )
         scored, failed = prepared.pairs | "LPIPS" >> RunInference(self._model_handler).with_exception_handling()
@@ -708,7 +705,14 @@ def reference_cache_bytes(reference_cache_mb: int) -> tuple[int, int]:
     if reference_cache_mb < 0:
         raise ValueError(f"reference_cache_mb must be >= 0, got {reference_cache_mb}")
     total = int(reference_cache_mb) * 1024 * 1024
-    return total - total // 8, total // 8
+    features = total - total // 8
+    return features, decode_cache_share(features)
+
+
+def decode_cache_share(feature_cache_bytes: int) -> int:
+    """The decoded-reference bytes that go with a feature cache of ``feature_cache_bytes`` (1/7 of it: 1/8 of
+    ``--reference_cache_mb``), so a handler's cache sizes its decode DoFns' too."""
+    return feature_cache_bytes // 7
 
 
 def reference_group_key(row: dict[str, Any], column: str) -> str:

@@ -48,15 +48,6 @@ PACK_BYTES = 128 << 20
 _KEY = "files"
 
 
-def _mkdirs(directory: str) -> None:
-    if not FileSystems.exists(directory):
-        try:
-            FileSystems.mkdirs(directory)
-        except OSError:  # made meanwhile by another writer
-            if not FileSystems.exists(directory):
-                raise
-
-
 class ParquetFileSink(fileio.FileSink):
     """``fileio`` sink of dict rows to one Parquet file, written ``ROWS_PER_WRITE`` rows at a time (keys not
     in the schema, e.g. ``drift_map``, are not written)."""
@@ -92,7 +83,7 @@ class _StagedWriter:
     they came from."""
 
     def __init__(self, directory: str, kind: str, schema: pa.Schema) -> None:
-        _mkdirs(directory)
+        layout.mkdirs(directory)
         self.kind = kind
         self.path = FileSystems.join(directory, f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
                                                 f"{layout.PARQUET_SUFFIX}")
@@ -170,7 +161,7 @@ class _CommitGroup:
             if closed is not None:
                 files.append(closed[0])
                 for path, ranges in closed[1].items():
-                    sources[path] = ledger.merge_ranges(sources.get(path, []) + ranges)
+                    sources.setdefault(path, []).extend(ranges)  # merged by write_commit
         if files:
             ledger.write_commit(self._output, self._plan.run, files, sources)
         self._last = time.monotonic()
@@ -294,7 +285,7 @@ class _BuildPack(beam.DoFn):
             yield kind, final, sources[0], []
             return
         directory = layout.staging_run_dir(self._output, self._run, layout.STAGING_PUBLISH)
-        _mkdirs(directory)
+        layout.mkdirs(directory)
         merged = FileSystems.join(directory, f"{kind}-{self._tag or 'all'}-{index:05d}-{uuid.uuid4().hex[:8]}"
                                              f"{layout.PARQUET_SUFFIX}")
         merge_files(sources, merged, self._schemas[kind])
@@ -324,8 +315,6 @@ class _Publish(beam.DoFn):
         built = sorted(built)
         moves = [(source, final) for _, final, source, _ in built]
         deletes = sorted({path for *_, replaced in built for path in replaced})
-        for kind in sorted({kind for kind, *_ in built}):
-            _mkdirs(layout.kind_dir(self._output, kind))
         if self._with_ledger:
             ledger.write_publish(self._output, self._run, moves, deletes)
         ledger.apply_moves(moves, deletes)
@@ -432,13 +421,13 @@ class _CommitWindow(beam.DoFn):
         for kind, index, count, sources in plan_packs(staged, sorted({item.kind for item in staged}),
                                                       self._num_shards or 1):
             for _, final, path, merged in builder.process((kind, index, count, sources)):
-                rows = sum(item.rows for item in staged if item.path in (sources or [path]))
+                rows = sum(item.rows for item in staged if item.path in sources)
                 files.append(ledger.StagedFile(kind, path, rows, final))
                 replaced += merged
         sources: dict[str, ledger.Ranges] = {}
         for piece in pieces:
             for path, ranges in piece["sources"].items():
-                sources[path] = ledger.merge_ranges(sources.get(path, []) + [list(r) for r in ranges])
+                sources.setdefault(path, []).extend(ranges)  # merged by write_commit
         ledger.write_commit(self._output, self._run, files, sources, replaced, name=tag)
         ledger.apply_moves([(item.path, item.final) for item in files], replaced)
         for item in files:

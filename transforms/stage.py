@@ -26,7 +26,7 @@ from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, 
 from transforms.decode import DEFAULT_MAX_IMAGE_BYTES
 from transforms.progress import ProgressConfig
 from transforms.records import RecordConfig
-from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas
+from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas, model_settings
 from transforms.scoring import (DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
                                 ScoringConfig, WorkerPlan, drift_map_selector, plan_workers)
 from transforms.sink import CommitPlan, WriteParquet, WriteWindowedParquet, part_labels
@@ -161,15 +161,8 @@ class ScoreLPIPS(beam.PTransform):
             rows = rows | "ByReference" >> GroupByReference(self.record_config.ref_column)
         # ScorePairs' steps directly under this transform: Decode, LPIPS, ToScoreRows, ...
         outputs = ScorePairs(self.record_config, self.handler, self._row_format, self.workers.decode_threads,
-                             self._progress, drift_maps=self._drift_maps,
-                             decode_cache_bytes=self.workers.decode_cache_bytes).expand(rows)
+                             self._progress, drift_maps=self._drift_maps).expand(rows)
         return outputs.describe(self, *getattr(rows, "lpips_pipe_input", (None, None)))
-
-    def model_settings(self) -> dict[str, Any]:
-        """What the scores files record of the model (:func:`transforms.schemas.job_settings`)."""
-        weights = self.model_config.weights
-        return {"net": self.model_config.net, "weights": layout.absolute(weights) if weights else None,
-                "precision": self.model_config.precision}
 
 
 _OPTIONS_SIGNATURE = inspect.Signature(settings.parameters(ScoreLPIPS.CONFIGS, ScoreLPIPS.POSITIONAL))
@@ -186,7 +179,7 @@ def output_schemas_for(input_schema: pa.Schema, score: "ScoreLPIPS", id_column: 
     one, else ``<file>:<row>`` ids). Raises ``ValueError`` when the input lacks a column ``score`` needs."""
     if id_column is None and layout.ID_FIELD in input_schema.names:
         id_column = layout.ID_FIELD
-    return build_output_schemas(input_schema, score.record_config, id_column, score.model_settings())
+    return build_output_schemas(input_schema, score.record_config, id_column, model_settings(score.model_config))
 
 
 class WriteScores(beam.PTransform):

@@ -615,18 +615,6 @@ def fetch_samples(path: str, rows: Sequence[int], image_columns: Sequence[str] =
 # --------------------------------------------------------------------------- copying samples (the filter)
 
 
-def shard_suffix(path: str) -> str:
-    """The suffix a copy of a shard's samples gets: ``.tar`` (uncompressed, as webdataset writes them, whatever
-    the source's compression: encoded images do not compress)."""
-    return layout.TAR_SUFFIX
-
-
-def sample_ids(plan: ShardPlan, column: str = layout.ID_FIELD) -> pa.Array:
-    """The ``column`` value of every sample of a planned shard, in order (its ids, as the job reads them)."""
-    parts = [read_column(split, column) for split in plan.splits]
-    return pa.concat_arrays(parts) if len(parts) > 1 else parts[0]
-
-
 def copy_samples(plan: ShardPlan, choose: Callable[[int], str], targets: Mapping[str, str]) -> dict[str, int]:
     """Copy every sample of a planned shard, members whole (headers and bytes, links and devices as headers
     only: nothing is followed or extracted), into the shard ``targets[choose(index)]``, streaming member by
