@@ -1,9 +1,20 @@
 """lpips-pipe: masked, area-normalised LPIPS scoring of image-editing pairs as an Apache Beam stage.
 
-Also Beam's ``--setup_file``: workers install the ``pipeline`` and ``transforms`` packages from it.
+Also Beam's ``--setup_file``: workers install the ``lpips_pipe`` package from it. The repository keeps the
+design card's folders (``pipeline/``, ``transforms/``); installed, they are ``lpips_pipe.pipeline`` and
+``lpips_pipe.transforms``, so the only top-level name a user gets is ``lpips_pipe``.
 """
 
 from setuptools import find_packages, setup
+
+
+def _packages() -> list[str]:
+    """lpips_pipe, and the repository's folders under its name (sub-packages included)."""
+    found = ["lpips_pipe"]
+    for folder in ("pipeline", "transforms"):
+        found += [f"lpips_pipe.{folder}"] + [f"lpips_pipe.{folder}.{sub}" for sub in find_packages(folder)]
+    return found
+
 
 setup(
     name="lpips-pipe",
@@ -12,7 +23,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["lpips_pipe", "pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    packages=_packages(),
+    package_dir={"lpips_pipe.pipeline": "pipeline", "lpips_pipe.transforms": "transforms"},
     package_data={"lpips_pipe": ["py.typed"]},
     install_requires=[
         "apache-beam>=2.77.0,<3",
@@ -31,11 +43,11 @@ setup(
     extras_require={"demo": ["scikit-image"], "uris": ["fsspec"]},
     entry_points={
         "console_scripts": [
-            "lpips-pipe=pipeline.cli:console_main",
-            "lpips-pipe-calibrate=pipeline.calibrate:main",
-            "lpips-pipe-export-weights=pipeline.export_weights:main",
-            "lpips-pipe-filter=pipeline.filter:main",
-            "lpips-pipe-report=pipeline.report:main",
+            "lpips-pipe=lpips_pipe.pipeline.cli:console_main",
+            "lpips-pipe-calibrate=lpips_pipe.pipeline.calibrate:main",
+            "lpips-pipe-export-weights=lpips_pipe.pipeline.export_weights:main",
+            "lpips-pipe-filter=lpips_pipe.pipeline.filter:main",
+            "lpips-pipe-report=lpips_pipe.pipeline.report:main",
         ]
     },
 )

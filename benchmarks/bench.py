@@ -55,7 +55,7 @@ def make_pairs(path: str, pairs: int, size: int, edits: int = 4, shuffle: bool =
     import pyarrow.parquet as pq
     from PIL import Image, ImageOps
 
-    from pipeline.demo import EDITS, PAIRS_SCHEMA, PHOTOS, centre_box, encode, photo
+    from lpips_pipe.pipeline.demo import EDITS, PAIRS_SCHEMA, PHOTOS, centre_box, encode, photo
 
     import pyarrow as pa
 
@@ -95,7 +95,7 @@ def part_seed(path: str) -> dict:
     import pyarrow.parquet as pq
 
     from tests.seed_reference import SeedLPIPSPipe, open_image
-    from transforms.weights import ModelConfig, resolve_weights
+    from lpips_pipe.transforms.weights import ModelConfig, resolve_weights
 
     seed = SeedLPIPSPipe(resolve_weights(ModelConfig(net="alex")).state_dict, net="alex")
     table = pq.read_table(path)
@@ -114,11 +114,11 @@ def part_bound(path: str, precision: str, device: str, pairs: int, reuse: bool) 
     import pyarrow.parquet as pq
     import torch
 
-    from transforms.scorer import LpipsScorer
-    from transforms.weights import ModelConfig
-    from transforms.cache import BoundedCache
-    from transforms.records import RecordConfig, prepare_pair
-    from transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
+    from lpips_pipe.transforms.scorer import LpipsScorer
+    from lpips_pipe.transforms.weights import ModelConfig
+    from lpips_pipe.transforms.cache import BoundedCache
+    from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+    from lpips_pipe.transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
 
     feature_bytes, decoded_bytes = reference_cache_bytes(DEFAULT_REFERENCE_CACHE_MB if reuse else 0)
     scorer = LpipsScorer(ModelConfig(net="alex", device=device, precision=precision))
@@ -196,7 +196,7 @@ def run_e2e(path: str, out: str, precision: str, extra: list[str]) -> tuple[floa
 
 def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
     """``python -m pipeline`` in this (fresh) process (``cli.console_main``, its way of ending included)."""
-    from pipeline import cli
+    from lpips_pipe.pipeline import cli
 
     sys.argv = ["lpips-pipe", "--input", path, "--output", out, "--overwrite", "--precision", precision,
                 "--num_shards", "1", *extra]
@@ -208,7 +208,7 @@ def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
 
 def read_scores(out: str) -> dict:
     """id -> lpips of a run's scores (``OUT/scores/*.parquet``, via :mod:`transforms.layout`)."""
-    from transforms import layout
+    from lpips_pipe.transforms import layout
 
     scores = {}
     for file in layout.kind_files(out, layout.SCORES):

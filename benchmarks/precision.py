@@ -20,11 +20,11 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.demo import demo_table  # noqa: E402
-from transforms import score_math  # noqa: E402
-from transforms.scorer import LpipsScorer
-from transforms.weights import ModelConfig  # noqa: E402
-from transforms.records import RecordConfig, RecordError, prepare_pair  # noqa: E402
+from lpips_pipe.pipeline.demo import demo_table  # noqa: E402
+from lpips_pipe.transforms import score_math  # noqa: E402
+from lpips_pipe.transforms.scorer import LpipsScorer
+from lpips_pipe.transforms.weights import ModelConfig  # noqa: E402
+from lpips_pipe.transforms.records import RecordConfig, RecordError, prepare_pair  # noqa: E402
 
 VALIDATION = os.path.join(ROOT, "..", "shared", "validation")
 VALIDATION_PAIRS = [

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo import demo_table  # noqa: E402
+from lpips_pipe.pipeline.demo import demo_table  # noqa: E402
 
 THRESHOLD = "0.1"
 WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "

@@ -41,7 +41,7 @@ VARIANTS = ("parquet", "tar", "tar.gz")
 def _jpeg(data: bytes) -> bytes:
     from PIL import Image
 
-    from pipeline.demo import encode
+    from lpips_pipe.pipeline.demo import encode
 
     with Image.open(io.BytesIO(data)) as image:
         return encode(image.convert("RGB"), "JPEG")
@@ -53,8 +53,8 @@ def build(folder: str, pairs: int, size: int, shards: int) -> dict[str, str]:
     import pyarrow.parquet as pq
 
     from bench import make_pairs
-    from pipeline.demo import PAIRS_SCHEMA
-    from transforms import tar_io
+    from lpips_pipe.pipeline.demo import PAIRS_SCHEMA
+    from lpips_pipe.transforms import tar_io
 
     os.makedirs(folder, exist_ok=True)
     tag = f"{pairs}x{size}-{shards}"
@@ -84,7 +84,7 @@ def build(folder: str, pairs: int, size: int, shards: int) -> dict[str, str]:
 
 def read_rate(pattern: str) -> tuple[float, int, int]:
     """Best-of-3 seconds to plan and read every row of ``pattern`` through the job's reader; rows, image bytes."""
-    from transforms.parquet_io import ReadParquetSplit, match_inputs, plan_files
+    from lpips_pipe.transforms.parquet_io import ReadParquetSplit, match_inputs, plan_files
 
     best, rows, data = float("inf"), 0, 0
     for _ in range(3):

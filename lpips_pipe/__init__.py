@@ -23,21 +23,21 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["ScoreLPIPS", "ReadPairs", "WriteScores", "ScoreOutputs", "masked_lpips", "RecordError", "run"]
 
 _WHERE = {
-    "ScoreLPIPS": "transforms.stage",
-    "ReadPairs": "transforms.stage",
-    "WriteScores": "transforms.stage",
-    "ScoreOutputs": "transforms.scoring",
-    "masked_lpips": "transforms.masked",
-    "RecordError": "transforms.messages",
-    "run": "pipeline.job",
+    "ScoreLPIPS": "lpips_pipe.transforms.stage",
+    "ReadPairs": "lpips_pipe.transforms.stage",
+    "WriteScores": "lpips_pipe.transforms.stage",
+    "ScoreOutputs": "lpips_pipe.transforms.scoring",
+    "masked_lpips": "lpips_pipe.transforms.masked",
+    "RecordError": "lpips_pipe.transforms.messages",
+    "run": "lpips_pipe.pipeline.job",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from pipeline.job import run
-    from transforms.masked import masked_lpips
-    from transforms.messages import RecordError
-    from transforms.scoring import ScoreOutputs
-    from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
+    from lpips_pipe.pipeline.job import run
+    from lpips_pipe.transforms.masked import masked_lpips
+    from lpips_pipe.transforms.messages import RecordError
+    from lpips_pipe.transforms.scoring import ScoreOutputs
+    from lpips_pipe.transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
-"""``python -m pipeline``: run the lpips-pipe job (same as the ``lpips-pipe`` command)."""
+"""``python -m pipeline`` (from the repository root): run the lpips-pipe job, as ``python -m lpips_pipe`` does."""
 
 import sys
 
-from pipeline.cli import console_main
+from lpips_pipe.pipeline.cli import console_main
 
 sys.exit(console_main())

@@ -52,11 +52,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import filter as filter_cli
-from pipeline.report import _cell, _step, _write  # one way to write Markdown cells, ticks, files
-from transforms import calibration as cal
-from transforms import layout
-from transforms.messages import one_line, quote_value
+from lpips_pipe.pipeline import filter as filter_cli
+from lpips_pipe.pipeline.report import _cell, _step, _write  # one way to write Markdown cells, ticks, files
+from lpips_pipe.transforms import calibration as cal
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.messages import one_line, quote_value
 
 PROG = "lpips-pipe-calibrate"
 CSV_EXTENSIONS = (".csv",)

@@ -26,10 +26,10 @@ from typing import Iterator, Mapping, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import job
-from pipeline import report as run_report
-from pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
-from transforms import layout, ledger
+from lpips_pipe.pipeline import job
+from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
+from lpips_pipe.transforms import layout, ledger
 
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
@@ -260,7 +260,7 @@ def _finish(options: LpipsPipeOptions, counters: dict[str, int], outcome: job.Jo
 
 def _stream(pipeline_options: PipelineOptions, options: LpipsPipeOptions) -> int:
     """``--streaming``: run until the stream stops, then say what was written."""
-    from pipeline import streaming  # imports PeriodicImpulse and state specs only when streaming
+    from lpips_pipe.pipeline import streaming  # imports PeriodicImpulse and state specs only when streaming
 
     with beam_errors_to_a_file() as details:
         try:

@@ -112,12 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pairs = os.path.join(args.workdir, "pairs.parquet")
     pq.write_table(demo_table(), pairs)
     out = os.path.join(args.workdir, "out")
-    from pipeline.cli import main as run_main
+    from lpips_pipe.pipeline.cli import main as run_main
 
     code = run_main(["--input", pairs, "--output", out, "--overwrite", *beam_args])
     if code:
         return code
-    from transforms import layout
+    from lpips_pipe.transforms import layout
 
     scores = _read_all(layout.kind_files(out, layout.SCORES))
     errors = _read_all(layout.kind_files(out, layout.ERRORS))
@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _read_all(paths: Sequence[str]) -> pa.Table:
     """The rows of ``paths`` (any Beam filesystem) as one table; an empty table when there are none."""
-    from transforms import layout
+    from lpips_pipe.transforms import layout
 
     tables = []
     for path in paths:

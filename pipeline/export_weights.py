@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from transforms.weights import NETS, ModelConfig, WeightsUnavailable, export_weights
+from lpips_pipe.transforms.weights import NETS, ModelConfig, WeightsUnavailable, export_weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -70,10 +70,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import filtering, layout, settings, tar_io
-from transforms import ids as record_ids
-from transforms import calibration as calibration_rules
-from transforms.messages import one_line as _one_line
+from lpips_pipe.transforms import filtering, layout, settings, tar_io
+from lpips_pipe.transforms import ids as record_ids
+from lpips_pipe.transforms import calibration as calibration_rules
+from lpips_pipe.transforms.messages import one_line as _one_line
 
 PROG = "lpips-pipe-filter"
 SCORE_COLUMN = layout.LPIPS_FIELD
@@ -486,7 +486,7 @@ def _calibration_plan(files: Sequence[str], calibration: calibration_rules.Calib
 
 
 def _load_calibration(path: str) -> calibration_rules.CalibrationRule:
-    from pipeline.calibrate import CalibrateError, load_calibration  # noqa: PLC0415
+    from lpips_pipe.pipeline.calibrate import CalibrateError, load_calibration  # noqa: PLC0415
 
     try:
         return load_calibration(path)[1]
@@ -636,7 +636,7 @@ def parser() -> argparse.ArgumentParser:
                            help="Filter scores that disagree on net, lpips_version, weights_sha256 or mask_mode "
                                 "together (refused by default).")
     described.add_argument("--overwrite", action="store_true", help="Replace earlier filter outputs in --output.")
-    from pipeline.report import ReportConfig  # noqa: PLC0415  # the report's options, declared once
+    from lpips_pipe.pipeline.report import ReportConfig  # noqa: PLC0415  # the report's options, declared once
 
     settings.add_arguments(described, ReportConfig, only=("report_k",))  # OUTPUT/report/index.html's galleries
     described.add_argument("--no_report", action="store_true", help="Do not write OUTPUT/report/index.html.")
@@ -647,7 +647,7 @@ def write_page(output: str, k: int = 12) -> str:
     """``OUTPUT/report/index.html`` (and ``tiles/``) from ``OUTPUT/filter.json`` and the kept / rejected files:
     the rule, rows per tier, group statistics and galleries of the rows nearest each cut-off (``k`` each, 0 =
     none). Gallery problems are notes on the page; returns the page's path."""
-    from pipeline import gallery, report_page  # noqa: PLC0415  # images only when a page is written
+    from lpips_pipe.pipeline import gallery, report_page  # noqa: PLC0415  # images only when a page is written
 
     with FileSystems.open(FileSystems.join(output, SUMMARY_JSON), compression_type="uncompressed") as handle:
         summary = json.loads(handle.read().decode("utf-8"))

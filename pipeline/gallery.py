@@ -41,12 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import source_rows, tiles
-from pipeline.report import label  # keys and ids as text (null and NaN: ``null/NaN``), as the report's tables
-from transforms import layout, records, schemas
-from transforms.cache import BoundedCache
-from transforms.messages import one_line
-from transforms.settings import from_values
+from lpips_pipe.pipeline import source_rows, tiles
+from lpips_pipe.pipeline.report import label  # keys and ids as text (null and NaN: ``null/NaN``), as the report's tables
+from lpips_pipe.transforms import layout, records, schemas
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.messages import one_line
+from lpips_pipe.transforms.settings import from_values
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
 SCAN_BATCH_ROWS = 65536

@@ -32,20 +32,20 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
-from transforms import ids as record_ids
-from transforms import layout, ledger
-from transforms.metrics import NAMESPACE
-from transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column, rows_per_file
-from transforms.progress import ProgressBar, ProgressConfig
-from transforms.records import RecordConfig
-from transforms.uri_io import unsupported_uri_scheme
-from transforms.schemas import OutputSchemas, build_output_schemas, model_settings
-from transforms.scoring import ScoringConfig, WorkerPlan, plan_workers
-from transforms.scorer import check_device
-from transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
-from transforms.sink import CommitPlan
-from transforms.weights import LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, checked_weights
+from lpips_pipe.pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
+from lpips_pipe.transforms import ids as record_ids
+from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms.metrics import NAMESPACE
+from lpips_pipe.transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column, rows_per_file
+from lpips_pipe.transforms.progress import ProgressBar, ProgressConfig
+from lpips_pipe.transforms.records import RecordConfig
+from lpips_pipe.transforms.uri_io import unsupported_uri_scheme
+from lpips_pipe.transforms.schemas import OutputSchemas, build_output_schemas, model_settings
+from lpips_pipe.transforms.scoring import ScoringConfig, WorkerPlan, plan_workers
+from lpips_pipe.transforms.scorer import check_device
+from lpips_pipe.transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
+from lpips_pipe.transforms.sink import CommitPlan
+from lpips_pipe.transforms.weights import LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, checked_weights
 
 _LOGGER = logging.getLogger("lpips_pipe")
 EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
@@ -450,7 +450,7 @@ def record_runner_processes(output: str) -> None:
     run is killed (SIGKILL leaves them running, orphaned) the next run into ``output`` stops them."""
     if "://" in output:
         return
-    from pipeline import runners  # noqa: PLC0415
+    from lpips_pipe.pipeline import runners  # noqa: PLC0415
 
     home = str(runners.runners_home())
     pids = [str(pid) for pid, command in _proc_children(os.getpid()) if home in command]
@@ -473,7 +473,7 @@ def stop_orphaned_runners(output: str) -> int:
     path = layout.runner_pids_path(output)
     if "://" in output or not os.path.exists(path):
         return 0
-    from pipeline import runners  # noqa: PLC0415
+    from lpips_pipe.pipeline import runners  # noqa: PLC0415
 
     with open(path, encoding="utf-8") as handle:
         pids = {int(word) for word in handle.read().split() if word.isdigit()}

@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence, TypeVar
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
                                                   StandardOptions, _BeamArgumentParser)
 
-from pipeline.report import ReportConfig
-from transforms import settings
-from transforms.records import RecordConfig
-from transforms.scoring import ScoringConfig
-from transforms.weights import ModelConfig
+from lpips_pipe.pipeline.report import ReportConfig
+from lpips_pipe.transforms import settings
+from lpips_pipe.transforms.records import RecordConfig
+from lpips_pipe.transforms.scoring import ScoringConfig
+from lpips_pipe.transforms.weights import ModelConfig
 
 DEFAULT_ID_COLUMN = "id"
 # Beam's DirectRunner would first try the Prism runner, which downloads a binary; for a batch job it then
@@ -139,7 +139,7 @@ def parse_options(argv: Sequence[str]) -> PipelineOptions:
     if standard.runner is None and not standard.streaming:
         standard.runner = DEFAULT_BATCH_RUNNER
         return pipeline_options
-    from pipeline import runners  # only runs that may need a locally built runner
+    from lpips_pipe.pipeline import runners  # only runs that may need a locally built runner
 
     try:
         if standard.runner is None:

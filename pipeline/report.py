@@ -43,8 +43,8 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
-from transforms import layout, score_math, settings
-from transforms.messages import one_line
+from lpips_pipe.transforms import layout, score_math, settings
+from lpips_pipe.transforms.messages import one_line
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
 REPORT_MD = layout.REPORT_MD
@@ -646,7 +646,7 @@ def _write_report(output: str, scores: pa.Table, errors: pa.Table, notes: list[s
     _write(markdown, render_markdown(report).encode("utf-8"))
     _write(summary, json.dumps(asdict(report), indent=2, default=str).encode("utf-8"))
     try:
-        from pipeline import calibrate, report_page  # noqa: PLC0415
+        from lpips_pipe.pipeline import calibrate, report_page  # noqa: PLC0415
 
         page = report_page.render_run_page(report, galleries, report_k)
         section = calibrate.saved_report_section(layout.report_dir(output))  # a calibration of these scores
@@ -661,7 +661,7 @@ def _galleries(output: str, report: Report, k: int, threshold: Optional[float], 
     """The page's galleries (:mod:`pipeline.gallery`), their tiles written under ``report/tiles/``; failures
     are notes of ``report`` (and warnings), never exceptions. Stored in ``report.galleries`` for report.json."""
     try:
-        from pipeline import gallery  # noqa: PLC0415  # images, and torch for the maps, only when galleries are on
+        from lpips_pipe.pipeline import gallery  # noqa: PLC0415  # images, and torch for the maps, only when galleries are on
     except Exception as error:  # pylint: disable=broad-except  # a broken installation: the rest is written
         _LOGGER.warning("report: galleries not made (%s: %s)", type(error).__name__, one_line(error))
         report.notes.append(f"galleries not made ({type(error).__name__}: {one_line(error)})")
@@ -760,7 +760,7 @@ def check_output(output: str) -> None:
 def _preload_galleries() -> None:
     try:
         importlib.import_module("lpips")  # only loaded ahead: torch, the LPIPS package, the galleries' code
-        importlib.import_module("pipeline.gallery")
+        importlib.import_module("lpips_pipe.pipeline.gallery")
     except Exception:  # pylint: disable=broad-except  # _galleries reports what is wrong
         pass
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import html
 from typing import Any, Optional, Sequence
 
-from pipeline import tiles
-from pipeline.gallery import ERRORS, Gallery, Tile, label
-from pipeline.report import HISTOGRAM_PNG, HISTOGRAM_SIZE, QUANTILE_NAMES, _number, unknown_scope_line
-from transforms import layout
+from lpips_pipe.pipeline import tiles
+from lpips_pipe.pipeline.gallery import ERRORS, Gallery, Tile, label
+from lpips_pipe.pipeline.report import HISTOGRAM_PNG, HISTOGRAM_SIZE, QUANTILE_NAMES, _number, unknown_scope_line
+from lpips_pipe.transforms import layout
 
 CSS = """
 :root { --ink: #1d2430; --muted: #5d6776; --line: #d9dee6; --card: #f5f7fa; --bad: #b3261e; --note: #fff4d6; }

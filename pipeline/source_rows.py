@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import parquet_io
-from transforms.messages import one_line
+from lpips_pipe.transforms import parquet_io
+from lpips_pipe.transforms.messages import one_line
 
 BATCH_ROWS = 8  # rows per batch within a row group: image columns are large
 READ_BUFFER = 1 << 20  # bytes: Parquet pages stream through a buffer this big
@@ -88,7 +88,7 @@ def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
 
 
 def _shard_rows(path: str, wanted: Sequence[int]) -> dict[int, Fetched]:
-    from transforms import tar_io  # noqa: PLC0415  # only for shards
+    from lpips_pipe.transforms import tar_io  # noqa: PLC0415  # only for shards
 
     out: dict[int, Fetched] = {row: f"row {row} is not a row index" for row in wanted if row < 0}
     out.update(tar_io.fetch_samples(path, [row for row in wanted if row >= 0]))

@@ -40,16 +40,16 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from pipeline import job
-from pipeline.options import LpipsPipeOptions
-from transforms import layout, ledger
-from transforms.layout import CounterName
-from transforms.metrics import counter
-from transforms import tar_io
-from transforms.parquet_io import (TAR, InputError, ParquetSplit, common_schema, input_format, match_inputs, plan_file,
+from lpips_pipe.pipeline import job
+from lpips_pipe.pipeline.options import LpipsPipeOptions
+from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms.layout import CounterName
+from lpips_pipe.transforms.metrics import counter
+from lpips_pipe.transforms import tar_io
+from lpips_pipe.transforms.parquet_io import (TAR, InputError, ParquetSplit, common_schema, input_format, match_inputs, plan_file,
                                    read_footer)
-from transforms.progress import ProgressBar
-from transforms.stage import ReadSplits, WriteScores
+from lpips_pipe.transforms.progress import ProgressBar
+from lpips_pipe.transforms.stage import ReadSplits, WriteScores
 
 _LOGGER = logging.getLogger("lpips_pipe")
 POLL_KEY = "poll"

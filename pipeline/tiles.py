@@ -29,10 +29,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from transforms import records, score_math
-from transforms.cache import BoundedCache
-from transforms.messages import one_line
-from transforms.weights import ModelConfig
+from lpips_pipe.transforms import records, score_math
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.messages import one_line
+from lpips_pipe.transforms.weights import ModelConfig
 
 THUMB_MAX_SIDE = 256
 THUMB_MIN_SIDE = 128
@@ -123,8 +123,8 @@ def model_config(settings: Optional[dict[str, Any]], net: Optional[str] = None) 
 def _scorer(config: ModelConfig) -> Any:
     """This process's scorer for ``config`` (:func:`transforms.masked.scorer_for`); fp16 without a GPU runs
     in fp32."""
-    from transforms import masked  # noqa: PLC0415  # torch only when a map is drawn
-    from transforms.scorer import cuda_available  # noqa: PLC0415
+    from lpips_pipe.transforms import masked  # noqa: PLC0415  # torch only when a map is drawn
+    from lpips_pipe.transforms.scorer import cuda_available  # noqa: PLC0415
 
     if config.precision == "fp16" and not cuda_available():
         config = dataclasses.replace(config, precision="fp32")

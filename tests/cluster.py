@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import yaml
 
-from pipeline import runners
+from lpips_pipe.pipeline import runners
 
 
 def free_port() -> int:

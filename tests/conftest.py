@@ -22,15 +22,15 @@ def validation_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def alex_weights():
-    from transforms.weights import ModelConfig, resolve_weights
+    from lpips_pipe.transforms.weights import ModelConfig, resolve_weights
 
     return resolve_weights(ModelConfig(net="alex"))
 
 
 @pytest.fixture(scope="session")
 def alex_scorer():
-    from transforms.scorer import LpipsScorer
-    from transforms.weights import ModelConfig
+    from lpips_pipe.transforms.scorer import LpipsScorer
+    from lpips_pipe.transforms.weights import ModelConfig
 
     return LpipsScorer(ModelConfig(net="alex", device="cpu"))
 

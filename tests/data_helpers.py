@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.demo import EDITS, PAIRS_SCHEMA, PHOTOS, centre_box, demo_table, encode, photo
-from transforms import layout
+from lpips_pipe.pipeline.demo import EDITS, PAIRS_SCHEMA, PHOTOS, centre_box, demo_table, encode, photo
+from lpips_pipe.transforms import layout
 
 __all__ = [
     "EDITS", "PAIRS_SCHEMA", "PHOTOS", "centre_box", "demo_table", "encode", "photo", "small_pairs",

@@ -14,7 +14,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from transforms.messages import RecordError
+from lpips_pipe.transforms.messages import RecordError
 
 DATA_DIR = os.path.dirname(skimage.data.__file__)
 

@@ -42,12 +42,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import cli as job
+from lpips_pipe.pipeline import cli as job
 from tests.seed_reference import open_image
-from transforms import score_math
-from transforms.coords import parse_coords, pixel_boxes
-from transforms.messages import RecordError
-from transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms import score_math
+from lpips_pipe.transforms.coords import parse_coords, pixel_boxes
+from lpips_pipe.transforms.messages import RecordError
+from lpips_pipe.transforms.records import RecordConfig, prepare_pair
 
 SIZE = 64  # side of the good images: tiny, but over AlexNet's 31-pixel minimum
 BOX = [[16, 16, 44, 40]]
@@ -400,9 +400,9 @@ def test_a_pair_the_model_rejects_does_not_take_its_batch_down(seed_alex):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from transforms.weights import ModelConfig
-    from transforms.schemas import build_output_schemas
-    from transforms.scoring import LpipsModelHandler, ScorePairs
+    from lpips_pipe.transforms.weights import ModelConfig
+    from lpips_pipe.transforms.schemas import build_output_schemas
+    from lpips_pipe.transforms.scoring import LpipsModelHandler, ScorePairs
 
     kinds = [Kind("good/a"), Kind("bad/one_by_one", ref=encode(REF[:1, :1]), edited=encode(EDITED[:1, :1]),
                                   coords="[]"),

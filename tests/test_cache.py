@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from transforms.cache import BoundedCache
+from lpips_pipe.transforms.cache import BoundedCache
 
 
 def test_bounded_cache_stays_in_bound_and_evicts_least_recently_used():

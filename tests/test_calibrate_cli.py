@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import calibrate
-from pipeline import filter as filter_cli
+from lpips_pipe.pipeline import calibrate
+from lpips_pipe.pipeline import filter as filter_cli
 from tests.data_helpers import scores_table, write_run
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_KEYS = {"threshold", "precision", "recall", "f1_threshold", "n_labels", "n_keep", "n_reject", "threshold_ci",
@@ -541,9 +541,9 @@ def test_report_section_escapes_and_never_links_a_path_from_data():
 
 def test_rerendering_the_report_keeps_the_calibration_section(tmp_path):
     """The section survives `lpips-pipe-report` rewriting the page (from the copy of calibration.json)."""
-    from pipeline import calibrate as calibrate_cli
-    from pipeline import report as report_cli
-    from transforms import layout as contract
+    from lpips_pipe.pipeline import calibrate as calibrate_cli
+    from lpips_pipe.pipeline import report as report_cli
+    from lpips_pipe.transforms import layout as contract
 
     run = write_run(str(tmp_path / "run"), _scores())
     assert report_cli.main([run, "--report_k", "0"]) == 0

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
-from pipeline import job as pjob
-from pipeline import report as run_report
+from lpips_pipe.pipeline import cli
+from lpips_pipe.pipeline import job as pjob
+from lpips_pipe.pipeline import report as run_report
 from tests.data_helpers import small_pairs
-from transforms import layout
-from transforms.records import PreparedPair
-from transforms.schemas import RowFormat
-from transforms.scoring import ScoredPair, ToScoreRow
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.records import PreparedPair
+from lpips_pipe.transforms.schemas import RowFormat
+from lpips_pipe.transforms.scoring import ScoredPair, ToScoreRow
 
 
 @pytest.fixture(scope="module")

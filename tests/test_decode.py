@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from tests.record_helpers import crafted_png, data_path, encode, photo, pil_rgb, record_error
-from transforms import decode
-from transforms.decode import decode_image, read_image_bytes
+from lpips_pipe.transforms import decode
+from lpips_pipe.transforms.decode import decode_image, read_image_bytes
 
 LIMIT = decode.DEFAULT_MAX_IMAGE_PIXELS
 

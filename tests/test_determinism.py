@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli as job
+from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
 from tests.test_faults import deadline

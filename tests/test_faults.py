@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli as job
+from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import demo_table
 from tests.seed_reference import open_image
-from transforms import stage
-from transforms.scoring import ScorePairs
+from lpips_pipe.transforms import stage
+from lpips_pipe.transforms.scoring import ScorePairs
 
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 RUN_DEADLINE_S = 150  # a run here takes ~10 s; a runner that hung on a dead worker must fail the test, not stall it

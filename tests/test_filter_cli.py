@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import filter as filter_cli
-from pipeline import cli as job
+from lpips_pipe.pipeline import filter as filter_cli
+from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import demo_table, read_kind, write_kind
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import runners
+from lpips_pipe.pipeline import runners
 from tests.cluster import external_worker_pool, standalone_flink
 from tests.data_helpers import small_pairs
 

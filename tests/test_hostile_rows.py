@@ -21,12 +21,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from transforms import decode, messages, uri_io
-from transforms.coords import parse_coords
-from transforms.decode import load_image, read_image_bytes
-from transforms.messages import RecordError
-from transforms.records import RecordConfig, prepare_pair
-from transforms.uri_io import resolve_path, unsupported_uri_scheme
+from lpips_pipe.transforms import decode, messages, uri_io
+from lpips_pipe.transforms.coords import parse_coords
+from lpips_pipe.transforms.decode import load_image, read_image_bytes
+from lpips_pipe.transforms.messages import RecordError
+from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.uri_io import resolve_path, unsupported_uri_scheme
 
 DEADLINE_S = 20.0
 
@@ -154,8 +154,8 @@ def test_byte_cap_from_the_config(tmp_path):
 def test_the_default_byte_cap_is_one_value_everywhere_and_it_caps(tmp_path):
     """The cap is declared once: the command line, ScoreLPIPS and RecordConfig all start from the documented
     256 MiB, and a file one byte over it is refused from its size with the defaults (nothing read)."""
-    from pipeline.options import LpipsPipeOptions, config_of, parse_options
-    from transforms.stage import ScoreLPIPS
+    from lpips_pipe.pipeline.options import LpipsPipeOptions, config_of, parse_options
+    from lpips_pipe.transforms.stage import ScoreLPIPS
 
     documented = 256 * 1024 * 1024  # README: --max_image_bytes 268,435,456
     command_line = config_of(RecordConfig, parse_options(["--input", "x", "--output", "y"]).view_as(LpipsPipeOptions))

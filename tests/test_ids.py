@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms import ids as record_ids
-from transforms import layout
-from transforms.parquet_io import InputError, ReadParquetSplit, plan_file
+from lpips_pipe.transforms import ids as record_ids
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.parquet_io import InputError, ReadParquetSplit, plan_file
 
 UTC = datetime.timezone.utc
 

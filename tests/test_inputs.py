@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transforms import parquet_io
-from transforms.parquet_io import (InputError, ReadInputSplit, ReadParquetSplit, common_schema, match_inputs,
+from lpips_pipe.transforms import parquet_io
+from lpips_pipe.transforms.parquet_io import (InputError, ReadInputSplit, ReadParquetSplit, common_schema, match_inputs,
                                    plan_file, plan_splits, read_footer)
 
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.data_helpers import scores_table, write_run
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 
 def test_names_and_folders_of_a_run(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from transforms import layout, ledger
+from lpips_pipe.transforms import layout, ledger
 
 
 @given(st.lists(st.integers(0, 300), max_size=80))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transforms.messages import MAX_MESSAGE_CHARS, RecordError, one_line, quote_value
+from lpips_pipe.transforms.messages import MAX_MESSAGE_CHARS, RecordError, one_line, quote_value
 
 
 def test_one_line_folds_white_space_and_never_cuts_without_a_limit():

@@ -220,7 +220,7 @@ def test_dockerfile_is_pinned_and_lint_clean() -> None:
 
 
 def test_dockerfile_bakes_the_weights_where_the_model_looks() -> None:
-    from transforms.weights import WEIGHTS_DIR_ENV
+    from lpips_pipe.transforms.weights import WEIGHTS_DIR_ENV
 
     instructions = _dockerfile()
     env = " ".join(arguments for keyword, arguments in instructions if keyword == "ENV")
@@ -251,7 +251,7 @@ def _verify_step() -> str:
 
 def test_dockerfile_weights_check_runs(tmp_path: pathlib.Path) -> None:
     """The image's last RUN, run here: it accepts the exported file and refuses one for another net."""
-    from transforms.weights import ModelConfig, export_weights
+    from lpips_pipe.transforms.weights import ModelConfig, export_weights
 
     baked = tmp_path / "weights"
     baked.mkdir()
@@ -284,7 +284,7 @@ def _doc_commands() -> list[list[str]]:
 
 
 def test_running_doc_commands_use_real_flags() -> None:
-    from pipeline.options import unknown_flags as _unknown_flags
+    from lpips_pipe.pipeline.options import unknown_flags as _unknown_flags
 
     commands = _doc_commands()
     assert len(commands) >= 7

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
+from lpips_pipe.transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import report as run_report
-from pipeline import cli as job
+from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import demo_table, read_kind
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 
 def _report_file(out: str, name: str) -> str:

@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import filter as filter_cli
-from pipeline import report as run_report
+from lpips_pipe.pipeline import filter as filter_cli
+from lpips_pipe.pipeline import report as run_report
 from tests.data_helpers import errors_table, scores_table, small_pairs, write_kind, write_run
-from transforms import filtering, layout
+from lpips_pipe.transforms import filtering, layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,11 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import cli, gallery, source_rows, tiles
-from pipeline import filter as run_filter
-from pipeline import report as run_report
+from lpips_pipe.pipeline import cli, gallery, source_rows, tiles
+from lpips_pipe.pipeline import filter as run_filter
+from lpips_pipe.pipeline import report as run_report
 from tests.data_helpers import demo_table, encode, photo, read_kind
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 THRESHOLD = 0.1
 K = 12

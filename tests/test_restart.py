@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import cli, runners
+from lpips_pipe.pipeline import cli, runners
 from tests.data_helpers import demo_table, wait_for
-from transforms import layout, ledger, sink
+from lpips_pipe.transforms import layout, ledger, sink
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = 3
@@ -224,7 +224,7 @@ def test_sigkill_mid_run_then_the_same_command(tmp_path):
 STREAM_LAUNCHER = r"""
 import inspect, os, sys
 step, argv = sys.argv[1], sys.argv[2:]
-from transforms import ledger, sink
+from lpips_pipe.transforms import ledger, sink
 from apache_beam.io.filesystems import FileSystems
 
 def die_at(owner, name, call, before=True):
@@ -249,7 +249,7 @@ elif step == "committed-not-moved":
     die_at(ledger, "write_commit", 2, before=False)
 elif step == "half-moved":  # the second window's first move (the first window made two)
     die_at(FileSystems, "rename", 3, before=False)
-from pipeline import cli
+from lpips_pipe.pipeline import cli
 sys.exit(cli.main(argv))
 """
 

@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import cli as job
-from pipeline import job as job_plan
-from pipeline import report as run_report
+from lpips_pipe.pipeline import cli as job
+from lpips_pipe.pipeline import job as job_plan
+from lpips_pipe.pipeline import report as run_report
 from tests.data_helpers import demo_table
-from pipeline.options import LpipsPipeOptions
-from transforms import ids as record_ids
-from transforms import progress
-from transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
+from lpips_pipe.pipeline.options import LpipsPipeOptions
+from lpips_pipe.transforms import ids as record_ids
+from lpips_pipe.transforms import progress
+from lpips_pipe.transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
 
 SUMMARY = "lpips-pipe: read {read} rows, scored {scored}, errors {errors}, skipped {skipped}"
 

@@ -20,12 +20,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 
-from pipeline.options import LpipsPipeOptions, parse_options
+from lpips_pipe.pipeline.options import LpipsPipeOptions, parse_options
 from tests.data_helpers import demo_table
-from transforms.cache import BoundedCache
-from transforms.records import RecordConfig, prepare_pair
-from transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes, reference_group_key
-from transforms.stage import ScoreLPIPS
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes, reference_group_key
+from lpips_pipe.transforms.stage import ScoreLPIPS
 
 
 # --------------------------------------------------------------------------- the cache budget (the cache itself: test_cache.py)

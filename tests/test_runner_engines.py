@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import runners
+from lpips_pipe.pipeline import runners
 from tests import cluster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ BATCH_PIPELINE = textwrap.dedent("""
     import sys
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
-    from pipeline.runners import configure_runner
+    from lpips_pipe.pipeline.runners import configure_runner
 
     options = PipelineOptions(sys.argv[2:])
     configure_runner(options)  # the locally built job-server jar, never a download
@@ -156,7 +156,7 @@ STREAMING_PIPELINE = textwrap.dedent("""
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.transforms import window
     from apache_beam.transforms.periodicsequence import PeriodicImpulse
-    from pipeline.runners import configure_runner
+    from lpips_pipe.pipeline.runners import configure_runner
 
     out_dir = sys.argv[1]
     options = PipelineOptions(sys.argv[2:])

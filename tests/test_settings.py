@@ -10,13 +10,13 @@ from typing import Optional
 
 import pytest
 
-from pipeline.options import CONFIGS, LpipsPipeOptions, config_of, parse_options
-from transforms import settings
-from transforms.masked import masked_lpips
-from transforms.records import RecordConfig
-from transforms.scoring import ScoringConfig
-from transforms.stage import ScoreLPIPS
-from transforms.weights import ModelConfig
+from lpips_pipe.pipeline.options import CONFIGS, LpipsPipeOptions, config_of, parse_options
+from lpips_pipe.transforms import settings
+from lpips_pipe.transforms.masked import masked_lpips
+from lpips_pipe.transforms.records import RecordConfig
+from lpips_pipe.transforms.scoring import ScoringConfig
+from lpips_pipe.transforms.stage import ScoreLPIPS
+from lpips_pipe.transforms.weights import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli, runners
-from pipeline import filter as filter_cli
+from lpips_pipe.pipeline import cli, runners
+from lpips_pipe.pipeline import filter as filter_cli
 from tests.shard_helpers import build_shard_set, shard_members
-from transforms import ids as record_ids
-from transforms import layout, ledger, tar_io
+from lpips_pipe.transforms import ids as record_ids
+from lpips_pipe.transforms import layout, ledger, tar_io
 
 SCORE_COLUMNS = ("lpips", "measured_fraction", "mask_mode", "width", "height", "net", "lpips_version",
                  "weights_sha256")

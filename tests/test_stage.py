@@ -18,9 +18,9 @@ import lpips_pipe
 from lpips_pipe import ReadPairs, ScoreLPIPS, WriteScores, masked_lpips
 from tests.data_helpers import small_pairs
 from tests.seed_reference import open_image
-from transforms import layout
-from transforms.records import RecordError
-from transforms.schemas import build_output_schemas
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.records import RecordError
+from lpips_pipe.transforms.schemas import build_output_schemas
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,8 @@ def test_bad_constructor_arguments_fail_when_the_pipeline_is_built():
     with pytest.raises(ValueError, match="net"):
         ScoreLPIPS(net="resnet")
     with pytest.raises(ValueError, match="fp16"):
-        from transforms.scorer import check_device
-        from transforms.weights import ModelConfig
+        from lpips_pipe.transforms.scorer import check_device
+        from lpips_pipe.transforms.weights import ModelConfig
 
         check_device(ModelConfig(device="cpu", precision="fp16"))
 

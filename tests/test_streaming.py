@@ -11,13 +11,13 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
 
-from pipeline import runners
+from lpips_pipe.pipeline import runners
 from tests.data_helpers import PAIRS_SCHEMA, demo_table
-from transforms import score_math
-from transforms.weights import ModelConfig
-from transforms.records import RecordConfig, prepare_pair
-from transforms.schemas import build_output_schemas
-from transforms.scoring import LpipsModelHandler, ScorePairs
+from lpips_pipe.transforms import score_math
+from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.schemas import build_output_schemas
+from lpips_pipe.transforms.scoring import LpipsModelHandler, ScorePairs
 
 WINDOW_SECONDS = 10
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import runners
+from lpips_pipe.pipeline import runners
 from tests.data_helpers import small_pairs, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

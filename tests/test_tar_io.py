@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import source_rows
-from pipeline.streaming import NewFiles
+from lpips_pipe.pipeline import source_rows
+from lpips_pipe.pipeline.streaming import NewFiles
 from tests.shard_helpers import Entry, build_shard_set, good_rows, sample_entries, shard_members, write_tar
-from transforms import ids, layout, tar_io
-from transforms.parquet_io import (InputError, ReadParquetSplit, common_schema, input_format, plan_file, plan_files,
+from lpips_pipe.transforms import ids, layout, tar_io
+from lpips_pipe.transforms.parquet_io import (InputError, ReadParquetSplit, common_schema, input_format, plan_file, plan_files,
                                    read_footer, read_split_column)
 
 IMAGES = ("ref_image", "edited_image")

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from transforms import uri_io
-from transforms.uri_io import read_local_file, resolve_against_file, resolve_path, unsupported_uri_scheme
+from lpips_pipe.transforms import uri_io
+from lpips_pipe.transforms.uri_io import read_local_file, resolve_against_file, resolve_path, unsupported_uri_scheme
 
 
 # ----------------------------------------------------------------------------- bounded reads

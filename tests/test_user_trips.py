@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
+from lpips_pipe.pipeline import cli
 from tests.data_helpers import small_pairs
-from transforms import scorer
+from lpips_pipe.transforms import scorer
 
 
 @pytest.fixture

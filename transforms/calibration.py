@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from transforms import filtering
+from lpips_pipe.transforms import filtering
 
 KEEP_VALUES = frozenset({"keep", "1", "1.0", "true"})
 REJECT_VALUES = frozenset({"reject", "0", "0.0", "false"})

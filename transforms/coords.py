@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transforms import score_math
-from transforms.messages import RecordError, quote_value
+from lpips_pipe.transforms import score_math
+from lpips_pipe.transforms.messages import RecordError, quote_value
 
 
 def _is_number(value: Any) -> bool:

@@ -29,8 +29,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 from PIL import Image
 
-from transforms.messages import RecordError, quote_value
-from transforms.uri_io import (FileTooLargeError, NotARegularFileError, UnsupportedUriError, read_uri,
+from lpips_pipe.transforms.messages import RecordError, quote_value
+from lpips_pipe.transforms.uri_io import (FileTooLargeError, NotARegularFileError, UnsupportedUriError, read_uri,
                                resolve_path)
 
 # Pillow's own warning threshold (it refuses images twice this size outright).

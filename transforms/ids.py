@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms import layout
-from transforms.layout import ID_FIELD, CounterName
-from transforms.metrics import counter
-from transforms.parquet_io import InputError, ParquetSplit, read_split_column, rows_per_file
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.layout import ID_FIELD, CounterName
+from lpips_pipe.transforms.metrics import counter
+from lpips_pipe.transforms.parquet_io import InputError, ParquetSplit, read_split_column, rows_per_file
 
 _LOGGER = logging.getLogger(__name__)
 

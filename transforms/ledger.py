@@ -52,7 +52,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import layout
+from lpips_pipe.transforms import layout
 
 _LOGGER = logging.getLogger("lpips_pipe.ledger")
 BATCH, STREAM = "batch", "stream"

@@ -15,10 +15,10 @@ from typing import Any, Literal, Optional, Sequence, Union, overload
 
 import numpy as np
 
-from transforms import score_math, settings
-from transforms.scorer import LpipsScorer
-from transforms.weights import ModelConfig
-from transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms import score_math, settings
+from lpips_pipe.transforms.scorer import LpipsScorer
+from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.records import RecordConfig, prepare_pair
 
 _SCORERS: dict[ModelConfig, LpipsScorer] = {}
 _LOCK = threading.Lock()

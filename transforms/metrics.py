@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from apache_beam.metrics import Metrics
 
-from transforms.layout import COUNTER_NAMESPACE
+from lpips_pipe.transforms.layout import COUNTER_NAMESPACE
 
 NAMESPACE = COUNTER_NAMESPACE
 

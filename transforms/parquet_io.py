@@ -43,11 +43,11 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import layout
-from transforms.layout import CounterName
-from transforms.messages import one_line
-from transforms.metrics import counter
-from transforms.uri_io import resolve_against_file
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.layout import CounterName
+from lpips_pipe.transforms.messages import one_line
+from lpips_pipe.transforms.metrics import counter
+from lpips_pipe.transforms.uri_io import resolve_against_file
 
 READ_BATCH_ROWS = 64
 SPLIT_ROWS = 256
@@ -258,7 +258,7 @@ def read_footer(path: str) -> tuple[pa.Schema, list[int]]:
     """
     _check_regular(path)
     if input_format(path) == TAR:
-        from transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
+        from lpips_pipe.transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
 
         plan = tar_io.plan_shard(path)
         return plan.schema, [plan.rows]
@@ -272,7 +272,7 @@ def plan_file(path: str, split_rows: int = SPLIT_ROWS) -> tuple[pa.Schema, list[
     """The schema of one input file and its splits (one pass over a JSON Lines file or a tar shard)."""
     _check_regular(path)
     if input_format(path) == TAR:
-        from transforms import tar_io  # noqa: PLC0415
+        from lpips_pipe.transforms import tar_io  # noqa: PLC0415
 
         plan = tar_io.plan_shard(path, split_rows)
         return plan.schema, list(plan.splits)
@@ -292,7 +292,7 @@ def plan_splits(path: str, row_group_rows: list[int], split_rows: int = SPLIT_RO
     is scanned again, as a JSON Lines file is.
     """
     if input_format(path) == TAR:
-        from transforms import tar_io  # noqa: PLC0415
+        from lpips_pipe.transforms import tar_io  # noqa: PLC0415
 
         plan = tar_io.plan_shard(path, split_rows)
         if plan.rows != sum(row_group_rows):
@@ -534,7 +534,7 @@ def _read_jsonl_range(split: ParquetSplit, schema: Optional[pa.Schema] = None) -
 def read_split_column(split: ParquetSplit, column: str) -> pa.Array:
     """One column of one split's rows (all of them, skip mask ignored), e.g. ids for resume."""
     if split.is_tar:
-        from transforms import tar_io  # noqa: PLC0415
+        from lpips_pipe.transforms import tar_io  # noqa: PLC0415
 
         return tar_io.read_column(split, column)
     if split.is_jsonl:
@@ -638,7 +638,7 @@ class ReadParquetSplit(beam.DoFn):
 
     def _shard_rows(self, split: ParquetSplit, skip: Optional[np.ndarray],
                     rows_read: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
-        from transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
+        from lpips_pipe.transforms import tar_io  # noqa: PLC0415  # tar_io builds on this module
 
         limit = self._max_image_bytes if self._max_image_bytes is not None else tar_io.DEFAULT_MAX_IMAGE_BYTES
         for position, row in tar_io.split_rows(split, skip, self._image_fields, limit):

@@ -19,13 +19,13 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from transforms import score_math, settings
-from transforms.cache import BoundedCache
-from transforms.coords import parse_coords, pixel_boxes
-from transforms.decode import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image,
+from lpips_pipe.transforms import score_math, settings
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.coords import parse_coords, pixel_boxes
+from lpips_pipe.transforms.decode import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image,
                                read_image_bytes)
-from transforms.layout import READ_PROBLEM_KEY
-from transforms.messages import RecordError
+from lpips_pipe.transforms.layout import READ_PROBLEM_KEY
+from lpips_pipe.transforms.messages import RecordError
 
 SIZE_MISMATCH_POLICIES = ("resize", "error")
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import pyarrow as pa
 
-from transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
+from lpips_pipe.transforms.layout import (COLLISION_PREFIX, DRIFT_MAP_FIELD, ERROR_FIELDS, ERROR_MESSAGE_FIELD, ERROR_STAGE_FIELD,
                                ERROR_TYPE_FIELD, ID_FIELD, JOB_SETTINGS_KEY, MAX_SIDE_KEY, SCORE_FIELDS, SOURCE_FIELDS,
                                READ_PROBLEM_KEY, SOURCE_FILE_FIELD, SOURCE_KEY, SOURCE_ROW_FIELD, absolute)
-from transforms.coords import coords_type_supported
-from transforms.records import RecordConfig
+from lpips_pipe.transforms.coords import coords_type_supported
+from lpips_pipe.transforms.records import RecordConfig
 
 class InputSchemaError(ValueError):
     """The input files cannot be read as pairs (missing or mistyped column)."""
@@ -56,7 +56,7 @@ def source_values(row: dict[str, Any]) -> dict[str, Any]:
 
 
 if TYPE_CHECKING:  # weights imports torch; only its config's fields are read here
-    from transforms.weights import ModelConfig
+    from lpips_pipe.transforms.weights import ModelConfig
 
 
 def model_settings(model: "ModelConfig") -> dict[str, Any]:

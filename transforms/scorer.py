@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from transforms.cache import BoundedCache
-from transforms.weights import (
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.weights import (
     LPIPS_VERSION,
     ModelConfig,
     _build_lpips,

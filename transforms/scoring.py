@@ -72,16 +72,16 @@ with _without_model_manager():
     from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import layout, score_math, settings
-from transforms.layout import CounterName
-from transforms.metrics import NAMESPACE, counter
-from transforms.scorer import LpipsScorer, cuda_available
-from transforms.weights import ModelConfig
-from transforms.progress import ProgressConfig
-from transforms.cache import BoundedCache
-from transforms.messages import RecordError
-from transforms.records import PreparedPair, RecordConfig, prepare_pair
-from transforms.schemas import RowFormat
+from lpips_pipe.transforms import layout, score_math, settings
+from lpips_pipe.transforms.layout import CounterName
+from lpips_pipe.transforms.metrics import NAMESPACE, counter
+from lpips_pipe.transforms.scorer import LpipsScorer, cuda_available
+from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.progress import ProgressConfig
+from lpips_pipe.transforms.cache import BoundedCache
+from lpips_pipe.transforms.messages import RecordError
+from lpips_pipe.transforms.records import PreparedPair, RecordConfig, prepare_pair
+from lpips_pipe.transforms.schemas import RowFormat
 
 ERRORS = "errors"
 # Pixel budget of one model batch, by device (benchmarks/bench.py): on CPU a single 512x512 pair per

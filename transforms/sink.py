@@ -40,7 +40,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import layout, ledger
+from lpips_pipe.transforms import layout, ledger
 
 ROWS_PER_WRITE = 64  # rows held as Python objects before they are written (error rows carry their images)
 # --num_shards 0 packs consecutive staged files into published files of up to this many bytes.

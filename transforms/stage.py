@@ -21,16 +21,16 @@ from typing import Any, Optional, Sequence, Union
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms import layout, settings
-from transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
-from transforms.decode import DEFAULT_MAX_IMAGE_BYTES
-from transforms.progress import ProgressConfig
-from transforms.records import RecordConfig
-from transforms.schemas import OutputSchemas, RowFormat, build_output_schemas, model_settings
-from transforms.scoring import (DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
+from lpips_pipe.transforms import layout, settings
+from lpips_pipe.transforms.parquet_io import ParquetSplit, ReadParquetSplit, match_inputs, plan_files
+from lpips_pipe.transforms.decode import DEFAULT_MAX_IMAGE_BYTES
+from lpips_pipe.transforms.progress import ProgressConfig
+from lpips_pipe.transforms.records import RecordConfig
+from lpips_pipe.transforms.schemas import OutputSchemas, RowFormat, build_output_schemas, model_settings
+from lpips_pipe.transforms.scoring import (DriftMapRows, GroupByReference, LpipsModelHandler, ScoreOutputs, ScorePairs,
                                 ScoringConfig, WorkerPlan, drift_map_selector, plan_workers)
-from transforms.sink import CommitPlan, WriteParquet, WriteWindowedParquet, part_labels
-from transforms.weights import ModelConfig, check_weights
+from lpips_pipe.transforms.sink import CommitPlan, WriteParquet, WriteWindowedParquet, part_labels
+from lpips_pipe.transforms.weights import ModelConfig, check_weights
 
 
 def _with_id(element: tuple[Any, dict[str, Any]]) -> dict[str, Any]:

@@ -65,10 +65,10 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import layout
-from transforms.decode import DEFAULT_MAX_IMAGE_BYTES
-from transforms.messages import one_line, quote_value
-from transforms.parquet_io import SPLIT_BYTES, SPLIT_ROWS, InputError, ParquetSplit, merge_types
+from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.decode import DEFAULT_MAX_IMAGE_BYTES
+from lpips_pipe.transforms.messages import one_line, quote_value
+from lpips_pipe.transforms.parquet_io import SPLIT_BYTES, SPLIT_ROWS, InputError, ParquetSplit, merge_types
 
 STAGE = "read"
 UNSAFE_MEMBER = "UnsafeMember"

@@ -45,10 +45,10 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from transforms import settings
+from lpips_pipe.transforms import settings
 
-from transforms.messages import one_line
-from transforms.uri_io import FileTooLargeError, NotARegularFileError, read_uri
+from lpips_pipe.transforms.messages import one_line
+from lpips_pipe.transforms.uri_io import FileTooLargeError, NotARegularFileError, read_uri
 
 NETS = ("alex", "vgg", "squeeze")
 LPIPS_VERSION = "0.1"
