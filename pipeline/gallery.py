@@ -43,7 +43,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from lpips_pipe.pipeline import source_rows, tiles
 from lpips_pipe.pipeline.report import label  # keys and ids as text (null and NaN: ``null/NaN``), as the report's tables
-from lpips_pipe.transforms import layout, records, schemas
+from lpips_pipe.transforms import layout, paths, records, schemas
 from lpips_pipe.transforms.cache import BoundedCache
 from lpips_pipe.transforms.messages import one_line
 from lpips_pipe.transforms.settings import from_values
@@ -446,7 +446,7 @@ def _record_config(settings: Optional[dict[str, Any]]) -> Optional[records.Recor
 
 def clear_tiles(folder: str) -> None:
     """Remove ``folder`` (``report/tiles/``) and what is in it: stale tiles of an earlier report."""
-    if "://" not in folder:
+    if paths.is_local(folder):
         layout.delete([folder])
         return
     stale = layout.match(FileSystems.join(layout.escape_glob(folder), "*"))

@@ -29,12 +29,13 @@ from typing import Any, Optional, Sequence
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import monitoring_infos
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from lpips_pipe.pipeline.options import DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
+from lpips_pipe.pipeline.options import DEFAULT_BATCH_RUNNER, DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
 from lpips_pipe.transforms import ids as record_ids
-from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms import interrupt, layout, ledger, paths
 from lpips_pipe.transforms.metrics import NAMESPACE
 from lpips_pipe.transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column, rows_per_file
 from lpips_pipe.transforms.progress import ProgressBar, ProgressConfig
@@ -48,7 +49,10 @@ from lpips_pipe.transforms.sink import CommitPlan
 from lpips_pipe.transforms.weights import LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, checked_weights
 
 _LOGGER = logging.getLogger("lpips_pipe")
-EXECUTION_MSECS = "metric:ptransform_execution_time:total_msecs:v1"
+# Beam's execution-time metric, as the runner's results name it (its URN without the "beam:" prefix).
+EXECUTION_MSECS = monitoring_infos.TOTAL_MSECS_URN.removeprefix("beam:")
+# On an object store, a launcher taking the output's lock waits this long before reading its lock back.
+LOCK_SETTLE_S = 1.0
 
 
 class JobError(Exception):
@@ -122,7 +126,12 @@ def local_workers(pipeline_options: PipelineOptions) -> int:
     return 1
 
 
-LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner", "PrismRunner")
+def runs_in_this_process(pipeline_options: PipelineOptions) -> bool:
+    """Whether the bundles run in this process's main thread (Beam's in-process runner, the default): then
+    Ctrl-C stops the job cleanly (:mod:`transforms.interrupt`)."""
+    runner = (pipeline_options.view_as(StandardOptions).runner or DEFAULT_BATCH_RUNNER).rsplit(".", 1)[-1]
+    in_memory = pipeline_options.view_as(DirectOptions).direct_running_mode in (None, "in_memory")
+    return runner in ("FnApiRunner", "DirectRunner") and in_memory
 
 
 def runs_here(pipeline_options: PipelineOptions) -> bool:
@@ -130,7 +139,7 @@ def runs_here(pipeline_options: PipelineOptions) -> bool:
     launcher's view of the device is the workers' view."""
     runner = pipeline_options.view_as(StandardOptions).runner or ""
     runner = runner.rsplit(".", 1)[-1]
-    if runner in LOCAL_RUNNERS:
+    if runner in StandardOptions.LOCAL_RUNNERS:
         return True
     if runner == "FlinkRunner":
         return pipeline_options.get_all_options().get("flink_master") in ("[local]", "[auto]", None)
@@ -156,10 +165,9 @@ def check_output(output: str) -> None:
     try:
         FileSystems.get_filesystem(output)
     except ValueError as error:
-        scheme = output.split("://", 1)[0] if "://" in output else output
-        raise JobError(f"--output {output}: no filesystem for {scheme}:// in this installation "
-                       "(e.g. gs:// needs `pip install apache-beam[gcp]`)") from error
-    if "://" in output:
+        raise JobError(f"--output {output}: no filesystem for {paths.scheme(output) or output}:// in this "
+                       "installation (e.g. gs:// needs `pip install apache-beam[gcp]`)") from error
+    if not paths.is_local(output):
         probe_output(output, output)
         return
     if os.path.exists(output) and not os.path.isdir(output):
@@ -178,13 +186,12 @@ def probe_output(folder: str, output: str) -> None:
     """Create and remove a small file in ``folder`` (``--output`` or its nearest existing parent), so that an
     output nothing can be written to (a read-only mount, ``/proc``, a full disk) is a one-line
     :class:`JobError` at planning, before the model loads."""
-    probe = FileSystems.join(folder, f".lpips-pipe-probe-{uuid.uuid4().hex[:12]}")
+    probe = paths.join(folder, f".lpips-pipe-probe-{uuid.uuid4().hex[:12]}")
     try:
-        with FileSystems.create(probe) as handle:
-            handle.write(b"probe")
-        FileSystems.delete([probe])
+        paths.write_bytes(probe, b"probe")
+        paths.delete([probe])
     except Exception as error:  # pylint: disable=broad-except  # OSError, BeamIOError, permission errors
-        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        reason = " ".join(paths.describe_error(error).split())[:300]
         raise JobError(f"--output {output} cannot be written ({reason})") from error
 
 
@@ -248,7 +255,8 @@ def run_settings(model: ModelConfig, records: RecordConfig, weights_sha256: Opti
     return {layout.NET_FIELD: model.net, layout.LPIPS_VERSION_FIELD: LPIPS_VERSION,
             layout.WEIGHTS_FIELD: weights_sha256 or "download", layout.MAX_SIDE_KEY: records.max_side,
             layout.MASK_MODE_FIELD: records.mask_mode or f"scope {records.scope}",
-            "scope_column": records.scope_column, "precision": model.precision}
+            "scope_column": records.scope_column, "precision": model.precision,
+            "coords_scale": records.coords_scale, "box_format": records.box_format}
 
 
 def expected_provenance(records: RecordConfig, weights_sha256: Optional[str], net: str) -> dict:
@@ -304,6 +312,7 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
     or the plan of a stream's first file (:mod:`pipeline.streaming`)."""
     if not options.input or not options.output:
         raise JobError("--input GLOB and --output DIR are required")
+    paths.configure(options)  # Beam's filesystem options (--s3_*, GCP's, the environment) for every call here
     records, model, scoring = _configs(options)
     check_output(options.output)
     holder = OutputLock(options.output).holder()
@@ -313,14 +322,17 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
     try:
         files = list(files) if files is not None else match_inputs(options.input)
     except (OSError, ValueError) as error:
-        raise JobError(f"--input {options.input}: {error}") from error
+        raise JobError(f"--input {options.input}: {paths.describe_error(error)}") from error
     if not files:
         raise JobError(f"no file matches --input {options.input}")
     existing = layout.output_files(options.output)
     restart = read_restart(options, mode, existing)
     earlier: list[str] = []
     if options.skip_existing:
-        earlier = record_ids.earlier_output_files(options.skip_existing)
+        try:
+            earlier = record_ids.earlier_output_files(options.skip_existing)
+        except (OSError, ValueError) as error:  # an unreachable store, a refused key
+            raise JobError(f"--skip_existing {options.skip_existing}: {paths.describe_error(error)}") from error
         if not earlier:
             raise JobError(f"--skip_existing {options.skip_existing} matches no earlier output "
                            "(a run's --output directory, or a Parquet file/glob of scores)")
@@ -380,10 +392,10 @@ class OutputLock:
 
     def holder(self) -> Optional[str]:
         """Who holds the lock now (a short description), or ``None``."""
-        if not FileSystems.exists(self.path):
+        if not paths.is_file(self.path):
             return None
         try:
-            with FileSystems.open(self.path, compression_type="uncompressed") as handle:
+            with paths.open_read(self.path) as handle:
                 text = handle.read(4096).decode("utf-8", "replace").strip()
         except Exception:  # unreadable: respect it
             return "an unreadable lock file"
@@ -394,13 +406,13 @@ class OutputLock:
         return f"{text} holds {self.path}"
 
     def acquire(self) -> None:
-        if not FileSystems.exists(self._output):
-            FileSystems.mkdirs(self._output)
+        if paths.is_local(self._output) and not os.path.exists(self._output):
+            paths.mkdirs(self._output)
         holder = self.holder()
         if holder:
             raise JobError(f"--output {self._output} is in use by another run ({holder})")
         text = f"{socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex}".encode()
-        if "://" not in self.path:
+        if paths.is_local(self.path):
             if os.path.exists(self.path):  # stale
                 os.remove(self.path)
             try:
@@ -410,14 +422,35 @@ class OutputLock:
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(text)
         else:
-            with FileSystems.create(self.path) as handle:
-                handle.write(text)
+            self._acquire_object(text)
         self._held = True
 
+    def _acquire_object(self, text: bytes) -> None:
+        """An object store has no exclusive create here: write the lock, wait :data:`LOCK_SETTLE_S`, read it
+        back; a launcher that started at the same moment wrote after us and reads its own text, we read
+        theirs and give way (docs/RUNNING.md, "Object storage", says what this guarantees)."""
+        paths.write_bytes(self.path, text)
+        time.sleep(LOCK_SETTLE_S)
+        try:
+            found = paths.read_bytes(self.path)
+        except Exception:  # pylint: disable=broad-except  # removed meanwhile: someone else's
+            found = b""
+        if found != text:
+            holder = found.decode("utf-8", "replace").strip() or "another launcher"
+            raise JobError(f"--output {self._output} is in use by another run ({holder} holds {self.path})")
+
     def release(self) -> None:
-        if self._held and FileSystems.exists(self.path):
-            layout.delete([self.path])
+        if self._held and paths.is_file(self.path):
+            if paths.is_local(self.path) or self._still_ours():
+                paths.delete([self.path])
         self._held = False
+
+    def _still_ours(self) -> bool:
+        try:
+            return paths.read_bytes(self.path).decode("utf-8", "replace").startswith(
+                f"{socket.gethostname()}:{os.getpid()} ")
+        except Exception:  # pylint: disable=broad-except
+            return False
 
     def __enter__(self) -> "OutputLock":
         self.acquire()
@@ -448,7 +481,7 @@ def _proc_children(parent: int) -> list[tuple[int, str]]:
 def record_runner_processes(output: str) -> None:
     """Note the locally built runner processes this run started (Prism, the Flink job server), so that if the
     run is killed (SIGKILL leaves them running, orphaned) the next run into ``output`` stops them."""
-    if "://" in output:
+    if not paths.is_local(output):
         return
     from lpips_pipe.pipeline import runners  # noqa: PLC0415
 
@@ -463,7 +496,7 @@ def record_runner_processes(output: str) -> None:
 def forget_runner_processes(output: str) -> None:
     """The run ended here (its runners stopped with it): nothing to stop next time."""
     path = layout.runner_pids_path(output)
-    if "://" not in output and os.path.exists(path):
+    if paths.is_local(output) and os.path.exists(path):
         os.remove(path)
 
 
@@ -471,7 +504,7 @@ def stop_orphaned_runners(output: str) -> int:
     """Stop the runner processes a killed earlier run into ``output`` left behind (recorded by
     :func:`record_runner_processes`, still alive, orphaned and still that runner); returns how many."""
     path = layout.runner_pids_path(output)
-    if "://" in output or not os.path.exists(path):
+    if not paths.is_local(output) or not os.path.exists(path):
         return 0
     from lpips_pipe.pipeline import runners  # noqa: PLC0415
 
@@ -509,8 +542,8 @@ def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
         stale = list(plan.existing_outputs)
         for path in [layout.report_dir(plan.output), layout.staging_dir(plan.output),
                      *_legacy_temp_dirs(plan.output),
-                     *(FileSystems.join(plan.output, name) for name in layout.REPORT_FILES)]:  # beside old outputs
-            if FileSystems.exists(path):
+                     *(paths.join(plan.output, name) for name in layout.REPORT_FILES)]:  # beside old outputs
+            if paths.exists(path):
                 stale.append(path)
         if stale:
             layout.delete(stale)
@@ -534,7 +567,7 @@ def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
 
 def _legacy_temp_dirs(output: str) -> list[str]:
     """Beam's own ``beam-temp-*`` folders beside older outputs."""
-    if "://" in output or not os.path.isdir(output):
+    if not paths.is_local(output) or not os.path.isdir(output):
         return []
     return [os.path.join(output, name) for name in os.listdir(output) if name.startswith("beam-temp-")]
 
@@ -632,7 +665,8 @@ def run_plan(plan: JobPlan, pipeline_options: PipelineOptions, bar_stream: Any =
         pipeline = beam.Pipeline(options=pipeline_options)
         build_graph(pipeline, plan, output, bar_dir)
         started = time.monotonic()
-        with ProgressBar(bar_dir, plan.rows_to_score, bar_stream) if bar_dir else contextlib.nullcontext():
+        with ProgressBar(bar_dir, plan.rows_to_score, bar_stream) if bar_dir else contextlib.nullcontext(), \
+                interrupt.handling_sigint() if runs_in_this_process(pipeline_options) else contextlib.nullcontext():
             result = pipeline.run()
             record_runner_processes(plan.output)
             result.wait_until_finish()

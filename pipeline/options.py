@@ -12,14 +12,15 @@ checks and :class:`transforms.stage.ScoreLPIPS`'s keywords all come from those d
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, TypeVar
 
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
-                                                  StandardOptions, _BeamArgumentParser)
+                                                  StandardOptions)
 
 from lpips_pipe.pipeline.report import ReportConfig
-from lpips_pipe.transforms import settings
+from lpips_pipe.transforms import paths, settings
 from lpips_pipe.transforms.records import RecordConfig
 from lpips_pipe.transforms.scoring import ScoringConfig
 from lpips_pipe.transforms.weights import ModelConfig
@@ -95,16 +96,45 @@ def config_of(config: type[Config], options: Any) -> Config:
     return settings.from_values(config, options)
 
 
-def unknown_flags(argv: Sequence[str]) -> list[str]:
-    """Flags no PipelineOptions class (Beam's or ours) knows: typos, mostly.
+class _NotTheDiscardLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Discarding unparseable args")
 
-    Parses as Beam itself does (``PipelineOptions.get_all_options``), which would only log and drop them.
+
+def _is_number(token: str) -> bool:
+    """``-1``, ``-0.5``, ``-1e-3``: a negative value, not a flag (as argparse reads it)."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def unknown_flags(argv: Sequence[str]) -> list[str]:
+    """Flags no PipelineOptions class (Beam's or ours) knows: typos, mostly (``argv``'s own tokens).
+
+    Beam's public ``get_all_options(retain_unknown_options=True)`` names the unknown ``--name[=value]`` flags
+    (Beam itself would only log and drop them); a name with a hyphen (``--ref-column``) is never a Beam or
+    lpips-pipe flag (theirs use underscores), and Beam drops it before that, so it is unknown too, as is a
+    short ``-x`` flag.
     """
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(cls): cls for cls in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)  # pylint: disable=protected-access
-    _, unknown = parser.parse_known_args(list(argv))
-    return [arg for arg in unknown if arg.startswith("-")]
+    argv = list(argv)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    quiet = _NotTheDiscardLine()
+    beam_log.addFilter(quiet)
+    try:
+        options = PipelineOptions(argv)
+        unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    finally:
+        beam_log.removeFilter(quiet)
+    found = []
+    for token in argv:
+        if not token.startswith("-") or token in ("-", "--") or _is_number(token):
+            continue
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name is None or name in unknown or "-" in name:
+            found.append(token)
+    return found
 
 
 def help_text() -> str:
@@ -130,6 +160,7 @@ def parse_options(argv: Sequence[str]) -> PipelineOptions:
     if unknown:
         raise OptionsError(f"unknown option(s): {' '.join(unknown)} (see --help)")
     pipeline_options = PipelineOptions(argv)  # a bad value: argparse says so and exits 2
+    paths.configure(pipeline_options)  # Beam's filesystem options (--s3_*, GCP's; else the environment)
     options = pipeline_options.view_as(LpipsPipeOptions)
     standard = pipeline_options.view_as(StandardOptions)
     if options.watch_interval and not standard.streaming:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image, ImageDraw, ImageFont
 
-from lpips_pipe.transforms import layout, score_math, settings
+from lpips_pipe.transforms import layout, paths, score_math, settings
 from lpips_pipe.transforms.messages import one_line
 
 _LOGGER = logging.getLogger("lpips_pipe.report")
@@ -64,6 +64,11 @@ SCORE_COLUMNS = (layout.ID_FIELD, layout.LPIPS_FIELD, layout.MEASURED_FRACTION_F
 ERROR_COLUMNS = (layout.ID_FIELD, layout.ERROR_STAGE_FIELD, layout.ERROR_TYPE_FIELD)
 PROG = "lpips-pipe-report"
 DEFAULT_REPORT_K = 12  # rows per gallery of the page (--report_k; 0 = no galleries)
+# The filter's rule for rows that measured nothing (pipeline.filter), stated where the report shows cuts.
+NOTHING_MEASURED_RULE = ("lpips-pipe-filter never keeps a row that measured nothing (measured_fraction 0 under a "
+                         "mask, box flag nothing_measured: its LPIPS of 0.0 means nothing), whatever the cut, unless "
+                         "--keep_nothing_measured; --min_measured_fraction F also refuses rows measuring less than F "
+                         "of the image.")
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,7 @@ def read_outputs(output: str, group_column: Optional[str] = None,
     (:func:`transforms.layout.kind_files`). Unreadable files are left out; ``notes`` gets a line for each."""
     notes = notes if notes is not None else []
     wanted = list(SCORE_COLUMNS) + ([group_column] if group_column and group_column not in SCORE_COLUMNS else [])
+    wanted.append(layout.BOX_FLAGS_FIELD)  # counted (box_flag_counts), never shown as a group
     scores = _read_columns(layout.kind_files(output, layout.SCORES), wanted, notes, required=layout.LPIPS_FIELD)
     errors = _read_columns(layout.kind_files(output, layout.ERRORS), ERROR_COLUMNS, notes)
     return scores, errors
@@ -256,6 +262,27 @@ def fraction_buckets(fractions: np.ndarray) -> dict[str, int]:
         fractions >= 1,
     ]
     return {name: int(mask.sum()) for name, mask in zip(FRACTION_BUCKETS, edges)}
+
+
+def box_flag_counts(scores: pa.Table, counters: Mapping[str, int]) -> dict[str, int]:
+    """``{"box_flags.<flag>": rows}`` for every box flag: from the scores' ``box_flags`` column, else (scores of
+    older releases) from the job's counters."""
+    names = {flag: layout.CounterName.box_flag(flag) for flag in layout.BOX_FLAGS}
+    if layout.BOX_FLAGS_FIELD not in scores.column_names:
+        return {name: layout.Counters(counters).value(name) for name in names.values()}
+    column = scores.column(layout.BOX_FLAGS_FIELD)
+    found: collections.Counter = collections.Counter()
+    try:
+        found.update(pc.list_flatten(column).to_pylist())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # not a list column
+        pass
+    return {name: int(found.get(flag, 0)) for flag, name in names.items()}
+
+
+def box_flag_rows(counts: Mapping[str, int]) -> list[tuple[str, str, int]]:
+    """``(flag, counts key, rows)`` of the box flags with rows, for the report's count tables."""
+    return [(flag, layout.CounterName.box_flag(flag), int(counts.get(layout.CounterName.box_flag(flag), 0)))
+            for flag in layout.BOX_FLAGS if counts.get(layout.CounterName.box_flag(flag))]
 
 
 def unknown_scopes(counters: Mapping[str, int]) -> dict[str, Any]:
@@ -302,7 +329,8 @@ def build_report(output: str, scores: pa.Table, errors: pa.Table, counters: Opti
         by_mask_mode += _by(_labels(finite_rows, layout.MASK_MODE_FIELD), lpips)
     repeated = repeated_ids(id_columns)
     return Report(
-        output=output, counts=_counts(counters, len(lpips), non_finite, errors.num_rows, repeated),
+        output=output, counts={**_counts(counters, len(lpips), non_finite, errors.num_rows, repeated),
+                               **box_flag_counts(scores, counters)},
         errors_by_type=sorted(((stage, kind, n) for (stage, kind), n in error_types.items()),
                               key=lambda item: (-item[2], item[0], item[1])),
         by_mask_mode=by_mask_mode, by_group=by_group, group_column=group_column,
@@ -431,6 +459,7 @@ def render_markdown(report: Report) -> str:
     lines.append(f"| errors | {counts['errors']} |")
     lines.append(f"| ids on more than one row (each row kept) | {counts['duplicate_ids']} id(s), "
                  f"{counts['duplicate_id_rows']} rows |")
+    lines += [f"| rows with box flag `{flag}` | {n} |" for flag, _, n in box_flag_rows(counts)]
     lines += [f"| model loads | {counts['model_loads']} |", f"| pixels scored | {counts['pixels_scored']:,} |"]
     if report.wall_s is not None:
         rate = counts["scored"] / report.wall_s if report.wall_s > 0 else 0.0
@@ -460,6 +489,7 @@ def render_markdown(report: Report) -> str:
     lines += [f"| {name} | {n} |" for name, n in report.measured_fraction.items()]
     quantiles = report.measured_fraction_quantiles
     lines += ["", "Quantiles: " + ", ".join(f"{name} {_number(quantiles[name])}" for name in QUANTILE_NAMES) + "."]
+    lines += ["", NOTHING_MEASURED_RULE]
     lines += ["", "## Time per stage", "",
               "Processing time Beam measured inside each step, summed over workers (worker start-up and model "
               "loading are not in it).", ""]
@@ -735,13 +765,9 @@ def _earlier_run_facts(output: str) -> dict[str, Any]:
     return {}
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def check_output(output: str) -> None:
     """Raise :class:`ReportError` unless ``output`` is a run directory holding scores files."""
-    if _is_local(output):
+    if paths.is_local(output):
         if not os.path.exists(output):
             raise ReportError(f"{output}: no such directory")
         if not os.path.isdir(output):
@@ -753,7 +779,7 @@ def check_output(output: str) -> None:
     if not found:
         raise ReportError(f"no scores in {output} (expected {layout.SCORES}/*.parquet or scores-*.parquet)")
     folder = layout.report_dir(output)
-    if _is_local(output) and os.path.exists(folder) and not os.path.isdir(folder):
+    if paths.is_local(output) and os.path.exists(folder) and not os.path.isdir(folder):
         raise ReportError(f"{folder} is a file: the report is written into a folder of that name; move the file")
 
 
@@ -775,6 +801,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings.add_arguments(parser, ReportConfig, aliases=True)
     args = parser.parse_args(argv)
     args.group_column = args.report_group_column
+    paths.configure()  # object stores: credentials and endpoints from the environment
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.report_k > 0:  # the galleries' code (torch, the LPIPS package) loads while the outputs are read
         threading.Thread(target=_preload_galleries, name="report-preload", daemon=True).start()

@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 
 from lpips_pipe.pipeline import tiles
 from lpips_pipe.pipeline.gallery import ERRORS, Gallery, Tile, label
-from lpips_pipe.pipeline.report import HISTOGRAM_PNG, HISTOGRAM_SIZE, QUANTILE_NAMES, _number, unknown_scope_line
+from lpips_pipe.pipeline.report import (HISTOGRAM_PNG, HISTOGRAM_SIZE, NOTHING_MEASURED_RULE, QUANTILE_NAMES, _number,
+                                        box_flag_rows, unknown_scope_line)
 from lpips_pipe.transforms import layout
 
 CSS = """
@@ -261,8 +262,9 @@ def render_run_page(report: Any, galleries: Sequence[Gallery], k: int) -> str:
     if counts.get("non_finite_scores"):
         rows.append(("non-finite scores (not in the quantiles)", "non_finite_scores"))
     rows += [("errors", "errors"), ("ids on more than one row", "duplicate_ids"),
-             ("rows carrying those ids", "duplicate_id_rows"), ("model loads", "model_loads"),
-             ("pixels scored", "pixels_scored")]
+             ("rows carrying those ids", "duplicate_id_rows")]
+    rows += [(f"rows with box flag {flag}", key) for flag, key, _ in box_flag_rows(counts)]
+    rows += [("model loads", "model_loads"), ("pixels scored", "pixels_scored")]
     count_rows = [[esc(text), _count(key, counts.get(key, 0))] for text, key in rows]
     if report.wall_s is not None:
         count_rows.append(["wall time", f"{report.wall_s:.1f} s"])
@@ -286,7 +288,7 @@ def render_run_page(report: Any, galleries: Sequence[Gallery], k: int) -> str:
                      f"<code>--threshold {q[name]:.4g}</code>"] for name, share in shares if q.get(name) is not None]
         body += ['<p class="sub">A cut keeps rows with LPIPS at or below it (<code>lpips-pipe-filter --scores '
                  f"{esc(report.output)} --threshold X</code>). At each quantile of the {esc(overall.count)} scored "
-                 "rows:</p>", '<div class="cols"><div>',
+                 "rows:</p>", f'<p class="sub">{esc(NOTHING_MEASURED_RULE)}</p>', '<div class="cols"><div>',
                  _table(["cut at", "LPIPS", "keeps", "removes", "filter option"], cut_rows), "</div><div>"]
     else:
         body += ['<p class="empty">No finite score: nothing to cut.</p>', '<div class="cols"><div>']

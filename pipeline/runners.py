@@ -30,6 +30,7 @@ _DEFAULT_VERSIONS = {
     "BEAM_JAVA_VERSION": "2.62.0",
     "FLINK_MINOR": "1.19",
     "FLINK_DIST_VERSION": "1.19.3",
+    "VERSITYGW_VERSION": "v1.8.0",
 }
 _VERSIONS_FILE = Path(__file__).resolve().parent.parent / "runners" / "versions.env"
 

@@ -82,7 +82,7 @@ def fetch_rows(requests: Iterable[RowKey], columns: Sequence[str],
                 value = {name: value[name] for name in columns if name in value}
                 for name in resolve_images:
                     if name in value:
-                        value[name] = parquet_io._resolve_image(value[name], path)  # the reader's own rule
+                        value[name] = parquet_io.resolve_image(value[name], path)  # the reader's own rule
             found[(path, row)] = value
     return found
 

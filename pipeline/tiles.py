@@ -234,7 +234,7 @@ def prepare_scored(row: dict[str, Any], config: records.RecordConfig,
             with Image.open(io.BytesIO(ref_bytes)) as header:
                 original = header.size
             boxes = records.pixel_boxes(records.parse_coords(row.get(config.coords_column)) or [], original,
-                                        (width, height), config.coords_scale)
+                                        (width, height), config.coords_scale, config.box_format)
             mask = score_math.build_mask(boxes, width, height, pair.mask_mode)
             if mask is not None:
                 mask_small = np.asarray(Image.fromarray(mask * 255, "L").resize(size, Image.Resampling.NEAREST)) > 127

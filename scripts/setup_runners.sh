@@ -2,6 +2,7 @@
 # Fetch and build Beam's Prism and Flink runners for this machine, at the versions of runners/versions.env:
 #   Prism        Go binary built from the Beam Go module (go install; Go module proxy, Go's module cache)
 #   Flink        job-server jar assembled with Maven from the served Beam Flink runner (runners/flink-job-server)
+#   versitygw    the S3 server the object-storage tests start on loopback (go install, like Prism)
 #   Flink dist   a standalone Flink (JobManager/TaskManager scripts and jars) unpacked from PyPI's apache-flink
 # into $LPIPS_PIPE_RUNNERS_HOME (default ~/.cache/lpips-pipe/runners), where pipeline/runners.py finds them.
 #
@@ -49,6 +50,25 @@ setup_prism() {
     return 1
   fi
   rm -rf "$dest" && mv "$tmp" "$dest" && echo "$PRISM_VERSION" > "$dest/.complete"
+}
+
+# ---------------------------------------------------------------- versitygw (the tests' S3 server)
+setup_versitygw() {
+  local dest="$HOME_DIR/versitygw/$VERSITYGW_VERSION" log="$LOGS/versitygw-build.log"
+  [ -x "$dest/versitygw" ] && [ -f "$dest/.complete" ] && return 0
+  if ! command -v go >/dev/null 2>&1; then
+    unavailable versitygw "no 'go' on PATH (go install .../versitygw/cmd/versitygw@$VERSITYGW_VERSION builds it)"
+    return 1
+  fi
+  echo "setup_runners: building versitygw $VERSITYGW_VERSION (the tests' S3 server) with $(go env GOVERSION) (about 2 minutes the first time)"
+  local tmp="$dest.tmp"
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  if ! GOBIN="$tmp" go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" >"$log" 2>&1; then
+    unavailable versitygw "go install failed ($(last_line "$log"); full log: $log)"
+    rm -rf "$tmp"
+    return 1
+  fi
+  rm -rf "$dest" && mv "$tmp" "$dest" && echo "$VERSITYGW_VERSION" > "$dest/.complete"
 }
 
 # ---------------------------------------------------------------- Flink job server
@@ -152,6 +172,8 @@ PY
 }
 
 setup_prism && echo "setup_runners: Prism $PRISM_VERSION ready: $HOME_DIR/prism/$PRISM_VERSION/prism"
+setup_versitygw && echo "setup_runners: versitygw $VERSITYGW_VERSION (S3 server for the tests) ready:" \
+  "$HOME_DIR/versitygw/$VERSITYGW_VERSION/versitygw"
 setup_flink_job_server && echo "setup_runners: Flink $FLINK_MINOR job server (Beam Java $BEAM_JAVA_VERSION) ready:" \
   "$HOME_DIR/flink/beam-runners-flink-$FLINK_MINOR-job-server-$BEAM_JAVA_VERSION.jar"
 setup_flink_dist && echo "setup_runners: Flink $FLINK_DIST_VERSION cluster distribution ready:" \

@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT))  # tests.seed_reference, pipeline, transforms with
 
 VALIDATION = ROOT.parent / "shared" / "validation"
 
+from tests.s3_server import s3_server  # noqa: E402,F401  # the session's S3 server (versitygw), for tests/test_s3.py
+
 
 @pytest.fixture(scope="session")
 def validation_dir() -> pathlib.Path:

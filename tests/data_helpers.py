@@ -33,10 +33,11 @@ def small_pairs(count: int, size: int = 64, with_bad_rows: bool = False) -> pa.T
 
 def scores_table(ids: Sequence[Any], lpips: Sequence[Optional[float]], *, id_type: Optional[pa.DataType] = None,
                  mask_mode: Any = "outer", measured_fraction: Any = 0.75, extra: Optional[dict] = None,
-                 **provenance: Any) -> pa.Table:
+                 box_flags: Optional[Sequence[Sequence[str]]] = None, **provenance: Any) -> pa.Table:
     """A scores table with the job's columns (:data:`transforms.layout.SCORE_FIELDS`).
 
-    Scalars are repeated on every row; ``extra`` adds passthrough columns (name -> list or pyarrow array);
+    Scalars are repeated on every row; ``box_flags`` is one list per row (default: none);
+    ``extra`` adds passthrough columns (name -> list or pyarrow array);
     ``provenance`` overrides :data:`PROVENANCE` (``net=...``, ``weights_sha256=...``)."""
     rows = len(ids)
 
@@ -47,6 +48,8 @@ def scores_table(ids: Sequence[Any], lpips: Sequence[Optional[float]], *, id_typ
     values = {"lpips": list(lpips), "measured_fraction": column(measured_fraction), "mask_mode": column(mask_mode),
               "width": [64] * rows, "height": [64] * rows,
               **{name: column(facts[name]) for name in ("net", "lpips_version", "weights_sha256")},
+              layout.BOX_FLAGS_FIELD: [list(flags) for flags in box_flags] if box_flags is not None
+              else [[] for _ in range(rows)],
               **{item.name: [None] * rows for item in layout.SOURCE_FIELDS}}  # not read from an input
     arrays = [pa.array(list(ids), id_type)] + [pa.array(values[item.name], item.type) for item in layout.SCORE_FIELDS]
     names = [layout.ID_FIELD] + [item.name for item in layout.SCORE_FIELDS]

@@ -250,12 +250,13 @@ def test_qwen1000_scale(coffee_png, coffee_inverted_png):
     mask = box_mask(400, 600, [box], "inner")
     assert pair.mask_pixels == 300 * 200
     np.testing.assert_array_equal(pair.filled, expected_filled(photo("coffee.png"), 255 - photo("coffee.png"), mask))
-    # qwen1000 is parsed on the original size, then scaled with the downscale
+    # qwen1000 is placed on the scored (downscaled) size directly, rounded outward:
+    # 123 * 300 / 1000 = 36.9 -> 36, 456 * 200 / 1000 = 91.2 -> 91, 789 * 300 / 1000 = 236.7 -> 237,
+    # 999 * 200 / 1000 = 199.8 -> 200
     config = RecordConfig(scope="edit_area", coords_scale="qwen1000", max_side=300)
     pair = prepare_pair(0, make_row(coffee_png, coffee_inverted_png, [[123, 456, 789, 999]]), config)
-    x1, y1, x2, y2 = 123 * 600 // 1000, 456 * 400 // 1000, 789 * 600 // 1000, 999 * 400 // 1000
     assert (pair.width, pair.height) == (300, 200)
-    scaled = (x1 * 300 // 600, y1 * 200 // 400, x2 * 300 // 600, y2 * 200 // 400)
+    scaled = (36, 91, 237, 200)
     assert pair.mask_pixels == (scaled[2] - scaled[0]) * (scaled[3] - scaled[1]) > 0
     mask = box_mask(200, 300, [scaled], "inner")
     thumb = Image.fromarray(photo("coffee.png"))

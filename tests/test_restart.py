@@ -28,11 +28,10 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.io.filesystems import FileSystems
 
 from lpips_pipe.pipeline import cli, runners
 from tests.data_helpers import demo_table, wait_for
-from lpips_pipe.transforms import layout, ledger, sink
+from lpips_pipe.transforms import layout, ledger, paths, sink
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = 3
@@ -115,7 +114,7 @@ STEPS: dict[str, tuple[Callable, int]] = {
     "commit written": (lambda mp: _fail_on_call(mp, ledger, "write_commit", 2, before=False), 68),
     "merges written, no publish record": (lambda mp: _fail_on_call(mp, ledger, "write_publish", 1), 102),
     "publish record written, nothing moved": (lambda mp: _fail_on_call(mp, ledger, "apply_moves", 1), 102),
-    "half the moves made": (lambda mp: _fail_on_call(mp, FileSystems, "rename", 2), 102),
+    "half the moves made": (lambda mp: _fail_on_call(mp, paths, "rename", 2), 102),
     "moved, ledger not cleared": (lambda mp: _fail_on_call(mp, ledger, "clear", 1), 102),
 }
 
@@ -185,15 +184,19 @@ def test_a_batch_command_does_not_continue_a_stream_output(inputs, tmp_path, cap
     assert "--streaming" in capsys.readouterr().err
 
 
+def _copies(base: pa.Table, count: int) -> pa.Table:
+    """``count`` copies of ``base`` with distinct ids (``f<copy>/<id>``)."""
+    tables = []
+    for index in range(count):
+        ids = pa.array([f"f{index}/{value}" for value in base.column("id").to_pylist()])
+        tables.append(base.set_column(base.schema.get_field_index("id"), "id", ids))
+    return pa.concat_tables(tables)
+
+
 def test_sigkill_mid_run_then_the_same_command(tmp_path):
     """A real SIGKILL of the command while it scores, at a moment found by watching the ledger (the first
     commit), then the same command: every row once, the finished rows not scored again."""
-    base = demo_table(size=256, with_bad_rows=True)
-    tables = []
-    for index in range(10):
-        ids = pa.array([f"f{index}/{value}" for value in base.column("id").to_pylist()])
-        tables.append(base.set_column(base.schema.get_field_index("id"), "id", ids))
-    table = pa.concat_tables(tables)
+    table = _copies(demo_table(size=256, with_bad_rows=True), 10)
     source = tmp_path / "in.parquet"
     pq.write_table(table, str(source), row_group_size=34)  # 340 rows: splits of 238 and 102 rows
     out = tmp_path / "out"
@@ -219,13 +222,46 @@ def test_sigkill_mid_run_then_the_same_command(tmp_path):
     assert_each_row_once(str(out), table.num_rows)
 
 
+
+def test_ctrl_c_mid_run_exits_130_keeps_every_finished_row_then_the_same_command(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while rows are being scored: exit 130 with the line that says how
+    to continue, every row the progress lines reported finished is committed, and the same command scores
+    only the rest (every row once)."""
+    table = _copies(demo_table(size=256, with_bad_rows=True), 10)
+    source = tmp_path / "in.parquet"
+    pq.write_table(table, str(source), row_group_size=34)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline", "--input", str(source), "--output", str(out), "--no_report",
+               "--progress_interval_s", "0.5"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    reported, lines = 0, []
+    for line in process.stdout:
+        lines.append(line)
+        if "progress:" in line:
+            reported = int(line.split("progress: ")[1].split(" rows done")[0].replace(",", ""))
+            if reported >= 20:
+                break
+    assert reported >= 20, "".join(lines)
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, "".join(lines) + rest
+    assert "interrupted" in rest and "run the same command again" in rest, rest
+    assert "Traceback" not in rest, rest
+    committed = ledger.read_state(str(out)).done_rows
+    assert reported <= committed < table.num_rows
+    rerun = subprocess.run(command[:-2], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed: kept {committed} rows" in rerun.stdout
+    assert_each_row_once(str(out), table.num_rows)
+
+
 # --------------------------------------------------------------------------- streams
 
 STREAM_LAUNCHER = r"""
 import inspect, os, sys
 step, argv = sys.argv[1], sys.argv[2:]
-from lpips_pipe.transforms import ledger, sink
-from apache_beam.io.filesystems import FileSystems
+from lpips_pipe.transforms import ledger, paths, sink
 
 def die_at(owner, name, call, before=True):
     original = getattr(owner, name)
@@ -248,7 +284,7 @@ elif step == "merged-not-committed":  # the second window's record
 elif step == "committed-not-moved":
     die_at(ledger, "write_commit", 2, before=False)
 elif step == "half-moved":  # the second window's first move (the first window made two)
-    die_at(FileSystems, "rename", 3, before=False)
+    die_at(paths, "rename", 3, before=False)
 from lpips_pipe.pipeline import cli
 sys.exit(cli.main(argv))
 """

@@ -185,8 +185,10 @@ def test_progress_log_waits_for_its_interval(monkeypatch, caplog):
     for _ in range(5):
         meter.finished()
     lines = [record.getMessage() for record in caplog.records]
-    # the clock starts at the first row (t=100); lines at t=105 (3 rows) and t=111 (5 rows)
-    assert lines == ["lpips-pipe progress: 3 rows done at 0.6 rows/s; 17 of 20 left, ETA 28s",
+    # the clock starts at the first row (t=100), with a line then (no rate yet); lines at t=105 (3 rows) and
+    # t=111 (5 rows)
+    assert lines == ["lpips-pipe progress: 1 rows done at 0.0 rows/s; 19 of 20 left",
+                     "lpips-pipe progress: 3 rows done at 0.6 rows/s; 17 of 20 left, ETA 28s",
                      "lpips-pipe progress: 5 rows done at 0.5 rows/s; 15 of 20 left, ETA 33s"]  # 5/11 rows/s
     with pytest.raises(ValueError):
         progress.ProgressMeter(10, interval_s=0)

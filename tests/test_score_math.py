@@ -49,16 +49,34 @@ def covered(lo, hi, index) -> bool:
     return min(lo, hi) <= index < max(lo, hi)
 
 
+GRIDS = {"qwen1000": 1000, "unit": 1}
+
+
+def outward(low: float, high: float) -> tuple:
+    """floor(low), ceil(high), each snapped to a whole number within 1e-6 (+-inf kept: compares fine)."""
+    def edge(value, up):
+        if not math.isfinite(value):
+            return value
+        if abs(value - round(value)) <= 1e-6:
+            return round(value)
+        return math.ceil(value) if up else math.floor(value)
+
+    return edge(low, False), edge(high, True)
+
+
 def expected_pixel_bounds(raw, width, height, scale):
-    """Per-coordinate bound of a raw box, as numbers comparable with pixel indices."""
+    """Per-coordinate bound of a raw box (x1, y1, x2, y2 ordered for scaled boxes), as numbers comparable with
+    pixel indices."""
     if scale == "pixel":
         return [trunc(v) for v in raw]
-    bounds = []
+    products = []
     for index, value in enumerate(raw):
         size = width if index % 2 == 0 else height
-        product = float(value) * size / 1000 if abs(value) < 1e300 else (math.inf if value > 0 else -math.inf)
-        bounds.append(int(product) if math.isfinite(product) else product)  # +-inf compares fine
-    return bounds
+        products.append(float(value) * size / GRIDS[scale] if abs(value) < 1e300
+                        else (math.inf if value > 0 else -math.inf))
+    x1, x2 = outward(min(products[0], products[2]), max(products[0], products[2]))
+    y1, y2 = outward(min(products[1], products[3]), max(products[1], products[3]))
+    return [x1, y1, x2, y2]
 
 
 def covered_pixels(raw_boxes, width, height, scale="pixel"):
@@ -140,24 +158,22 @@ def test_reversed_boxes_are_swapped(raw):
 @FAST
 @given(st.lists(st.integers(0, 1000), min_size=4, max_size=4), st.integers(1, 5000), st.integers(1, 5000))
 def test_qwen1000_scaling_integer_grid(raw, width, height):
-    """Integer grid values: int(v * W / 1000) equals exact floor division (the value is a
-    multiple of 1/1000, so float rounding can never reach the next integer)."""
+    """Integer grid values, rounded outward: exact floor division for the low edge, exact ceiling division
+    for the high one (the value is a multiple of 1/1000: no float noise reaches the snap)."""
     box = score_math.to_pixel_box(raw, width, height, "qwen1000")
     x1, y1, x2, y2 = raw
-    xs = sorted([x1 * width // 1000, x2 * width // 1000])
-    ys = sorted([y1 * height // 1000, y2 * height // 1000])
-    assert box == (xs[0], ys[0], xs[1], ys[1])
+    xs, ys = sorted([x1, x2]), sorted([y1, y2])
+    assert box == (xs[0] * width // 1000, ys[0] * height // 1000,
+                   -(-xs[1] * width // 1000), -(-ys[1] * height // 1000))
 
 
 @FAST
 @given(st.lists(st.floats(-2000, 2000), min_size=4, max_size=4), st.integers(1, 5000), st.integers(1, 5000))
 def test_qwen1000_scaling_float_formula(raw, width, height):
-    """Float grid values follow the seed's expression literally: int(v * W / 1000)."""
+    """Float grid values: v * W / 1000, the low edge floored, the high edge ceiled (outward)."""
     box = score_math.to_pixel_box(raw, width, height, "qwen1000")
-    x1, y1, x2, y2 = raw
-    xs = sorted([int(x1 * width / 1000), int(x2 * width / 1000)])
-    ys = sorted([int(y1 * height / 1000), int(y2 * height / 1000)])
-    assert box == (xs[0], ys[0], xs[1], ys[1])
+    assert list(box) == expected_pixel_bounds(raw, width, height, "qwen1000")
+    assert box[0] <= box[2] and box[1] <= box[3]
 
 
 def test_qwen1000_full_grid_is_whole_image():
@@ -331,7 +347,8 @@ def test_build_mask_accepts_iterator_and_rejects_unknown_mode():
 
 
 @SETTINGS
-@given(any_boxes, small_dim, small_dim, st.sampled_from(["outer", "inner"]), st.sampled_from(["pixel", "qwen1000"]))
+@given(any_boxes, small_dim, small_dim, st.sampled_from(["outer", "inner"]),
+       st.sampled_from(["pixel", "qwen1000", "unit"]))
 @example([[-(10**400), -1e308, 10**400, 1e308]], 5, 7, "inner", "qwen1000")
 @example([[1.7976931348623157e308, 0, -1.7976931348623157e308, 3]], 5, 7, "outer", "qwen1000")
 @example([[10**400, 10**401, 10**402, 10**403]], 5, 7, "inner", "pixel")

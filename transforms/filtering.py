@@ -7,6 +7,12 @@ Two rules put every scored row in exactly one of *kept* / *rejected*:
   group, and the first tier whose cut-off admits the z-score names the row's tier (``A``, ``B``, ...);
   rows past the last cut-off get the config's ``rest`` tier. Tiers listed in ``keep`` are kept.
 
+Rows that measured nothing (measured fraction 0 under a mask, or the box flag ``nothing_measured``: their
+LPIPS of 0.0 says nothing about the edit) are never kept: they get the tier ``nothing_measured`` unless the
+caller keeps them (``keep_nothing_measured``); a ``min_measured_fraction`` refuses rows measuring less with the
+tier ``too_little_measured`` (:func:`measured_refusals`). Refused rows take no part in the statistics and get
+``z = NaN``, like rows without a finite score.
+
 z-scores (both rules report them) are ``(lpips - group mean) / group std`` in float64. The std is the
 **population** std (``ddof=0``: the group is the whole population being filtered, not a sample of it) unless
 the config says ``std: sample`` (``ddof=1``). A group whose std is 0 (all its scores equal, or a single row
@@ -40,6 +46,9 @@ DIRECTIONS = ("lower_is_better", "higher_is_better")
 PASS_TIER = "pass"
 FAIL_TIER = "fail"
 INVALID_TIER = "invalid"
+NOTHING_MEASURED_TIER = "nothing_measured"  # refused: the mask selected no pixel (measured fraction 0)
+TOO_LITTLE_MEASURED_TIER = "too_little_measured"  # refused: measured fraction below min_measured_fraction
+RESERVED_TIERS = (INVALID_TIER, NOTHING_MEASURED_TIER, TOO_LITTLE_MEASURED_TIER)  # never a config's tier names
 DEFAULT_REST_TIER = "reject"
 CONFIG_KEYS = ("tiers", "keep", "rest", "direction", "std", "group_column")
 
@@ -147,11 +156,13 @@ def parse_tier_config(data: Any) -> TierConfig:
     rest = data.get("rest", DEFAULT_REST_TIER)
     if not isinstance(rest, str) or not rest:
         raise TierConfigError(f"'rest' must be a non-empty string, got {rest!r}")
-    if rest == INVALID_TIER:
-        raise TierConfigError(f"'rest' cannot be {INVALID_TIER!r}: that tier is for rows without a finite score")
-    clashes = sorted({rest, INVALID_TIER} & set(names))
+    if rest in RESERVED_TIERS:
+        raise TierConfigError(f"'rest' cannot be {rest!r}: that tier is for rows without a finite score or that "
+                              "measured too little")
+    clashes = sorted({rest, *RESERVED_TIERS} & set(names))
     if clashes:
-        raise TierConfigError(f"tier name(s) {clashes} clash with the 'rest' tier ({rest!r}) or {INVALID_TIER!r}")
+        raise TierConfigError(f"tier name(s) {clashes} clash with the 'rest' tier ({rest!r}) or "
+                              f"{', '.join(map(repr, RESERVED_TIERS))}")
     keep = data.get("keep", names)
     if isinstance(keep, str) or not isinstance(keep, Sequence) or not all(isinstance(k, str) for k in keep):
         raise TierConfigError(f"'keep' must be a list of tier names, got {keep!r}")
@@ -301,5 +312,35 @@ def threshold_tiers(values: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def kept(tiers: np.ndarray, keep: frozenset[str]) -> np.ndarray:
-    """Boolean mask: rows whose tier is in ``keep`` (``invalid`` never is)."""
-    return np.fromiter((tier in keep and tier != INVALID_TIER for tier in tiers), dtype=bool, count=len(tiers))
+    """Boolean mask: rows whose tier is in ``keep`` (``invalid``, ``nothing_measured`` and
+    ``too_little_measured`` never are)."""
+    return np.fromiter((tier in keep and tier not in RESERVED_TIERS for tier in tiers), dtype=bool,
+                       count=len(tiers))
+
+
+def measured_refusals(length: int, fractions: Optional[np.ndarray] = None, mask_modes: Optional[Sequence[Any]] = None,
+                      nothing_flags: Optional[np.ndarray] = None, min_measured_fraction: float = 0.0,
+                      keep_nothing_measured: bool = False) -> np.ndarray:
+    """The tier of each row refused for what it measured, ``None`` where it is not (object array).
+
+    ``nothing_measured``: the row's ``nothing_flags`` is set (its ``box_flags`` hold ``nothing_measured``) or
+    its measured fraction is 0 with a mask (a ``mask_modes`` value other than ``none``; scores without
+    ``box_flags``), unless ``keep_nothing_measured``. ``too_little_measured``: otherwise, a fraction below
+    ``min_measured_fraction`` (a missing one too, when that is above 0). ``None`` arguments: not known.
+    """
+    if not (isinstance(min_measured_fraction, (int, float)) and 0 <= min_measured_fraction <= 1):
+        raise ValueError(f"min_measured_fraction must be between 0 and 1, got {min_measured_fraction!r}")
+    refused = np.full(length, None, dtype=object)
+    nothing = np.zeros(length, dtype=bool)
+    if nothing_flags is not None:
+        nothing |= np.asarray(nothing_flags, dtype=bool)
+    if fractions is not None:
+        fractions = np.asarray(fractions, dtype=np.float64)
+        masked = (np.ones(length, dtype=bool) if mask_modes is None
+                  else np.fromiter((mode != "none" for mode in mask_modes), dtype=bool, count=length))
+        nothing |= (fractions == 0) & masked
+        if min_measured_fraction > 0:
+            refused[~(fractions >= min_measured_fraction)] = TOO_LITTLE_MEASURED_TIER  # NaN: not measured enough
+    if not keep_nothing_measured:
+        refused[nothing] = NOTHING_MEASURED_TIER
+    return refused

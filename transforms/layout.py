@@ -26,7 +26,6 @@ import.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import tempfile
@@ -35,6 +34,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from lpips_pipe.transforms import paths
 
 # --------------------------------------------------------------------------- folders and files
 SCORES = "scores"
@@ -92,6 +93,17 @@ HEIGHT_FIELD = "height"
 NET_FIELD = "net"
 LPIPS_VERSION_FIELD = "lpips_version"
 WEIGHTS_FIELD = "weights_sha256"
+# What was odd about a row's boxes (a list of BOX_FLAGS names, empty when nothing was; README "Boxes").
+BOX_FLAGS_FIELD = "box_flags"
+BOX_CLIPPED = "clipped"  # a box reached past the image's edge and was clipped to it
+BOX_EMPTY = "empty"  # a box selects no pixel of the scored image (after clipping)
+BOX_OUTSIDE = "outside"  # a box with an area lies wholly outside the image
+BOX_SWAPPED = "swapped"  # a box's corners came reversed (x1 > x2 or y1 > y2; xywh: a negative w or h)
+BOX_UNIT_RANGE = "unit_range"  # pixel boxes whose every coordinate is within [0, 1]: 0..1 boxes read as pixels?
+BOX_NOTHING_MEASURED = "nothing_measured"  # boxes were given and the mask selects no pixel (measured_fraction 0)
+BOX_EVERYTHING_MEASURED = "everything_measured"  # boxes were given and the mask selects every pixel (fraction 1)
+BOX_FLAGS = (BOX_CLIPPED, BOX_EMPTY, BOX_OUTSIDE, BOX_SWAPPED, BOX_UNIT_RANGE, BOX_NOTHING_MEASURED,
+             BOX_EVERYTHING_MEASURED)  # the order a row lists them in
 DRIFT_MAP_FIELD = "drift_map"  # float32 HxW map on score dicts of rows chosen by ScoreLPIPS(drift_maps=...)
 # Where a row came from: the input file and the row's index in it (0-based, as ``<file>:<row>`` ids count).
 # Rows read by ReadPairs carry them (scores and errors); rows from a user's own source have none (null).
@@ -110,6 +122,7 @@ SCORE_FIELDS = (
     pa.field(NET_FIELD, pa.string()),
     pa.field(LPIPS_VERSION_FIELD, pa.string()),
     pa.field(WEIGHTS_FIELD, pa.string()),
+    pa.field(BOX_FLAGS_FIELD, pa.list_(pa.string())),
     *SOURCE_FIELDS,
 )
 ERROR_STAGE_FIELD = "error_stage"
@@ -137,31 +150,12 @@ JOB_SETTINGS_KEY = "lpips_pipe.settings"
 # Input columns that collide with an output column are kept under this prefix.
 COLLISION_PREFIX = "input_"
 
-_GLOB_CHARS = "*?["
-
-
-def escape_glob(path: str) -> str:
-    """``path`` as a Beam match pattern that matches only itself (``[``, ``*``, ``?`` taken literally, as
-    ``[[]``, ``[*]``, ``[?]``: :func:`glob.escape`, which on Windows leaves a drive or UNC share as it is)."""
-    return glob.escape(path)
-
-
-def has_glob(pattern: str) -> bool:
-    return any(char in pattern for char in _GLOB_CHARS)
-
-
-def match(pattern: str) -> list[str]:
-    """Files matching ``pattern`` (a path or glob, any Beam filesystem), sorted. A path that exists as it
-    is written is taken literally, even when it holds glob characters (``a[1].parquet``)."""
-    if has_glob(pattern) and FileSystems.exists(pattern):
-        return [pattern]
-    return sorted(meta.path for meta in FileSystems.match([pattern])[0].metadata_list)
-
-
-def absolute(output: str) -> str:
-    """A local ``output`` as an absolute path (workers may run elsewhere than the launcher's directory);
-    URIs as they are."""
-    return output if "://" in output else os.path.abspath(output)
+# Paths (local or any Beam filesystem) are :mod:`transforms.paths`; these names are kept for the modules
+# that take them from here.
+escape_glob = paths.escape_glob
+has_glob = paths.has_glob
+match = paths.match
+absolute = paths.absolute
 
 
 def kind_dir(output: str, kind: str) -> str:
@@ -247,29 +241,8 @@ def scores_files(spec: str) -> list[str]:
     return match(FileSystems.join(escape_glob(spec), f"*{PARQUET_SUFFIX}"))
 
 
-def mkdirs(directory: str) -> None:
-    """Make ``directory`` (and its parents) unless it exists; one made meanwhile by another writer is fine."""
-    if not FileSystems.exists(directory):
-        try:
-            FileSystems.mkdirs(directory)
-        except OSError:  # made meanwhile by another writer
-            if not FileSystems.exists(directory):
-                raise
-
-
-def delete(paths: list[str]) -> None:
-    """Delete files or folders (recursively) given literally: local paths directly (Beam's delete would take
-    glob characters in them as a pattern), others through ``FileSystems``."""
-    remote = [path for path in paths if "://" in path]
-    for path in paths:
-        if "://" in path:
-            continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-    if remote:
-        FileSystems.delete(remote)
+mkdirs = paths.mkdirs
+delete = paths.delete
 
 
 @contextlib.contextmanager
@@ -277,7 +250,7 @@ def glob_free(output: str) -> Iterator[str]:
     """``output`` as a path without glob characters, for Beam's file sink, which matches its own paths as
     patterns: a local output with ``[``, ``*`` or ``?`` is reached through a temporary symbolic link (removed
     on exit); anything else is given as it is."""
-    if "://" in output or not has_glob(output):
+    if not paths.is_local(output) or not has_glob(output):
         yield output
         return
     os.makedirs(output, exist_ok=True)
@@ -322,6 +295,8 @@ class CounterName:
 
     ERROR_PREFIX = "errors."
     UNKNOWN_SCOPE_PREFIX = "unknown_scope."
+    BOX_FLAG_PREFIX = "box_flags."  # box_flags.<flag>: scored rows carrying that flag, see box_flag()
+    BOX_EXAMPLE_PREFIX = "box_flag_example."  # box_flag_example.<flag>.<id>: one row's id per flag and worker
 
     @staticmethod
     def error_type(stage: str, error_type: str) -> str:
@@ -332,6 +307,16 @@ class CounterName:
     def unknown_scope(value: str) -> str:
         """``unknown_scope.<value>``."""
         return f"{CounterName.UNKNOWN_SCOPE_PREFIX}{value}"
+
+    @staticmethod
+    def box_flag(flag: str) -> str:
+        """``box_flags.<flag>`` (``flag``: one of :data:`BOX_FLAGS`)."""
+        return f"{CounterName.BOX_FLAG_PREFIX}{flag}"
+
+    @staticmethod
+    def box_flag_example(flag: str, record_id: str) -> str:
+        """``box_flag_example.<flag>.<id>``: names one row carrying ``flag`` (the summary shows one)."""
+        return f"{CounterName.BOX_EXAMPLE_PREFIX}{flag}.{record_id}"
 
 
 class Counters(Mapping[str, int]):
@@ -385,6 +370,20 @@ class Counters(Mapping[str, int]):
         prefix = CounterName.ERROR_PREFIX
         return {name[len(prefix):]: value for name, value in sorted(self._values.items())
                 if name.startswith(prefix)}
+
+    def box_flags(self) -> dict[str, int]:
+        """``{flag: rows}`` from the ``box_flags.<flag>`` counters (non-zero only), in :data:`BOX_FLAGS` order."""
+        return {flag: self.value(CounterName.box_flag(flag)) for flag in BOX_FLAGS
+                if self.value(CounterName.box_flag(flag))}
+
+    def box_flag_examples(self) -> dict[str, str]:
+        """``{flag: id}``: the first (sorted) example id of each flag (``box_flag_example.<flag>.<id>``)."""
+        found: dict[str, str] = {}
+        for name in sorted(self._values):
+            if name.startswith(CounterName.BOX_EXAMPLE_PREFIX) and self._values[name]:
+                flag, _, record_id = name[len(CounterName.BOX_EXAMPLE_PREFIX):].partition(".")
+                found.setdefault(flag, record_id)
+        return found
 
     def unknown_scope_values(self) -> dict[str, int]:
         """``{value: rows}`` from the ``unknown_scope.<value>`` counters (non-zero only)."""

@@ -34,7 +34,7 @@ grows with the windows or splits since the last restart, not with the whole hist
 A batch run commits whenever a split's rows have all reached the writer, or every
 :data:`COMMIT_INTERVAL_S` seconds of writing, so a killed run redoes at most the splits in flight; a finished
 batch run leaves no ledger (only ``scores/`` and ``errors/``), a stream keeps its ledger so the same command
-continues it. Plain ``FileSystems`` and JSON: no Beam pipeline import.
+continues it. Plain :mod:`transforms.paths` and JSON: no Beam pipeline import.
 """
 
 from __future__ import annotations
@@ -49,10 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms import layout, paths
 
 _LOGGER = logging.getLogger("lpips_pipe.ledger")
 BATCH, STREAM = "batch", "stream"
@@ -231,9 +229,8 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
     """``data`` as JSON at ``path``, written whole: a temporary name renamed into place on local disks (an
     object store makes an object visible only once it is complete)."""
     encoded = json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    if "://" in path:
-        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            handle.write(encoded)
+    if not paths.is_local(path):
+        paths.write_bytes(path, encoded)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}{layout.LEDGER_TEMP_SUFFIX}"
@@ -243,11 +240,7 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 
 
 def _read_json(path: str) -> Any:
-    if "://" not in path:
-        with open(path, "rb") as handle:
-            return json.loads(handle.read().decode("utf-8"))
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+    return json.loads(paths.read_bytes(path).decode("utf-8"))
 
 
 def _relative(output: str, path: str) -> str:
@@ -258,9 +251,9 @@ def _relative(output: str, path: str) -> str:
 
 
 def _absolute(output: str, path: str) -> str:
-    if "://" in path or os.path.isabs(path):
+    if not paths.is_local(path) or os.path.isabs(path):
         return path
-    return FileSystems.join(output, path)
+    return paths.join(output, path)
 
 
 def _load(path: str) -> tuple[Any, Optional[Exception]]:
@@ -287,17 +280,18 @@ def read_state(output: str) -> LedgerState:
     :class:`LedgerError` (a record is written whole, so this is outside damage)."""
     state = LedgerState(output)
     directory = layout.ledger_dir(output)
-    if not FileSystems.exists(directory):
+    if paths.is_local(directory) and not os.path.isdir(directory):
         return state
-    if "://" in directory:
-        paths = layout.match(FileSystems.join(layout.escape_glob(directory), f"*{layout.JSON_SUFFIX}"))
+    if not paths.is_local(directory):  # an object store's folder is a key prefix: one listing (none: empty)
+        records = [path for path in paths.list_files(directory)
+                   if path.endswith(layout.JSON_SUFFIX) and "/" not in path[len(directory.rstrip("/")) + 1:]]
     else:
-        paths = sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                       if name.endswith(layout.JSON_SUFFIX))
+        records = sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                         if name.endswith(layout.JSON_SUFFIX))
     with ThreadPoolExecutor(READ_THREADS) as pool:  # object stores: one request per record, in parallel
-        loaded = list(pool.map(_load, paths))
+        loaded = list(pool.map(_load, records))
     commits: list[Commit] = []
-    for path, (data, error) in zip(paths, loaded):
+    for path, (data, error) in zip(records, loaded):
         name = path.rsplit("/", 1)[-1]
         try:
             if error is not None:
@@ -379,19 +373,17 @@ def apply_moves(moves: Sequence[tuple[str, str]], deletes: Sequence[str] = ()) -
     for source, destination in moves:
         if source == destination:
             continue
-        if not FileSystems.exists(source):
-            if FileSystems.exists(destination):
+        if not paths.is_file(source):
+            if paths.is_file(destination):
                 continue
             raise OSError(f"{source} and {destination} are both missing: a committed file was removed")
-        parent = destination.rsplit("/", 1)[0]
+        parent = paths.dirname(destination)
         if parent:
-            layout.mkdirs(parent)
-        if "://" in destination and FileSystems.exists(destination):
-            FileSystems.delete([destination])  # an object store's rename copies: no half copy stays in the way
-        FileSystems.rename([source], [destination])
-    gone = [path for path in deletes if FileSystems.exists(path)]
+            paths.mkdirs(parent)
+        paths.move(source, destination)  # an object store's copy replaces a destination whole
+    gone = [path for path in deletes if paths.is_file(path)]
     if gone:
-        layout.delete(gone)
+        paths.delete(gone)
 
 
 def roll_forward(state: LedgerState) -> int:
@@ -401,7 +393,7 @@ def roll_forward(state: LedgerState) -> int:
              for commit in state.commits] + [(publish.moves, publish.deletes) for publish in state.publishes]
     finished = 0
     for moves, deletes in steps:
-        if any(FileSystems.exists(path) for path in [source for source, _ in moves] + deletes):
+        if any(paths.is_file(path) for path in [source for source, _ in moves] + deletes):
             apply_moves(moves, deletes)
             finished += 1
     return finished
@@ -410,15 +402,7 @@ def roll_forward(state: LedgerState) -> int:
 def staged_files(output: str) -> list[str]:
     """Every file under ``OUT/_staging/`` (any depth) but the ledger's records."""
     staging, records = layout.staging_dir(output), layout.ledger_dir(output).rstrip("/") + "/"
-    if "://" not in staging:
-        if not os.path.isdir(staging):
-            return []
-        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(staging) for name in names)
-    elif not FileSystems.exists(staging):
-        return []
-    else:
-        found = layout.match(FileSystems.join(layout.escape_glob(staging), "**"))
-    return [path for path in found if not path.startswith(records)]
+    return [path for path in paths.list_files(staging) if not path.startswith(records)]
 
 
 def remove_orphans(state: LedgerState) -> int:
@@ -427,12 +411,12 @@ def remove_orphans(state: LedgerState) -> int:
     needed = state.referenced()
     orphans = [path for path in staged_files(state.output) if path not in needed]
     directory = layout.ledger_dir(state.output)
-    if "://" not in directory and os.path.isdir(directory):
+    if paths.is_local(directory) and os.path.isdir(directory):
         orphans += [os.path.join(directory, name) for name in os.listdir(directory)
                     if name.endswith(layout.LEDGER_TEMP_SUFFIX)]
-    orphans += [FileSystems.join(directory, commit.name) for commit in state.dropped]
+    orphans += [paths.join(directory, commit.name) for commit in state.dropped]
     if orphans:
-        layout.delete(orphans)
+        paths.delete(orphans)
     return len(orphans)
 
 
@@ -444,15 +428,14 @@ def compact(state: LedgerState, run: str) -> int:
     if len(state.commits) <= 1:
         return 0
     write_commit(state.output, run, state.kept_files(), state.done(), name=f"{0:020d}-compacted")
-    old = [FileSystems.join(layout.ledger_dir(state.output), commit.name) for commit in state.commits]
-    layout.delete(old)
+    old = [paths.join(layout.ledger_dir(state.output), commit.name) for commit in state.commits]
+    paths.delete(old)
     return len(old)
 
 
 def clear(output: str) -> None:
     """Remove the staging folder and the ledger in it (a batch run that finished, or ``--overwrite``)."""
-    if FileSystems.exists(layout.staging_dir(output)):
-        layout.delete([layout.staging_dir(output)])
+    paths.delete([layout.staging_dir(output)])  # nothing there: nothing to do
 
 
 def check_settings(state: LedgerState, expected: Mapping[str, Any], allow_mixed: bool) -> None:

@@ -43,7 +43,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms import layout, paths
 from lpips_pipe.transforms.layout import CounterName
 from lpips_pipe.transforms.messages import one_line
 from lpips_pipe.transforms.metrics import counter
@@ -78,10 +78,6 @@ def input_format(path: str) -> str:
     return JSONL if lower.endswith(JSONL_SUFFIXES) else PARQUET
 
 
-def _is_local(path: str) -> bool:
-    return FileSystems.get_scheme(path) is None
-
-
 def match_inputs(pattern: str) -> list[str]:
     """All files matching ``pattern`` (a path or glob, any Beam filesystem), sorted; empty if none.
 
@@ -89,7 +85,7 @@ def match_inputs(pattern: str) -> list[str]:
     A directory raises :class:`InputError` suggesting ``DIR/*.parquet``.
     """
     directory = False
-    if _is_local(pattern):
+    if paths.is_local(pattern):
         directory = os.path.isdir(pattern)
     elif not layout.has_glob(pattern) and not FileSystems.exists(pattern):
         try:  # object stores have no directories: a prefix with objects under it is one
@@ -198,7 +194,7 @@ class ParquetSplit(NamedTuple):
 
 def _check_regular(path: str) -> None:
     """Local paths: exists, is a regular file (never open a FIFO: it would block), is not empty."""
-    if not _is_local(path):
+    if not paths.is_local(path):
         return
     try:
         info = os.stat(path)
@@ -569,7 +565,9 @@ def _batches(split: ParquetSplit) -> Iterator[tuple[int, pa.RecordBatch]]:
                 return
 
 
-def _resolve_image(value: Any, base_file: str) -> Any:
+def resolve_image(value: Any, base_file: str) -> Any:
+    """An image value whose path (a string, or a `{bytes: null, path}` struct) is relative, resolved against
+    ``base_file``, the input file holding it; other values as they are."""
     if isinstance(value, str):
         return resolve_against_file(value, base_file)
     if isinstance(value, dict) and isinstance(value.get("path"), str) and not value.get("bytes"):
@@ -627,7 +625,7 @@ class ReadParquetSplit(beam.DoFn):
             images = [name for name in self._image_columns if name in piece.schema.names]
             for position, row in zip(positions.tolist(), piece.to_pylist()):
                 for name in images:
-                    row[name] = _resolve_image(row[name], split.path)
+                    row[name] = resolve_image(row[name], split.path)
                 yield self._element(split, position, row)
 
     def _element(self, split: ParquetSplit, position: int, row: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -647,7 +645,7 @@ class ReadParquetSplit(beam.DoFn):
                 continue
             for name in self._image_columns:
                 if name in row:
-                    row[name] = _resolve_image(row[name], split.path)
+                    row[name] = resolve_image(row[name], split.path)
             yield self._element(split, position, row)
             del row  # one sample's members at a time
 

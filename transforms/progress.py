@@ -90,7 +90,7 @@ class ProgressMeter:
         now = time.monotonic()
         with self._lock:
             if self._started is None:
-                self._started = self._last_log = now - self._interval if self._bar_file else now
+                self._started, self._last_log = now, now - self._interval  # a line at the first row
             self._done += rows
             self._errors += errors
             if now - self._last_log < self._interval:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from lpips_pipe.transforms import score_math, settings
 from lpips_pipe.transforms.cache import BoundedCache
-from lpips_pipe.transforms.coords import parse_coords, pixel_boxes
+from lpips_pipe.transforms.coords import convert_boxes, measured_flags, parse_coords, pixel_boxes
 from lpips_pipe.transforms.decode import (DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, decode_image, load_image,
                                read_image_bytes)
 from lpips_pipe.transforms.layout import READ_PROBLEM_KEY
@@ -43,8 +43,11 @@ class RecordConfig:
                                  "(inside), full.", settings.one_of(score_math.SCOPES))
     mask_mode: Optional[str] = settings.option(None, "outer / inner / none; overrides --scope and the scope "
                                                "column.", settings.one_of(score_math.MASK_MODES, optional=True))
-    coords_scale: str = settings.option("pixel", "pixel boxes, or qwen1000 boxes on a 0..1000 grid.",
-                                        settings.one_of(score_math.COORDS_SCALES))
+    coords_scale: str = settings.option("pixel", "pixel boxes (truncated with int(), as the seed), qwen1000 boxes "
+                                        "on a 0..1000 grid, or unit boxes (0..1); scaled boxes are rounded outward "
+                                        "to whole pixels.", settings.one_of(score_math.COORDS_SCALES))
+    box_format: str = settings.option("xyxy", "Box numbers: xyxy (x1, y1, x2, y2) or xywh (COCO: x, y, width, "
+                                      "height).", settings.one_of(score_math.BOX_FORMATS))
     max_side: int = settings.option(2048, "Downscale both images to fit max_side x max_side first (0 = off).",
                                     settings.count(0))
     size_mismatch: str = settings.option("resize", "Edited size differs from the reference: resize it (seed) or "
@@ -100,6 +103,7 @@ class PreparedPair:
     # so the model may reuse the reference's features. ``None``: no reuse for this pair.
     reference_key: Optional[str] = None
     want_map: bool = False  # the row's score carries a drift map (ScoreLPIPS(drift_maps=...) chose it)
+    box_flags: tuple[str, ...] = ()  # what was odd about the boxes (transforms.layout.BOX_FLAGS names)
 
     @property
     def height(self) -> int:
@@ -188,11 +192,13 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
             )
         edited = edited.resize(reference_size)
     edited_array = np.asarray(edited)
-    mask, filled = None, edited_array
+    mask, filled, flags = None, edited_array, ()
     if raw_boxes is not None:
-        boxes = pixel_boxes(raw_boxes, original_size, reference_size, config.coords_scale)
+        boxes, flags = convert_boxes(raw_boxes, original_size, reference_size, config.coords_scale,
+                                     config.box_format)
         mask = score_math.build_mask(boxes, width, height, mask_mode)  # for its pixel count
         filled = score_math.composite_boxes(reference_array, edited_array, boxes, mask_mode)
+        flags += measured_flags(bool(raw_boxes), score_math.mask_pixels(mask), width, height)
     return PreparedPair(
         record_id=record_id,
         row=row,
@@ -201,4 +207,5 @@ def prepare_pair(record_id: Any, row: dict[str, Any], config: RecordConfig,
         mask_mode=mask_mode,
         mask_pixels=score_math.mask_pixels(mask),
         reference_key=reference_key,
+        box_flags=flags,
     )

@@ -4,8 +4,8 @@ The input schema is checked once, at job start, so a missing or mistyped column
 fails before any scoring. The outputs have explicit pyarrow schemas:
 
 - scores: ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``,
-  ``height``, ``net``, ``lpips_version``, ``weights_sha256``, then every other
-  non-image input column unchanged;
+  ``height``, ``net``, ``lpips_version``, ``weights_sha256``, ``box_flags``, ``source_file``,
+  ``source_row``, then every other non-image input column unchanged;
 - errors: the whole input row (image columns included), ``id`` when the input had
   none, then ``error_stage``, ``error_type``, ``error_message``.
 """
@@ -182,7 +182,8 @@ def build_output_schemas(input_schema: pa.Schema, config: RecordConfig, id_colum
         elif not coords_type_supported(input_schema.field(config.coords_column).type):
             problems.append(
                 f"coords column {config.coords_column!r} has type {input_schema.field(config.coords_column).type}; "
-                "expected list<list<number>>, list<number> (one box), list<struct<x1,y1,x2,y2>> or a JSON string"
+                "expected list<list<number>>, list<number> (one box), list<struct<x1,y1,x2,y2>>, "
+                "list<struct<bbox_2d: list<number>, label>> or a JSON string"
             )
     if config.scope_column is not None:
         if config.scope_column not in names:

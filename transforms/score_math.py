@@ -26,7 +26,12 @@ MASK_MODES = ("outer", "inner", "none")
 NO_MASK = MASK_MODES[2]  # the whole image is measured
 SCOPES = ("unedit_area", "edit_area", "full")
 MASKED_SCOPES = SCOPES[:2]  # any other per-row scope value is scored as the full image, as the seed does
-COORDS_SCALES = ("pixel", "qwen1000")
+COORDS_SCALES = ("pixel", "qwen1000", "unit")
+SCALED_GRIDS = {"qwen1000": 1000, "unit": 1}  # grid size of each scaled coords_scale: v on it is v * W / grid
+BOX_FORMATS = ("xyxy", "xywh")  # corners (x1, y1, x2, y2), or COCO's (x, y, w, h)
+# A scaled edge within this many pixels of a whole number is that number (float noise: 0.56 * 600 is
+# 336.00000000000006, which ceil would make 337).
+SNAP_PIXELS = 1e-6
 
 _SCOPE_TO_MASK_MODE = {"unedit_area": "outer", "edit_area": "inner"}
 
@@ -59,39 +64,62 @@ def _coordinate(value: object) -> float:
     return number
 
 
-def _truncate(number: float) -> int:
-    """``int(number)``, except that a product overflowing to +-inf (a huge finite coordinate
-    scaled by ``qwen1000``) becomes a huge int of that sign instead of raising OverflowError."""
-    if math.isinf(number):
-        return int(math.copysign(sys.float_info.max, number))
-    return int(number)
+def _finite_sum(first: float, second: float) -> float:
+    """``first + second``, a sum overflowing to +-inf held at +-float max (clipped later)."""
+    total = first + second
+    return math.copysign(sys.float_info.max, total) if math.isinf(total) else total
 
 
-def to_pixel_box(raw: Sequence[object], width: int, height: int, coords_scale: str = "pixel") -> Box:
-    """Turn one raw box into integer pixel coordinates of a ``width`` x ``height`` image.
+def box_corners(raw: Sequence[object], box_format: str = "xyxy") -> tuple[tuple[float, float, float, float], bool]:
+    """One raw box as ordered corners ``(x1, y1, x2, y2)`` in its own units, and whether they came swapped.
 
-    - ``pixel``: each value is truncated with ``int()`` (as the seed's parser does);
-    - ``qwen1000``: values on a 0..1000 grid become ``int(v * W / 1000)`` for x and
-      ``int(v * H / 1000)`` for y (as the seed's Qwen3-VL parser does).
-    Reversed boxes are swapped so that ``x1 <= x2`` and ``y1 <= y2``. No clipping here.
+    ``xyxy``: the four numbers are the corners; ``xywh`` (COCO): ``x1 = x, y1 = y, x2 = x + w, y2 = y + h``.
+    Reversed corners (``x1 > x2`` or ``y1 > y2``; a negative ``w`` or ``h``) are swapped.
     """
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    names = "x1, y1, x2, y2" if box_format == "xyxy" else "x, y, w, h"
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
         raise BoxError(f"box {raw!r} is not a list of 4 numbers")
     if len(raw) != 4:
-        raise BoxError(f"box {list(raw)!r} has {len(raw)} numbers, expected 4 (x1, y1, x2, y2)")
+        raise BoxError(f"box {list(raw)!r} has {len(raw)} numbers, expected 4 ({names})")
     x1, y1, x2, y2 = (_coordinate(v) for v in raw)
+    if box_format == "xywh":
+        x2, y2 = _finite_sum(x1, x2), _finite_sum(y1, y2)
+    swapped = x1 > x2 or y1 > y2
+    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)), swapped
+
+
+def _edge(number: float, up: bool) -> int:
+    """A scaled edge as a whole pixel, rounded outward: ``ceil`` for a high edge (``up``), ``floor`` for a
+    low one; within :data:`SNAP_PIXELS` of a whole number, that number; +-inf as a huge int of its sign."""
+    if math.isinf(number):
+        return int(math.copysign(sys.float_info.max, number))
+    nearest = round(number)
+    if abs(number - nearest) <= SNAP_PIXELS:
+        return int(nearest)
+    return math.ceil(number) if up else math.floor(number)
+
+
+def to_pixel_box(raw: Sequence[object], width: int, height: int, coords_scale: str = "pixel",
+                 box_format: str = "xyxy") -> Box:
+    """Turn one raw box into integer pixel coordinates of a ``width`` x ``height`` image.
+
+    - ``pixel``: each value is truncated with ``int()`` (as the seed's parser does);
+    - ``qwen1000`` (a 0..1000 grid) and ``unit`` (0..1): ``v * W / grid`` for x, ``v * H / grid`` for y,
+      rounded outward (``floor`` the low edge, ``ceil`` the high edge) so the box holds every pixel it
+      touches. (Before this release qwen1000 truncated with ``int()``, shrinking boxes.)
+    ``box_format`` is ``xyxy`` or ``xywh`` (:func:`box_corners`). Reversed boxes are swapped so that
+    ``x1 <= x2`` and ``y1 <= y2``. No clipping here.
+    """
+    (x1, y1, x2, y2), _ = box_corners(raw, box_format)
     if coords_scale == "pixel":
-        x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
-    elif coords_scale == "qwen1000":
-        x1, x2 = _truncate(x1 * width / 1000), _truncate(x2 * width / 1000)
-        y1, y2 = _truncate(y1 * height / 1000), _truncate(y2 * height / 1000)
-    else:
+        return (int(x1), int(y1), int(x2), int(y2))  # int() is monotone: the order holds
+    if coords_scale not in SCALED_GRIDS:
         raise ValueError(f"coords_scale must be one of {COORDS_SCALES}, got {coords_scale!r}")
-    if x1 > x2:
-        x1, x2 = x2, x1
-    if y1 > y2:
-        y1, y2 = y2, y1
-    return (x1, y1, x2, y2)
+    grid = SCALED_GRIDS[coords_scale]
+    return (_edge(x1 * width / grid, False), _edge(y1 * height / grid, False),
+            _edge(x2 * width / grid, True), _edge(y2 * height / grid, True))
 
 
 def rescale_box(box: Box, old_size: tuple[int, int], new_size: tuple[int, int]) -> Box:

@@ -28,7 +28,7 @@ from lpips_pipe.transforms.cache import BoundedCache
 from lpips_pipe.transforms.weights import (
     LPIPS_VERSION,
     ModelConfig,
-    _build_lpips,
+    build_lpips,
     head_weights,
     load_strict,
     resolve_weights,
@@ -234,7 +234,7 @@ class LpipsScorer:
             warn_slow_bf16(config, self.device)
         self.lanes, self.lane_threads = cpu_lanes(torch.get_num_threads()) if self.device.type == "cpu" else (1, 0)
         self._lane_pool: Optional[ThreadPoolExecutor] = None
-        model = _build_lpips(config.net)
+        model = build_lpips(config.net)
         resolved = resolve_weights(config, model.state_dict())
         load_strict(model, resolved.state_dict, resolved.source)
         model.eval().requires_grad_(False)

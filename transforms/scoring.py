@@ -72,14 +72,14 @@ with _without_model_manager():
     from apache_beam.ml.inference.base import ModelHandler, RunInference
 from apache_beam.utils.windowed_value import WindowedValue
 
-from lpips_pipe.transforms import layout, score_math, settings
+from lpips_pipe.transforms import interrupt, layout, score_math, settings
 from lpips_pipe.transforms.layout import CounterName
 from lpips_pipe.transforms.metrics import NAMESPACE, counter
 from lpips_pipe.transforms.scorer import LpipsScorer, cuda_available
 from lpips_pipe.transforms.weights import ModelConfig
 from lpips_pipe.transforms.progress import ProgressConfig
 from lpips_pipe.transforms.cache import BoundedCache
-from lpips_pipe.transforms.messages import RecordError
+from lpips_pipe.transforms.messages import RecordError, one_line
 from lpips_pipe.transforms.records import PreparedPair, RecordConfig, prepare_pair
 from lpips_pipe.transforms.schemas import RowFormat
 
@@ -100,6 +100,7 @@ DEFAULT_REFERENCE_CACHE_MB = 256
 # With reuse on CPU, Beam batches hold up to this many default budgets (8 pairs of 512x512).
 REUSE_CPU_BATCH_FACTOR = 8
 MAX_SCOPE_VALUES_COUNTED = 20
+MAX_EXAMPLE_ID = 80  # characters of an id kept in a box_flag_example counter's name
 
 
 def uses_cuda(device: str) -> bool:
@@ -341,6 +342,7 @@ class PreparePairs(beam.DoFn):
 
     def process(self, element: dict[str, Any], timestamp: Any = beam.DoFn.TimestampParam,
                 window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        interrupt.stop_if_requested()  # Ctrl-C: no new row once the finished ones are committed
         if self._pool is None:
             yield self._output(self._prepare(element))
             return
@@ -551,10 +553,19 @@ class ToScoreRow(beam.DoFn):
     def __init__(self, row_format: RowFormat, progress: Optional[ProgressConfig] = None) -> None:
         self._row_format = row_format
         self._progress = progress
+        self._flag_examples: set = set()  # flags whose example id this instance has counted
 
     def finish_bundle(self) -> None:
         if self._progress is not None:
             self._progress.meter().flush()
+
+    def _count_flags(self, pair: PreparedPair) -> None:
+        """``box_flags.<flag>`` per flag of the row, and the first row's id of each flag (per instance)."""
+        for flag in pair.box_flags:
+            counter(CounterName.box_flag(flag)).inc()
+            if flag not in self._flag_examples:
+                self._flag_examples.add(flag)
+                counter(CounterName.box_flag_example(flag, one_line(str(pair.record_id))[:MAX_EXAMPLE_ID])).inc()
 
     def process(self, scored: ScoredPair) -> Iterator[Any]:
         pair = scored.pair
@@ -572,6 +583,7 @@ class ToScoreRow(beam.DoFn):
             return
         counter(CounterName.PAIRS_SCORED).inc()
         counter(CounterName.PIXELS_SCORED).inc(pair.pixels)
+        self._count_flags(pair)
         row = self._row_format.score_row(pair.record_id, pair.row, {
             layout.LPIPS_FIELD: score_math.normalise_score(scored.raw_lpips, pair.mask_pixels, pair.width,
                                                            pair.height),
@@ -582,6 +594,7 @@ class ToScoreRow(beam.DoFn):
             layout.NET_FIELD: scored.net,
             layout.LPIPS_VERSION_FIELD: scored.lpips_version,
             layout.WEIGHTS_FIELD: scored.weights_sha256,
+            layout.BOX_FLAGS_FIELD: list(pair.box_flags),
         })
         if scored.drift_map is not None:
             row[layout.DRIFT_MAP_FIELD] = scored.drift_map

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import os
 import threading
 import time
 import uuid
@@ -36,11 +35,10 @@ import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms import interrupt, layout, ledger, paths
 
 ROWS_PER_WRITE = 64  # rows held as Python objects before they are written (error rows carry their images)
 # --num_shards 0 packs consecutive staged files into published files of up to this many bytes.
@@ -85,9 +83,9 @@ class _StagedWriter:
     def __init__(self, directory: str, kind: str, schema: pa.Schema) -> None:
         layout.mkdirs(directory)
         self.kind = kind
-        self.path = FileSystems.join(directory, f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
+        self.path = paths.join(directory, f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
                                                 f"{layout.PARQUET_SUFFIX}")
-        self._handle = FileSystems.create(self.path)
+        self._handle = paths.open_write(self.path)
         self._sink = ParquetFileSink(schema)
         self._sink.open(self._handle)
         self.rows = 0
@@ -171,6 +169,18 @@ _GROUPS: dict[tuple[str, int], _CommitGroup] = {}
 _GROUPS_LOCK = threading.Lock()
 
 
+def commit_this_thread() -> None:
+    """Commit every row the writers of this thread have staged (a clean stop: :mod:`transforms.interrupt`)."""
+    thread = threading.get_ident()
+    with _GROUPS_LOCK:
+        groups = [group for (_, ident), group in _GROUPS.items() if ident == thread]
+    for group in groups:
+        group.commit()
+
+
+interrupt.before_stop(commit_this_thread)
+
+
 def _group(token: str, output: str, plan: CommitPlan) -> _CommitGroup:
     key = (token, threading.get_ident())
     with _GROUPS_LOCK:
@@ -226,9 +236,7 @@ class _StageRows(beam.DoFn):
 
 def _size(path: str) -> int:
     try:
-        if "://" not in path:
-            return os.path.getsize(path)
-        return FileSystems.match([layout.escape_glob(path)])[0].metadata_list[0].size_in_bytes
+        return paths.size(path)
     except Exception:  # pylint: disable=broad-except  # unknown: pack it as if large
         return PACK_BYTES
 
@@ -280,13 +288,13 @@ class _BuildPack(beam.DoFn):
 
     def process(self, pack: tuple[str, int, int, list[str]]) -> Iterator[tuple[str, str, str, list[str]]]:
         kind, index, count, sources = pack
-        final = FileSystems.join(layout.kind_dir(self._output, kind), layout.shard_name(index, count, self._tag))
+        final = paths.join(layout.kind_dir(self._output, kind), layout.shard_name(index, count, self._tag))
         if len(sources) == 1:
             yield kind, final, sources[0], []
             return
         directory = layout.staging_run_dir(self._output, self._run, layout.STAGING_PUBLISH)
         layout.mkdirs(directory)
-        merged = FileSystems.join(directory, f"{kind}-{self._tag or 'all'}-{index:05d}-{uuid.uuid4().hex[:8]}"
+        merged = paths.join(directory, f"{kind}-{self._tag or 'all'}-{index:05d}-{uuid.uuid4().hex[:8]}"
                                              f"{layout.PARQUET_SUFFIX}")
         merge_files(sources, merged, self._schemas[kind])
         yield kind, final, merged, list(sources)
@@ -295,7 +303,7 @@ class _BuildPack(beam.DoFn):
 def merge_files(sources: Sequence[str], destination: str, schema: pa.Schema) -> None:
     """``sources`` (Parquet files with ``schema``) into one file, row group by row group (an empty file with
     the schema when there are none)."""
-    with FileSystems.create(destination) as handle:
+    with paths.open_write(destination) as handle:
         writer = pq.ParquetWriter(handle, schema)
         for source in sources:
             with layout.open_parquet(source) as parquet:

@@ -122,7 +122,8 @@ class ScoreLPIPS(beam.PTransform):
     with or without maps. Error rows never carry a map; :class:`WriteScores` does not write the key.
 
     Score dicts carry ``id``, ``lpips``, ``measured_fraction``, ``mask_mode``, ``width``, ``height``,
-    ``net``, ``lpips_version``, ``weights_sha256`` and the row's other non-image fields (one colliding
+    ``net``, ``lpips_version``, ``weights_sha256``, ``box_flags`` (what was odd about the boxes, README
+    "Boxes") and the row's other non-image fields (one colliding
     with an output name is kept as ``input_<name>``); error dicts carry the original row plus
     ``error_stage``, ``error_type``, ``error_message``.
     """

