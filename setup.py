@@ -27,7 +27,7 @@ setup(
     package_dir={"lpips_pipe.pipeline": "pipeline", "lpips_pipe.transforms": "transforms"},
     package_data={"lpips_pipe": ["py.typed"]},
     install_requires=[
-        "apache-beam>=2.77.0,<3",
+        "apache-beam[aws]>=2.77.0,<3",  # s3:// (boto3) for every install: workers read and write object stores
         "torch>=2.6",
         "torchvision",
         "lpips==0.1.4",
@@ -42,15 +42,14 @@ setup(
     # fsspec: image URIs Beam's filesystems do not know (hf://, http(s)://), with that protocol's package.
     # aws / gcs: Beam's s3:// and gs:// filesystems (the set-up and the Docker image install aws; gcs is opt-in:
     # docs/RUNNING.md, "Object storage", says why). Exact versions: constraints.txt.
-    extras_require={"demo": ["scikit-image"], "uris": ["fsspec"], "aws": ["apache-beam[aws]>=2.77.0,<3"],
-                    "gcs": ["apache-beam[gcp]>=2.77.0,<3"]},
+    extras_require={"demo": ["scikit-image"], "uris": ["fsspec"], "gcs": ["apache-beam[gcp]>=2.77.0,<3"]},
     entry_points={
         "console_scripts": [
-            "lpips-pipe=lpips_pipe.pipeline.cli:console_main",
-            "lpips-pipe-calibrate=lpips_pipe.pipeline.calibrate:main",
+            "lpips-pipe=lpips_pipe.pipeline.launch:console_main",  # --help at once, else pipeline.cli:console_main
+            "lpips-pipe-calibrate=lpips_pipe.pipeline.calibrate.command:main",
             "lpips-pipe-export-weights=lpips_pipe.pipeline.export_weights:main",
-            "lpips-pipe-filter=lpips_pipe.pipeline.filter:main",
-            "lpips-pipe-report=lpips_pipe.pipeline.report:main",
+            "lpips-pipe-filter=lpips_pipe.pipeline.filter.command:main",
+            "lpips-pipe-report=lpips_pipe.pipeline.report.writer:main",
         ]
     },
 )

@@ -95,7 +95,7 @@ def part_seed(path: str) -> dict:
     import pyarrow.parquet as pq
 
     from tests.seed_reference import SeedLPIPSPipe, open_image
-    from lpips_pipe.transforms.weights import ModelConfig, resolve_weights
+    from lpips_pipe.transforms.model.weights import ModelConfig, resolve_weights
 
     seed = SeedLPIPSPipe(resolve_weights(ModelConfig(net="alex")).state_dict, net="alex")
     table = pq.read_table(path)
@@ -114,11 +114,12 @@ def part_bound(path: str, precision: str, device: str, pairs: int, reuse: bool) 
     import pyarrow.parquet as pq
     import torch
 
-    from lpips_pipe.transforms.scorer import LpipsScorer
-    from lpips_pipe.transforms.weights import ModelConfig
+    from lpips_pipe.transforms.model.scorer import LpipsScorer
+    from lpips_pipe.transforms.model.weights import ModelConfig
     from lpips_pipe.transforms.cache import BoundedCache
-    from lpips_pipe.transforms.records import RecordConfig, prepare_pair
-    from lpips_pipe.transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
+    from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
+    from lpips_pipe.transforms.beam.config import DEFAULT_REFERENCE_CACHE_MB
+    from lpips_pipe.transforms.beam.scoring import reference_cache_bytes
 
     feature_bytes, decoded_bytes = reference_cache_bytes(DEFAULT_REFERENCE_CACHE_MB if reuse else 0)
     scorer = LpipsScorer(ModelConfig(net="alex", device=device, precision=precision))
@@ -208,7 +209,7 @@ def part_e2e(path: str, out: str, precision: str, extra: list[str]) -> dict:
 
 def read_scores(out: str) -> dict:
     """id -> lpips of a run's scores (``OUT/scores/*.parquet``, via :mod:`transforms.layout`)."""
-    from lpips_pipe.transforms import layout
+    from lpips_pipe.transforms.outputs import layout
 
     scores = {}
     for file in layout.kind_files(out, layout.SCORES):

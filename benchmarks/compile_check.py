@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair  # noqa: E402
-from lpips_pipe.transforms.scorer import LpipsScorer  # noqa: E402
-from lpips_pipe.transforms.weights import ModelConfig  # noqa: E402
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair  # noqa: E402
+from lpips_pipe.transforms.model.scorer import LpipsScorer  # noqa: E402
+from lpips_pipe.transforms.model.weights import ModelConfig  # noqa: E402
 
 BATCH = 8
 

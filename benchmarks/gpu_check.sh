@@ -72,9 +72,9 @@ timeout 300 "$PY" - "$WORK/pairs.parquet" "$DEVICE" "$DRY" <<'EOF'
 import os, sys, time
 sys.path.insert(0, ".")
 import numpy as np, pyarrow.parquet as pq, torch
-from lpips_pipe.transforms.scorer import LpipsScorer
-from lpips_pipe.transforms.weights import ModelConfig
-from lpips_pipe.transforms.records import BoundedCache, RecordConfig, prepare_pair
+from lpips_pipe.transforms.model.scorer import LpipsScorer
+from lpips_pipe.transforms.model.weights import ModelConfig
+from lpips_pipe.transforms.records.pairs import BoundedCache, RecordConfig, prepare_pair
 
 path, device, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 rows = pq.read_table(path).to_pylist()
@@ -121,10 +121,11 @@ timeout 300 "$PY" - "$WORK/pairs.parquet" "$DEVICE" <<'EOF'
 import os, sys, time
 sys.path.insert(0, ".")
 import numpy as np, pyarrow.parquet as pq, torch
-from lpips_pipe.transforms.scorer import LpipsScorer
-from lpips_pipe.transforms.weights import ModelConfig
-from lpips_pipe.transforms.records import BoundedCache, RecordConfig, prepare_pair
-from lpips_pipe.transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes
+from lpips_pipe.transforms.model.scorer import LpipsScorer
+from lpips_pipe.transforms.model.weights import ModelConfig
+from lpips_pipe.transforms.records.pairs import BoundedCache, RecordConfig, prepare_pair
+from lpips_pipe.transforms.beam.config import DEFAULT_REFERENCE_CACHE_MB
+from lpips_pipe.transforms.beam.scoring import reference_cache_bytes
 
 path, device = sys.argv[1], sys.argv[2]
 rows = pq.read_table(path).to_pylist()

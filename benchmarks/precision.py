@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lpips_pipe.pipeline.demo import demo_table  # noqa: E402
-from lpips_pipe.transforms import score_math  # noqa: E402
-from lpips_pipe.transforms.scorer import LpipsScorer
-from lpips_pipe.transforms.weights import ModelConfig  # noqa: E402
-from lpips_pipe.transforms.records import RecordConfig, RecordError, prepare_pair  # noqa: E402
+from lpips_pipe.transforms.records import score_math  # noqa: E402
+from lpips_pipe.transforms.model.scorer import LpipsScorer
+from lpips_pipe.transforms.model.weights import ModelConfig  # noqa: E402
+from lpips_pipe.transforms.records.pairs import RecordConfig, RecordError, prepare_pair  # noqa: E402
 
 VALIDATION = os.path.join(ROOT, "..", "shared", "validation")
 VALIDATION_PAIRS = [

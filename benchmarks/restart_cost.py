@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.data_helpers import encode, photo  # noqa: E402
-from lpips_pipe.transforms import layout, ledger  # noqa: E402
+from lpips_pipe.transforms.outputs import ledger  # noqa: E402
+from lpips_pipe.transforms.outputs import layout
 
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
@@ -66,7 +67,7 @@ def make_ledger(output: str, inputs: list[str]) -> None:
 LEDGER_ONLY = r"""
 import resource, sys, time
 started = time.monotonic()
-from lpips_pipe.transforms import ledger
+from lpips_pipe.transforms.outputs import ledger
 state = ledger.read_state(sys.argv[1])
 done = state.done()
 print(f"{len(done)} files, {time.monotonic() - started:.2f} s, {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

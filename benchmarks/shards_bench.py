@@ -6,10 +6,10 @@
 Builds N pairs of SIZE x SIZE real photographs (``benchmarks/bench.py``'s pairs: distinct crops of the demo
 photos, the demo's four edits in turn, one box each), every other reference and its edit re-encoded as JPEG
 (so both PNG and JPEG members), and writes them three ways (cached in ``bench_out/shards/``): one Parquet file
-(row groups of 64), ``--shards`` ``.tar`` shards and as many ``.tar.gz`` shards (``transforms.tar_io.write_shard``:
+(row groups of 64), ``--shards`` ``.tar`` shards and as many ``.tar.gz`` shards (``transforms.webdataset.write_shard``:
 ``<key>.ref_image.<ext>``, ``<key>.edited_image.<ext>``, ``<key>.json``). Then:
 
-- read: every row of each input through the job's reader (``ReadParquetSplit`` over the planned splits,
+- read: every row of each input through the job's reader (``ReadInputSplit`` over the planned splits,
   planning included), in this process, best of 3; rows/s and MB/s of image bytes;
 - e2e: ``python -m pipeline --input ... --output ... --overwrite --no_report`` on each, fresh processes,
   the variants alternating, ``--repeats`` rounds; wall seconds (best and median), whole-process pairs/s and
@@ -54,7 +54,7 @@ def build(folder: str, pairs: int, size: int, shards: int) -> dict[str, str]:
 
     from bench import make_pairs
     from lpips_pipe.pipeline.demo import PAIRS_SCHEMA
-    from lpips_pipe.transforms import tar_io
+    from lpips_pipe.transforms.inputs import webdataset
 
     os.makedirs(folder, exist_ok=True)
     tag = f"{pairs}x{size}-{shards}"
@@ -77,20 +77,20 @@ def build(folder: str, pairs: int, size: int, shards: int) -> dict[str, str]:
         os.makedirs(directory, exist_ok=True)
         for shard in range(shards):
             part = rows[shard * per:(shard + 1) * per]
-            tar_io.write_shard(os.path.join(directory, f"shard-{shard:05d}{suffix}"), part,
+            webdataset.write_shard(os.path.join(directory, f"shard-{shard:05d}{suffix}"), part,
                                keys=[f"{shard:05d}/{shard * per + i:06d}" for i in range(len(part))])
     return inputs
 
 
 def read_rate(pattern: str) -> tuple[float, int, int]:
     """Best-of-3 seconds to plan and read every row of ``pattern`` through the job's reader; rows, image bytes."""
-    from lpips_pipe.transforms.parquet_io import ReadParquetSplit, match_inputs, plan_files
+    from lpips_pipe.transforms.inputs.files import ReadInputSplit, match_inputs, plan_files
 
     best, rows, data = float("inf"), 0, 0
     for _ in range(3):
         start = time.perf_counter()
         _, splits = plan_files(match_inputs(pattern))
-        reader = ReadParquetSplit("id", ("ref_image", "edited_image"), with_source=True)
+        reader = ReadInputSplit("id", ("ref_image", "edited_image"), with_source=True)
         rows = data = 0
         for split in splits:
             for _, row in reader.process(split):

@@ -23,21 +23,21 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["ScoreLPIPS", "ReadPairs", "WriteScores", "ScoreOutputs", "masked_lpips", "RecordError", "run"]
 
 _WHERE = {
-    "ScoreLPIPS": "lpips_pipe.transforms.stage",
-    "ReadPairs": "lpips_pipe.transforms.stage",
-    "WriteScores": "lpips_pipe.transforms.stage",
-    "ScoreOutputs": "lpips_pipe.transforms.scoring",
-    "masked_lpips": "lpips_pipe.transforms.masked",
+    "ScoreLPIPS": "lpips_pipe.transforms.beam.stage",
+    "ReadPairs": "lpips_pipe.transforms.beam.stage",
+    "WriteScores": "lpips_pipe.transforms.beam.stage",
+    "ScoreOutputs": "lpips_pipe.transforms.beam.scoring",
+    "masked_lpips": "lpips_pipe.transforms.model.masked",
     "RecordError": "lpips_pipe.transforms.messages",
     "run": "lpips_pipe.pipeline.job",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from lpips_pipe.pipeline.job import run
-    from lpips_pipe.transforms.masked import masked_lpips
+    from lpips_pipe.transforms.model.masked import masked_lpips
     from lpips_pipe.transforms.messages import RecordError
-    from lpips_pipe.transforms.scoring import ScoreOutputs
-    from lpips_pipe.transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
+    from lpips_pipe.transforms.beam.scoring import ScoreOutputs
+    from lpips_pipe.transforms.beam.stage import ReadPairs, ScoreLPIPS, WriteScores
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,6 @@
 
 import sys
 
-from lpips_pipe.pipeline.cli import console_main
+from lpips_pipe.pipeline.launch import console_main  # --help without Beam/torch, else pipeline.cli
 
 sys.exit(console_main())

@@ -26,10 +26,15 @@ from typing import Iterator, Mapping, Optional, Sequence
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from lpips_pipe.transforms import paths
 from lpips_pipe.pipeline import job
-from lpips_pipe.pipeline import report as run_report
-from lpips_pipe.pipeline.options import LpipsPipeOptions, OptionsError, help_text, parse_options
-from lpips_pipe.transforms import interrupt, layout, ledger
+from lpips_pipe.pipeline.report import markdown
+from lpips_pipe.pipeline.report import writer
+from lpips_pipe.pipeline.flags import help_text
+from lpips_pipe.pipeline.options import LpipsPipeOptions, OptionsError, parse_options
+from lpips_pipe.transforms.beam import interrupt
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import layout
 
 _LOGGER = logging.getLogger("lpips_pipe")
 PROG = "lpips-pipe"
@@ -117,7 +122,7 @@ def describe_written(output: str) -> str:
     if state is not None and state.commits and not state.published:
         parts.append(f"{state.done_rows} rows it finished are in {staging}, committed: run the same command again "
                      "to keep them and score the rest")
-    elif layout.match(FileSystems.join(layout.escape_glob(staging), f"{layout.SCORES}-*", "*")):  # older releases
+    elif paths.match(FileSystems.join(paths.escape_glob(staging), f"{layout.SCORES}-*", "*")):  # older releases
         parts.append(f"rows it finished are in {staging}: pass '{FileSystems.join(staging, 'scores-*', '*')}' to "
                      "--skip_existing when rerunning into a new --output")
     return "; ".join(parts)
@@ -130,7 +135,7 @@ def _print_error(message: str) -> None:
 def _report(options: LpipsPipeOptions, outcome: job.JobOutcome) -> None:
     """Write and print the report; a failure here is a warning (the outputs are complete)."""
     try:
-        report = run_report.write_report(options.output, outcome.counters, options.report_group_column,
+        report = writer.write_report(options.output, outcome.counters, options.report_group_column,
                                          outcome.stage_msecs, outcome.wall_s, report_k=options.report_k,
                                          report_threshold=options.report_threshold, report_seed=options.report_seed)
     except Exception as error:  # the report is a summary of finished outputs: never fail the run for it
@@ -139,8 +144,8 @@ def _report(options: LpipsPipeOptions, outcome: job.JobOutcome) -> None:
               f"({type(error).__name__}: {error}); `lpips-pipe-report {options.output}` retries it",
               file=sys.stderr)
         return
-    print(run_report.format_table(report))
-    print(f"  report: {', '.join(run_report.report_paths(options.output) + [run_report.page_path(options.output)])}")
+    print(markdown.format_table(report))
+    print(f"  report: {', '.join(writer.report_paths(options.output) + [writer.page_path(options.output)])}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

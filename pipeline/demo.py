@@ -117,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code = run_main(["--input", pairs, "--output", out, "--overwrite", *beam_args])
     if code:
         return code
-    from lpips_pipe.transforms import layout
+    from lpips_pipe.transforms.outputs import layout
 
     scores = _read_all(layout.kind_files(out, layout.SCORES))
     errors = _read_all(layout.kind_files(out, layout.ERRORS))
@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _read_all(paths: Sequence[str]) -> pa.Table:
     """The rows of ``paths`` (any Beam filesystem) as one table; an empty table when there are none."""
-    from lpips_pipe.transforms import layout
+    from lpips_pipe.transforms.outputs import layout
 
     tables = []
     for path in paths:

@@ -14,7 +14,8 @@ import sys
 from typing import Optional, Sequence
 
 from lpips_pipe.transforms import paths
-from lpips_pipe.transforms.weights import NETS, ModelConfig, WeightsUnavailable, export_weights
+from lpips_pipe.transforms.model.config import NETS, ModelConfig
+from lpips_pipe.transforms.model.weights import WeightsUnavailable, export_weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import shutil
 import socket
 import tempfile
@@ -33,20 +32,27 @@ from apache_beam.metrics import monitoring_infos
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from lpips_pipe.pipeline.options import DEFAULT_BATCH_RUNNER, DEFAULT_ID_COLUMN, LpipsPipeOptions, OptionsError, config_of, parse_options
-from lpips_pipe.transforms import ids as record_ids
-from lpips_pipe.transforms import interrupt, layout, ledger, paths
-from lpips_pipe.transforms.metrics import NAMESPACE
-from lpips_pipe.transforms.parquet_io import ParquetSplit, match_inputs, plan_files, read_split_column, rows_per_file
-from lpips_pipe.transforms.progress import ProgressBar, ProgressConfig
-from lpips_pipe.transforms.records import RecordConfig
+from lpips_pipe.pipeline import runners
+from lpips_pipe.pipeline.flags import DEFAULT_ID_COLUMN
+from lpips_pipe.pipeline.options import DEFAULT_BATCH_RUNNER, LpipsPipeOptions, OptionsError, config_of, parse_options
+from lpips_pipe.transforms.inputs import ids as record_ids
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.beam import interrupt
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.beam.metrics import NAMESPACE
+from lpips_pipe.transforms.inputs.split import InputSplit, rows_per_file
+from lpips_pipe.transforms.inputs.files import match_inputs, plan_files, read_split_column
+from lpips_pipe.transforms.beam.progress import ProgressBar, ProgressConfig
+from lpips_pipe.transforms.records.pairs import RecordConfig
 from lpips_pipe.transforms.uri_io import unsupported_uri_scheme
-from lpips_pipe.transforms.schemas import OutputSchemas, build_output_schemas, model_settings
-from lpips_pipe.transforms.scoring import ScoringConfig, WorkerPlan, plan_workers
-from lpips_pipe.transforms.scorer import check_device
-from lpips_pipe.transforms.stage import ReadPairs, ScoreLPIPS, WriteScores
-from lpips_pipe.transforms.sink import CommitPlan
-from lpips_pipe.transforms.weights import LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, checked_weights
+from lpips_pipe.transforms.outputs.schemas import OutputSchemas, build_output_schemas, model_settings
+from lpips_pipe.transforms.beam.scoring import ScoringConfig, WorkerPlan, plan_workers
+from lpips_pipe.transforms.model.scorer import check_device
+from lpips_pipe.transforms.beam.stage import ReadPairs, ScoreLPIPS, WriteScores
+from lpips_pipe.transforms.outputs.sink import CommitPlan
+from lpips_pipe.transforms.model.weights import (LPIPS_VERSION, ModelConfig, UnsafeWeightsFile, WeightsUnavailable,
+                                                 checked_weights)
 
 _LOGGER = logging.getLogger("lpips_pipe")
 # Beam's execution-time metric, as the runner's results name it (its URN without the "beam:" prefix).
@@ -65,7 +71,7 @@ class JobPlan:
 
     options: LpipsPipeOptions
     files: tuple[str, ...]
-    splits: tuple[ParquetSplit, ...]
+    splits: tuple[InputSplit, ...]
     schemas: OutputSchemas
     records: RecordConfig
     model: ModelConfig
@@ -195,7 +201,7 @@ def probe_output(folder: str, output: str) -> None:
         raise JobError(f"--output {output} cannot be written ({reason})") from error
 
 
-def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[ParquetSplit]]:
+def read_schema(files: Sequence[str]) -> tuple[pa.Schema, list[InputSplit]]:
     """The common schema of ``files`` (the same columns in each) and their splits."""
     try:
         return plan_files(files)
@@ -217,7 +223,7 @@ def output_schemas(schema: pa.Schema, options: LpipsPipeOptions, records: Record
         raise JobError(f"{source}: {error}") from error
 
 
-def check_image_uris(splits: Sequence[ParquetSplit], schema: pa.Schema, records: RecordConfig) -> None:
+def check_image_uris(splits: Sequence[InputSplit], schema: pa.Schema, records: RecordConfig) -> None:
     """Path/URI image columns: refuse the job only when no row could be read at all (every value a scheme
     nothing here reads: ``hf://`` without fsspec, ``gs://`` without Beam's GCP extra, an unknown scheme).
     A few such rows among readable ones are error rows ``UnsupportedUri`` naming the package that would
@@ -297,7 +303,7 @@ def read_restart(options: LpipsPipeOptions, mode: str, existing: Sequence[str]) 
     return state
 
 
-def plan_kept(splits: Sequence[ParquetSplit], done: dict[str, ledger.Ranges]) -> tuple[list[ParquetSplit], int]:
+def plan_kept(splits: Sequence[InputSplit], done: dict[str, ledger.Ranges]) -> tuple[list[InputSplit], int]:
     """``splits`` with kept masks for the rows an interrupted run finished (``done``), and how many."""
     planned, kept = [], 0
     for split in splits:
@@ -323,6 +329,9 @@ def plan_job(options: LpipsPipeOptions, files: Optional[Sequence[str]] = None, m
         files = list(files) if files is not None else match_inputs(options.input)
     except (OSError, ValueError) as error:
         raise JobError(f"--input {options.input}: {paths.describe_error(error)}") from error
+    output_folder = paths.absolute(options.output).rstrip("/") + "/"
+    if paths.isdir(options.input):  # a folder's files at any depth: never the outputs of a run written inside it
+        files = [path for path in files if not paths.absolute(path).startswith(output_folder)]
     if not files:
         raise JobError(f"no file matches --input {options.input}")
     existing = layout.output_files(options.output)
@@ -460,69 +469,6 @@ class OutputLock:
         self.release()
 
 
-def _proc_children(parent: int) -> list[tuple[int, str]]:
-    """``(pid, command line)`` of the processes whose parent is ``parent`` (Linux ``/proc``; else none)."""
-    found = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == parent:
-            found.append((int(entry), command))
-    return found
-
-
-def record_runner_processes(output: str) -> None:
-    """Note the locally built runner processes this run started (Prism, the Flink job server), so that if the
-    run is killed (SIGKILL leaves them running, orphaned) the next run into ``output`` stops them."""
-    if not paths.is_local(output):
-        return
-    from lpips_pipe.pipeline import runners  # noqa: PLC0415
-
-    home = str(runners.runners_home())
-    pids = [str(pid) for pid, command in _proc_children(os.getpid()) if home in command]
-    if pids:
-        os.makedirs(layout.staging_dir(output), exist_ok=True)
-        with open(layout.runner_pids_path(output), "w", encoding="utf-8") as handle:
-            handle.write(" ".join(pids))
-
-
-def forget_runner_processes(output: str) -> None:
-    """The run ended here (its runners stopped with it): nothing to stop next time."""
-    path = layout.runner_pids_path(output)
-    if paths.is_local(output) and os.path.exists(path):
-        os.remove(path)
-
-
-def stop_orphaned_runners(output: str) -> int:
-    """Stop the runner processes a killed earlier run into ``output`` left behind (recorded by
-    :func:`record_runner_processes`, still alive, orphaned and still that runner); returns how many."""
-    path = layout.runner_pids_path(output)
-    if not paths.is_local(output) or not os.path.exists(path):
-        return 0
-    from lpips_pipe.pipeline import runners  # noqa: PLC0415
-
-    with open(path, encoding="utf-8") as handle:
-        pids = {int(word) for word in handle.read().split() if word.isdigit()}
-    os.remove(path)
-    home = str(runners.runners_home())
-    stopped = 0
-    for pid, command in _proc_children(1):
-        if pid in pids and home in command:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                stopped += 1
-            except OSError:
-                pass
-    return stopped
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -546,11 +492,11 @@ def prepare_output(plan: JobPlan, mode: str = ledger.BATCH) -> None:
             if paths.exists(path):
                 stale.append(path)
         if stale:
-            layout.delete(stale)
+            paths.delete(stale)
             _LOGGER.info("--overwrite: removed %d earlier output file(s) and folder(s) from %s; starting over",
                          len(stale), plan.output)
     elif plan.restart is not None:
-        stopped = stop_orphaned_runners(plan.output)
+        stopped = runners.stop_orphaned_runners(plan.output)
         if stopped:
             _LOGGER.info("restart: stopped %d runner process(es) the killed earlier run had left running", stopped)
         finished = ledger.roll_forward(plan.restart)
@@ -668,7 +614,7 @@ def run_plan(plan: JobPlan, pipeline_options: PipelineOptions, bar_stream: Any =
         with ProgressBar(bar_dir, plan.rows_to_score, bar_stream) if bar_dir else contextlib.nullcontext(), \
                 interrupt.handling_sigint() if runs_in_this_process(pipeline_options) else contextlib.nullcontext():
             result = pipeline.run()
-            record_runner_processes(plan.output)
+            runners.record_runner_processes(plan.output)
             result.wait_until_finish()
         wall_s = time.monotonic() - started
         if bar_dir:

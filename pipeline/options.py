@@ -4,7 +4,8 @@ Beam's own flags (``--runner``, ``--direct_num_workers``, ``--setup_file``, ...)
 Each is declared once, as a field of the config it belongs to (:mod:`transforms.settings`): how records are
 read (:class:`~transforms.records.RecordConfig`), the model (:class:`~transforms.weights.ModelConfig`), how a
 worker batches and decodes (:class:`~transforms.scoring.ScoringConfig`), the report
-(:class:`~pipeline.report.ReportConfig`) and the job itself (:class:`JobConfig`, here). The command line, the
+(:class:`~pipeline.report.config.ReportConfig`) and the job itself (:class:`~pipeline.flags.JobConfig`); they
+and ``--help`` are in :mod:`pipeline.flags` (no Beam, no torch). The command line, the
 checks and :class:`transforms.stage.ScoreLPIPS`'s keywords all come from those declarations;
 :func:`config_of` reads a parsed command line back into any of them.
 """
@@ -13,19 +14,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions, PipelineOptions, PortableOptions,
                                                   StandardOptions)
 
-from lpips_pipe.pipeline.report import ReportConfig
+# The declarations (JobConfig, CONFIGS) and --help live in pipeline/flags.py, which imports neither Beam nor torch.
+from lpips_pipe.pipeline.flags import CONFIGS, flag_names, unknown_message
 from lpips_pipe.transforms import paths, settings
-from lpips_pipe.transforms.records import RecordConfig
-from lpips_pipe.transforms.scoring import ScoringConfig
-from lpips_pipe.transforms.weights import ModelConfig
 
-DEFAULT_ID_COLUMN = "id"
 # Beam's DirectRunner would first try the Prism runner, which downloads a binary; for a batch job it then
 # falls back to this engine anyway, so batch jobs name it directly.
 DEFAULT_BATCH_RUNNER = "FnApiRunner"
@@ -35,50 +32,6 @@ class OptionsError(ValueError):
     """A command line Beam or we cannot take (an unknown flag, a bad value)."""
 
 
-@dataclass(frozen=True)
-class JobConfig:
-    """The options of the command line's job itself (inputs, outputs, restarts, streams, exit codes),
-    declared once (:mod:`transforms.settings`)."""
-
-    input: Optional[str] = settings.option(None, "Parquet, JSON Lines or WebDataset tar shard file(s) or glob "
-                                                 "(local, gs://, s3://, ...) of image pairs.")
-    output: Optional[str] = settings.option(None, "Directory for scores/, errors/ (Parquet) and report/.")
-    overwrite: bool = settings.option(False, "Replace the outputs, report and restart ledger already in --output "
-                                             "(default: a finished run's outputs are refused, an interrupted run "
-                                             "is continued).", settings.switch())
-    id_column: Optional[str] = settings.option(None, f"Id column (default {DEFAULT_ID_COLUMN!r} if present, else "
-                                                     "<file>:<row> ids).")
-    watch_interval: float = settings.option(0.0, "With --streaming: look for new files matching --input every S "
-                                                 "seconds (default 10 when streaming). Given alone it turns "
-                                                 "--streaming on.", settings.seconds())
-    watch_stop_after: float = settings.option(0.0, "With --streaming: stop by itself after S seconds (0 = until "
-                                                   "interrupted).", settings.seconds())
-    window_s: float = settings.option(0.0, "With --streaming: rows are written in windows of S seconds of arrival "
-                                           "time (0 = the watch interval).", settings.seconds())
-    allow_mixed: bool = settings.option(False, "Let a restart or --skip_existing continue from scores made with "
-                                               "another net, lpips version, weights, mask mode, max_side or "
-                                               "precision (default: refuse, naming the field).", settings.switch())
-    max_error_fraction: float = settings.option(1.0, "Exit 3 when more than this fraction of the rows went to "
-                                                     "errors (default 1.0: only when every row failed).",
-                                                settings.fraction())
-    num_shards: int = settings.option(0, "At most this many files per output, merged at the end (0 = files of up "
-                                         "to 128 MB).", settings.count(0))
-    skip_existing: Optional[str] = settings.option(None, "Resume from another folder: skip input rows whose id is "
-                                                         "already in these earlier outputs (a directory means its "
-                                                         "scores/*.parquet; or a file/glob of Parquet files with an "
-                                                         "id column).", metavar="DIR_OR_GLOB")
-    no_report: bool = settings.option(False, "Do not write report/ (report.md, report.json, histogram.png, "
-                                             "index.html) into --output after the run.", settings.switch())
-    progress_interval_s: float = settings.option(30.0, "A progress line (rows done, rate, ETA) at most this often "
-                                                       "per worker, or a live bar in a terminal (0 = off).",
-                                                 settings.seconds())
-
-    def __post_init__(self) -> None:
-        settings.check(self)
-
-
-# Every config whose options the command line takes, in --help's order.
-CONFIGS = (JobConfig, RecordConfig, ModelConfig, ScoringConfig, ReportConfig)
 Config = TypeVar("Config")
 
 
@@ -137,20 +90,6 @@ def unknown_flags(argv: Sequence[str]) -> list[str]:
     return found
 
 
-def help_text() -> str:
-    """``--help`` of our options (Beam's own options pass through unchanged)."""
-    parser = argparse.ArgumentParser(
-        prog="lpips-pipe",
-        description="Score (reference, edited) image pairs in Parquet or JSON Lines with masked, area-normalised "
-                    "LPIPS.",
-        epilog="Beam's options (--runner, --streaming, --direct_num_workers, --setup_file, ...) pass through to "
-               "Beam. Exit codes: 0 done, 1 the job failed, 2 a mistake found before anything ran, 3 more rows "
-               "failed than --max_error_fraction allows.",
-    )
-    LpipsPipeOptions._add_argparse_args(parser)  # pylint: disable=protected-access
-    return parser.format_help()
-
-
 def parse_options(argv: Sequence[str]) -> PipelineOptions:
     """Beam's options of ``argv`` with ours checked, unknown flags refused, and the runner chosen: the
     in-process engine for a batch job; for ``--streaming`` (or ``--watch_interval``) the local streaming
@@ -158,7 +97,8 @@ def parse_options(argv: Sequence[str]) -> PipelineOptions:
     argv = list(argv)
     unknown = unknown_flags(argv)
     if unknown:
-        raise OptionsError(f"unknown option(s): {' '.join(unknown)} (see --help)")
+        known = [*flag_names(), *PipelineOptions([]).get_all_options()]  # ours and every registered Beam option
+        raise OptionsError(unknown_message(unknown, known))
     pipeline_options = PipelineOptions(argv)  # a bad value: argparse says so and exits 2
     paths.configure(pipeline_options)  # Beam's filesystem options (--s3_*, GCP's; else the environment)
     options = pipeline_options.view_as(LpipsPipeOptions)

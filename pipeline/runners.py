@@ -10,17 +10,23 @@ script builds them once, at the versions of ``runners/versions.env``, into ``$LP
   set-up step) when the runner is not built, instead of letting Beam try a download;
 - :func:`default_streaming_runner` picks the streaming runner that is built (Prism, else embedded Flink);
 - :func:`flink_dist_home` finds the unpacked Flink distribution (the tests' standalone cluster,
-  ``tests/cluster.py``).
+  ``tests/cluster.py``);
+- :func:`record_runner_processes` notes the runner processes a run started, so that the next run into the same
+  output stops them if the run was killed and left them orphaned (:func:`stop_orphaned_runners`).
 
-Only the standard library is imported at module level; Beam's options module is imported when needed.
+Beam's options module is imported when needed.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Dict, Optional
+
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.outputs import layout
 
 SETUP_STEP = "bash scripts/setup_runners.sh"
 
@@ -81,10 +87,22 @@ def flink_dist_home() -> Optional[str]:
     return str(home) if ready else None
 
 
-def not_set_up(what: str) -> RunnerUnavailable:
-    """The one-line error for a piece the set-up script builds that is not built here."""
-    return RunnerUnavailable(f"{what} is not set up on this machine; run `{SETUP_STEP}` first "
-                             f"(it builds it into {runners_home()})")
+# What `bash scripts/setup_runners.sh <piece>` builds, with what, and roughly how long the first time (a rerun
+# with the piece in place takes a second).
+BUILDS = {
+    "prism": "Go >= 1.26 builds it from Beam's Go module, a few minutes the first time",
+    "flink": "Java 11/17 and Maven assemble the job-server jar, and the Flink distribution (~235 MB) is fetched "
+             "with pip: about 5 minutes the first time",
+}
+
+
+def not_set_up(what: str, piece: str = "") -> RunnerUnavailable:
+    """The one-line error for a piece the set-up script builds that is not built here: the command that builds
+    it (only that ``piece``, ``prism`` or ``flink``, when named), what it needs and roughly how long."""
+    step = f"{SETUP_STEP} {piece}" if piece else SETUP_STEP
+    how = BUILDS.get(piece, "Prism with Go, Flink with Java and Maven: a few minutes the first time")
+    return RunnerUnavailable(f"{what} is not set up on this machine; run `{step}` first ({how}; it builds into "
+                             f"{runners_home()})")
 
 
 def _runner_name(runner: object) -> str:
@@ -120,7 +138,7 @@ def configure_runner(pipeline_options) -> None:
                                     f"(drop the flag, or pass --flink_job_server_jar / --job_endpoint)")
         jar = flink_job_server_jar()
         if jar is None:
-            raise not_set_up(f"Beam's Flink {minor} job server")
+            raise not_set_up(f"Beam's Flink {minor} job server", "flink")
         flink.flink_job_server_jar = jar
         flink.flink_version = minor
     elif name == "PrismRunner":
@@ -129,7 +147,7 @@ def configure_runner(pipeline_options) -> None:
             return
         binary = prism_binary()
         if binary is None:
-            raise not_set_up("Beam's Prism runner")
+            raise not_set_up("Beam's Prism runner", "prism")
         prism.prism_location = binary
 
 
@@ -140,4 +158,67 @@ def default_streaming_runner() -> str:
         return "PrismRunner"
     if flink_job_server_jar():
         return "FlinkRunner"
-    raise not_set_up("No streaming runner (Prism or Flink)")
+    raise not_set_up("A streaming runner (Prism, else Flink)", "prism")
+
+
+# --------------------------------------------------------------------------- runner processes of a killed run
+
+
+def _proc_children(parent: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the processes whose parent is ``parent`` (Linux ``/proc``; else none)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent:
+            found.append((int(entry), command))
+    return found
+
+
+def record_runner_processes(output: str) -> None:
+    """Note the locally built runner processes this run started (Prism, the Flink job server), so that if the
+    run is killed (SIGKILL leaves them running, orphaned) the next run into ``output`` stops them."""
+    if not paths.is_local(output):
+        return
+    home = str(runners_home())
+    pids = [str(pid) for pid, command in _proc_children(os.getpid()) if home in command]
+    if pids:
+        os.makedirs(layout.staging_dir(output), exist_ok=True)
+        with open(layout.runner_pids_path(output), "w", encoding="utf-8") as handle:
+            handle.write(" ".join(pids))
+
+
+def forget_runner_processes(output: str) -> None:
+    """The run ended here (its runners stopped with it): nothing to stop next time."""
+    path = layout.runner_pids_path(output)
+    if paths.is_local(output) and os.path.exists(path):
+        os.remove(path)
+
+
+def stop_orphaned_runners(output: str) -> int:
+    """Stop the runner processes a killed earlier run into ``output`` left behind (recorded by
+    :func:`record_runner_processes`, still alive, orphaned and still that runner); returns how many."""
+    path = layout.runner_pids_path(output)
+    if not paths.is_local(output) or not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as handle:
+        pids = {int(word) for word in handle.read().split() if word.isdigit()}
+    os.remove(path)
+    home = str(runners_home())
+    stopped = 0
+    for pid, command in _proc_children(1):
+        if pid in pids and home in command:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                stopped += 1
+            except OSError:
+                pass
+    return stopped
+

@@ -40,16 +40,17 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 
-from lpips_pipe.pipeline import job
+from lpips_pipe.pipeline import job, runners
 from lpips_pipe.pipeline.options import LpipsPipeOptions
-from lpips_pipe.transforms import layout, ledger
-from lpips_pipe.transforms.layout import CounterName
-from lpips_pipe.transforms.metrics import counter
-from lpips_pipe.transforms import tar_io
-from lpips_pipe.transforms.parquet_io import (TAR, InputError, ParquetSplit, common_schema, input_format, match_inputs, plan_file,
-                                   read_footer)
-from lpips_pipe.transforms.progress import ProgressBar
-from lpips_pipe.transforms.stage import ReadSplits, WriteScores
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.outputs.layout import CounterName
+from lpips_pipe.transforms.beam.metrics import counter
+from lpips_pipe.transforms.inputs import webdataset
+from lpips_pipe.transforms.inputs.files import TAR, input_format, match_inputs, plan_file, read_footer
+from lpips_pipe.transforms.inputs.split import InputError, InputSplit, common_schema
+from lpips_pipe.transforms.beam.progress import ProgressBar
+from lpips_pipe.transforms.beam.stage import ReadSplits, WriteScores
 
 _LOGGER = logging.getLogger("lpips_pipe")
 POLL_KEY = "poll"
@@ -143,7 +144,7 @@ class NewFiles(beam.DoFn):
         end-of-archive blocks with nothing cut: not still being written."""
         try:
             if input_format(path) == TAR:
-                if not tar_io.shard_complete(path):
+                if not webdataset.shard_complete(path):
                     raise InputError("no end-of-archive blocks yet: the shard is still being written")
                 return True
             read_footer(path)
@@ -159,7 +160,7 @@ class FileSplits(beam.DoFn):
     def __init__(self, first_file: str, schema: pa.Schema) -> None:
         self._first = (first_file, schema)
 
-    def process(self, path: str) -> Iterator[ParquetSplit]:
+    def process(self, path: str) -> Iterator[InputSplit]:
         try:
             schema, splits = plan_file(path)
             common_schema([self._first, (path, schema)])
@@ -241,7 +242,7 @@ def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> Str
         build_stream(pipeline, plan, started_wall, output, bar_dir)
         with ProgressBar(bar_dir, 0, bar_stream) if bar_dir else contextlib.nullcontext():  # no total: a stream
             result = pipeline.run()
-            job.record_runner_processes(options.output)
+            runners.record_runner_processes(options.output)
             restore = _cancel_on_signals(result, stopped_by)
             try:
                 result.wait_until_finish()
@@ -250,7 +251,7 @@ def run_stream(pipeline_options: PipelineOptions, bar_stream: Any = None) -> Str
                     raise
             finally:
                 restore()
-        job.forget_runner_processes(options.output)
+        runners.forget_runner_processes(options.output)
         if bar_dir:
             shutil.rmtree(bar_dir, ignore_errors=True)
     counters = job.summarise(result) if not stopped_by else layout.Counters()

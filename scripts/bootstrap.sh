@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create or update .venv at the repository root with everything lpips-pipe needs (pip only, pinned).
 # Re-running is cheap: it reinstalls only when requirements.txt, constraints.txt or setup.py changed.
+# This is all the demo and a batch job need. The local runners (Prism, Flink), the tests' S3 server and Chromium
+# are the tests' set-up (scripts/test.sh runs scripts/setup_runners.sh and scripts/setup_browser.sh); a job that
+# needs a runner that is not built exits 2 naming the command that builds it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -16,5 +19,3 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --no-deps -e .
   echo "$want" > "$stamp"
 fi
-bash scripts/setup_runners.sh  # Prism + Flink runners (pinned, cached; never fails the set-up)
-bash scripts/setup_browser.sh  # Debian's Chromium for the browser checks (tests/browser.py; never fails the set-up)

@@ -6,6 +6,12 @@
 #   Flink dist   a standalone Flink (JobManager/TaskManager scripts and jars) unpacked from PyPI's apache-flink
 # into $LPIPS_PIPE_RUNNERS_HOME (default ~/.cache/lpips-pipe/runners), where pipeline/runners.py finds them.
 #
+# `bash scripts/setup_runners.sh` sets up all four (what scripts/test.sh does); naming pieces sets up only those:
+#   prism      Prism (needs Go >= 1.26; a few minutes the first time)
+#   flink      the Flink job server and distribution (need Java 11/17 and Maven; about 5 minutes the first time)
+#   versitygw  the tests' S3 server (needs Go; about 2 minutes the first time)
+# A job needing a runner that is not built exits 2 naming the command (pipeline/runners.py, not_set_up).
+#
 # Idempotent: whatever is already in place (a stamp per runner, written last) is not fetched again, so a
 # re-run takes a second. A runner that cannot be had does not fail the set-up: one line says which and why,
 # and the script still exits 0 (the tests that need it skip). LPIPS_PIPE_SKIP_RUNNERS=1 skips everything.
@@ -32,43 +38,34 @@ last_line() {  # the last non-blank line of a log, for a one-line reason
   grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | cut -c1-300
 }
 
-# ---------------------------------------------------------------- Prism
-setup_prism() {
-  local dest="$HOME_DIR/prism/$PRISM_VERSION" log="$LOGS/prism-build.log"
-  [ -x "$dest/prism" ] && [ -f "$dest/.complete" ] && return 0
+# ---------------------------------------------------------------- Go-built pieces: Prism, versitygw
+go_build() {  # name, version, module path, what it is and how long, [GOFLAGS]
+  local name=$1 version=$2 module=$3 what=$4 goflags=${5:-}
+  local binary=${module##*/}
+  local dest="$HOME_DIR/$binary/$version" log="$LOGS/$binary-build.log"
+  [ -x "$dest/$binary" ] && [ -f "$dest/.complete" ] && return 0
   if ! command -v go >/dev/null 2>&1; then
-    unavailable Prism "no 'go' on PATH (Go >= 1.26 builds it: go install ...sdks/v2/go/cmd/prism@$PRISM_VERSION)"
+    unavailable "$name" "no 'go' on PATH (Go >= 1.26 builds it: go install .../$binary@$version)"
     return 1
   fi
-  echo "setup_runners: building Prism $PRISM_VERSION with $(go env GOVERSION) (a few minutes the first time)"
+  echo "setup_runners: building $name $version with $(go env GOVERSION) ($what)"
   local tmp="$dest.tmp"
   rm -rf "$tmp" && mkdir -p "$tmp"
-  if ! GOBIN="$tmp" GOFLAGS=-mod=mod go install "github.com/apache/beam/sdks/v2/go/cmd/prism@$PRISM_VERSION" \
-      >"$log" 2>&1; then
-    unavailable Prism "go install failed ($(last_line "$log"); full log: $log)"
+  if ! GOBIN="$tmp" GOFLAGS="$goflags" go install "$module@$version" >"$log" 2>&1; then
+    unavailable "$name" "go install failed ($(last_line "$log"); full log: $log)"
     rm -rf "$tmp"
     return 1
   fi
-  rm -rf "$dest" && mv "$tmp" "$dest" && echo "$PRISM_VERSION" > "$dest/.complete"
+  rm -rf "$dest" && mv "$tmp" "$dest" && echo "$version" > "$dest/.complete"
 }
 
-# ---------------------------------------------------------------- versitygw (the tests' S3 server)
-setup_versitygw() {
-  local dest="$HOME_DIR/versitygw/$VERSITYGW_VERSION" log="$LOGS/versitygw-build.log"
-  [ -x "$dest/versitygw" ] && [ -f "$dest/.complete" ] && return 0
-  if ! command -v go >/dev/null 2>&1; then
-    unavailable versitygw "no 'go' on PATH (go install .../versitygw/cmd/versitygw@$VERSITYGW_VERSION builds it)"
-    return 1
-  fi
-  echo "setup_runners: building versitygw $VERSITYGW_VERSION (the tests' S3 server) with $(go env GOVERSION) (about 2 minutes the first time)"
-  local tmp="$dest.tmp"
-  rm -rf "$tmp" && mkdir -p "$tmp"
-  if ! GOBIN="$tmp" go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION" >"$log" 2>&1; then
-    unavailable versitygw "go install failed ($(last_line "$log"); full log: $log)"
-    rm -rf "$tmp"
-    return 1
-  fi
-  rm -rf "$dest" && mv "$tmp" "$dest" && echo "$VERSITYGW_VERSION" > "$dest/.complete"
+setup_prism() {
+  go_build Prism "$PRISM_VERSION" github.com/apache/beam/sdks/v2/go/cmd/prism "a few minutes the first time" -mod=mod
+}
+
+setup_versitygw() {  # the tests' S3 server
+  go_build versitygw "$VERSITYGW_VERSION" github.com/versity/versitygw/cmd/versitygw \
+    "the tests' S3 server; about 2 minutes the first time"
 }
 
 # ---------------------------------------------------------------- Flink job server
@@ -171,11 +168,30 @@ PY
   echo "$FLINK_DIST_VERSION" > "$home/.complete"
 }
 
-setup_prism && echo "setup_runners: Prism $PRISM_VERSION ready: $HOME_DIR/prism/$PRISM_VERSION/prism"
-setup_versitygw && echo "setup_runners: versitygw $VERSITYGW_VERSION (S3 server for the tests) ready:" \
-  "$HOME_DIR/versitygw/$VERSITYGW_VERSION/versitygw"
-setup_flink_job_server && echo "setup_runners: Flink $FLINK_MINOR job server (Beam Java $BEAM_JAVA_VERSION) ready:" \
-  "$HOME_DIR/flink/beam-runners-flink-$FLINK_MINOR-job-server-$BEAM_JAVA_VERSION.jar"
-setup_flink_dist && echo "setup_runners: Flink $FLINK_DIST_VERSION cluster distribution ready:" \
-  "$HOME_DIR/flink/flink-$FLINK_DIST_VERSION"
+PIECES=("$@")
+wanted() {  # piece: set up when no piece is named, or when this one is
+  [ "${#PIECES[@]}" -eq 0 ] && return 0
+  local name
+  for name in "${PIECES[@]}"; do [ "$name" = "$1" ] && return 0; done
+  return 1
+}
+for name in "${PIECES[@]}"; do
+  case "$name" in
+    prism|flink|versitygw) ;;
+    *) echo "setup_runners: unknown piece '$name' (prism, flink, versitygw; none = all)" >&2; exit 2 ;;
+  esac
+done
+if wanted prism; then
+  setup_prism && echo "setup_runners: Prism $PRISM_VERSION ready: $HOME_DIR/prism/$PRISM_VERSION/prism"
+fi
+if wanted versitygw; then
+  setup_versitygw && echo "setup_runners: versitygw $VERSITYGW_VERSION (S3 server for the tests) ready:" \
+    "$HOME_DIR/versitygw/$VERSITYGW_VERSION/versitygw"
+fi
+if wanted flink; then
+  setup_flink_job_server && echo "setup_runners: Flink $FLINK_MINOR job server (Beam Java $BEAM_JAVA_VERSION) ready:" \
+    "$HOME_DIR/flink/beam-runners-flink-$FLINK_MINOR-job-server-$BEAM_JAVA_VERSION.jar"
+  setup_flink_dist && echo "setup_runners: Flink $FLINK_DIST_VERSION cluster distribution ready:" \
+    "$HOME_DIR/flink/flink-$FLINK_DIST_VERSION"
+fi
 exit 0

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set up (or update) .venv and run the whole test suite.
+# Set up (or update) .venv and everything the tests use, then run the test suite (pytest's arguments pass
+# through: `bash scripts/test.sh -m "not slow"` is the fast tier).
+#   scripts/bootstrap.sh       the pinned Python install (all the demo needs)
+#   scripts/setup_runners.sh   Prism, the Flink job server and distribution, versitygw (pinned, cached; a runner
+#                              that cannot be built only makes its tests skip, with one line saying why)
+#   scripts/setup_browser.sh   Debian's Chromium for the browser checks (never fails the set-up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/setup_runners.sh
+bash scripts/setup_browser.sh
 .venv/bin/python -m pytest "$@"

@@ -24,15 +24,15 @@ def validation_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def alex_weights():
-    from lpips_pipe.transforms.weights import ModelConfig, resolve_weights
+    from lpips_pipe.transforms.model.weights import ModelConfig, resolve_weights
 
     return resolve_weights(ModelConfig(net="alex"))
 
 
 @pytest.fixture(scope="session")
 def alex_scorer():
-    from lpips_pipe.transforms.scorer import LpipsScorer
-    from lpips_pipe.transforms.weights import ModelConfig
+    from lpips_pipe.transforms.model.scorer import LpipsScorer
+    from lpips_pipe.transforms.model.weights import ModelConfig
 
     return LpipsScorer(ModelConfig(net="alex", device="cpu"))
 
@@ -42,3 +42,21 @@ def seed_alex(alex_weights):
     from tests.seed_reference import SeedLPIPSPipe
 
     return SeedLPIPSPipe(alex_weights.state_dict, net="alex")
+
+
+# The fast tier, `bash scripts/test.sh -m "not slow"` (README, "Tests"): these modules cover the score math,
+# records and boxes, the option declarations, the output contract (layout, schemas, sink, ledger), inputs and the
+# rules, in well under 3 minutes on 2 cores. Every other module (whole Beam jobs, the command lines in fresh
+# processes, runners, S3, the browser) is marked `slow` here, and so is any new module until it is listed; a test
+# in a fast module that is slow itself carries @pytest.mark.slow. CI (`.ci/run`) runs everything.
+FAST_MODULES = frozenset({
+    "test_score_math", "test_records", "test_coords", "test_decode", "test_settings", "test_options_page",
+    "test_layout", "test_sink", "test_ledger", "test_messages", "test_cache", "test_uri_io", "test_webdataset",
+    "test_input_files", "test_calibration", "test_filtering",
+})
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] not in FAST_MODULES:
+            item.add_marker(pytest.mark.slow)

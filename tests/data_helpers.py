@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lpips_pipe.pipeline.demo import EDITS, PAIRS_SCHEMA, PHOTOS, centre_box, demo_table, encode, photo
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.outputs import layout
 
 __all__ = [
     "EDITS", "PAIRS_SCHEMA", "PHOTOS", "centre_box", "demo_table", "encode", "photo", "small_pairs",

@@ -42,12 +42,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from lpips_pipe.transforms.records import config as record_config
 from lpips_pipe.pipeline import cli as job
 from tests.seed_reference import open_image
-from lpips_pipe.transforms import score_math
-from lpips_pipe.transforms.coords import parse_coords, pixel_boxes
+from lpips_pipe.transforms.records import score_math
+from lpips_pipe.transforms.records.coords import parse_coords, pixel_boxes
 from lpips_pipe.transforms.messages import RecordError
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 
 SIZE = 64  # side of the good images: tiny, but over AlexNet's 31-pixel minimum
 BOX = [[16, 16, 44, 40]]
@@ -242,7 +243,7 @@ KINDS = _corpus()
 
 
 def _mask_mode(kind: Kind) -> str:
-    return score_math.mask_mode_for_scope(kind.scope if kind.scope is not None else "unedit_area")
+    return record_config.mask_mode_for_scope(kind.scope if kind.scope is not None else "unedit_area")
 
 
 def _row(kind: Kind) -> dict[str, Any]:
@@ -400,9 +401,9 @@ def test_a_pair_the_model_rejects_does_not_take_its_batch_down(seed_alex):
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
 
-    from lpips_pipe.transforms.weights import ModelConfig
-    from lpips_pipe.transforms.schemas import build_output_schemas
-    from lpips_pipe.transforms.scoring import LpipsModelHandler, ScorePairs
+    from lpips_pipe.transforms.model.weights import ModelConfig
+    from lpips_pipe.transforms.outputs.schemas import build_output_schemas
+    from lpips_pipe.transforms.beam.scoring import LpipsModelHandler, ScorePairs
 
     kinds = [Kind("good/a"), Kind("bad/one_by_one", ref=encode(REF[:1, :1]), edited=encode(EDITED[:1, :1]),
                                   coords="[]"),

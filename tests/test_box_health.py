@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lpips_pipe.pipeline import filter as filter_cli
-from lpips_pipe.transforms import layout
-from lpips_pipe.transforms.calibration import CalibrationRule
-from lpips_pipe.transforms.coords import coords_type_supported, parse_coords
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.pipeline.filter import command as filter_command
+from lpips_pipe.pipeline.filter import run as filter_run
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.rules.calibration import CalibrationRule
+from lpips_pipe.transforms.records.coords import coords_type_supported, parse_coords
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 from tests.data_helpers import read_kind, scores_table, write_kind
 from tests.record_helpers import encode, photo, record_error
 
@@ -280,7 +281,7 @@ def test_report_counts_box_flags_and_states_the_filter_rule(run):
 
 
 def _filter(scores_dir, out, *argv) -> tuple[dict, dict]:
-    assert filter_cli.main(["--scores", scores_dir, "--output", str(out), "--no_report", *argv]) == 0
+    assert filter_command.main(["--scores", scores_dir, "--output", str(out), "--no_report", *argv]) == 0
     read = {}
     for name in ("kept", "rejected"):
         table = pa.concat_tables([pq.read_table(path) for path in sorted(glob.glob(str(out / f"{name}-*.parquet")))])
@@ -347,7 +348,7 @@ def test_min_measured_fraction(tmp_path):
     summary = json.load(open(tmp_path / "n" / layout.FILTER_SUMMARY))
     assert (summary["keep_nothing_measured"], summary["min_measured_fraction"]) == (True, 0.5)
     with pytest.raises(SystemExit) as exit_info:
-        filter_cli.main(["--scores", scores, "--output", str(tmp_path / "bad"), "--threshold", "0.1",
+        filter_command.main(["--scores", scores, "--output", str(tmp_path / "bad"), "--threshold", "0.1",
                          "--min_measured_fraction", "1.5"])
     assert exit_info.value.code == 2
 
@@ -371,17 +372,17 @@ def test_tiers_leave_refused_rows_out_of_the_statistics(tmp_path):
 def test_calibration_never_keeps_nothing_measured(tmp_path):
     scores = _synthetic(tmp_path / "s")
     rule = CalibrationRule(group_column=None, thresholds={}, overall=0.1, provenance={})
-    outcome = filter_cli.run_filter(scores, str(tmp_path / "c"), calibration=rule, calibration_path="cal.json",
+    outcome = filter_run.run_filter(scores, str(tmp_path / "c"), calibration=rule, calibration_path="cal.json",
                                     allow_mixed=True)
     assert (outcome.kept, outcome.rejected) == (4, 3) and outcome.tiers["nothing_measured"] == 2
-    outcome = filter_cli.run_filter(scores, str(tmp_path / "k"), calibration=rule, calibration_path="cal.json",
+    outcome = filter_run.run_filter(scores, str(tmp_path / "k"), calibration=rule, calibration_path="cal.json",
                                     allow_mixed=True, keep_nothing_measured=True)
     assert (outcome.kept, outcome.rejected) == (6, 1) and "nothing_measured" not in outcome.tiers
 
 
 def test_filter_help_names_both_flags(capsys):
     with pytest.raises(SystemExit):
-        filter_cli.main(["--help"])
+        filter_command.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--keep_nothing_measured" in text and "--min_measured_fraction F" in text
     assert "measured nothing" in text

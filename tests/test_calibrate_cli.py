@@ -15,10 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lpips_pipe.pipeline import calibrate
-from lpips_pipe.pipeline import filter as filter_cli
+from lpips_pipe.pipeline.calibrate import command as calibrate_command
+from lpips_pipe.pipeline.calibrate import curves
+from lpips_pipe.pipeline.calibrate import section
+from lpips_pipe.pipeline.filter import command as filter_command
 from tests.data_helpers import scores_table, write_run
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.outputs import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_KEYS = {"threshold", "precision", "recall", "f1_threshold", "n_labels", "n_keep", "n_reject", "threshold_ci",
@@ -70,7 +72,7 @@ def _run(main, argv, capsys):
 
 
 def _calibrate(argv, capsys):
-    return _run(calibrate.main, argv, capsys)
+    return _run(calibrate_command.main, argv, capsys)
 
 
 def _one_error_line(err: str, *needles: str) -> str:
@@ -82,11 +84,13 @@ def _one_error_line(err: str, *needles: str) -> str:
     return lines[0]
 
 
-def _calibrate_csv(tmp_path, run_dir, capsys, rows=None, extra=()):
+def _calibrate_csv(tmp_path, run_dir, capsys, rows=None, extra=(), overwrite=True):
+    """Calibrate into ``tmp_path/cal`` (replacing an earlier calibration there unless ``overwrite`` is off)."""
     labels = _csv(tmp_path / "labels.csv", rows if rows is not None else _labels())
     out = str(tmp_path / "cal")
     code, stdout, err = _calibrate(["--scores", run_dir, "--labels", labels, "--output", out, "--id_column", "pair",
-                                    "--label_column", "verdict", "--group_column", "edit", *extra], capsys)
+                                    "--label_column", "verdict", "--group_column", "edit", *extra]
+                                   + (["--overwrite"] if overwrite else []), capsys)
     data = json.load(open(os.path.join(out, layout.CALIBRATION_JSON))) if code == 0 else None
     return code, stdout, err, data, out
 
@@ -125,7 +129,7 @@ def test_csv_labels_give_the_known_thresholds(tmp_path, run_dir, capsys):
     for name in pictures:
         with Image.open(os.path.join(out, name)) as image:
             image.load()
-            assert image.format == "PNG" and image.size == calibrate.CURVE_SIZE
+            assert image.format == "PNG" and image.size == curves.CURVE_SIZE
             assert len(set(image.convert("RGB").getdata())) > 10  # drawn, not blank
 
 
@@ -242,7 +246,12 @@ def test_a_group_with_one_class_is_a_counted_warning(tmp_path, capsys):
     assert data["counts"]["groups_without_threshold"] == 1
     assert any(text.startswith("group 'inpaint'") for text in data["warnings"])
     assert "warning: group 'inpaint'" in err
-    assert os.path.isfile(os.path.join(str(tmp_path / "cal"), inpaint["curve_png"]))  # a picture saying why
+    # no empty chart: the group has no curve file, the others have theirs
+    assert inpaint["curve_png"] is None
+    pictures = sorted(os.path.basename(path) for path in glob.glob(os.path.join(str(tmp_path / "cal"), "*.png")))
+    assert pictures == sorted(entry["curve_png"] for entry in [data["overall"], *data["groups"].values()]
+                              if entry["threshold"] is not None or entry is data["overall"])
+    assert "pr-curve-inpaint" not in open(os.path.join(str(tmp_path / "cal"), layout.CALIBRATION_MD)).read()
 
 
 def test_too_few_labels_in_a_group_is_a_counted_warning(tmp_path, run_dir, capsys):
@@ -304,7 +313,7 @@ def test_other_mistakes_exit_2_with_one_line(tmp_path, run_dir, capsys):
     (tmp_path / "labels.json").write_text("{}")
     for argv, needle in cases:
         try:
-            code = calibrate.main(["--scores", run_dir, *argv])
+            code = calibrate_command.main(["--scores", run_dir, *argv])
         except SystemExit as stop:  # the option parser's own mistakes (a bad number)
             code = stop.code
         err = capsys.readouterr().err
@@ -334,7 +343,7 @@ def test_the_module_runs_as_a_command(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("lpips-pipe-calibrate: error: ")
     setup = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
-    assert '"lpips-pipe-calibrate=pipeline.calibrate:main"' in setup
+    assert '"lpips-pipe-calibrate=lpips_pipe.pipeline.calibrate.command:main"' in setup
 
 
 # --------------------------------------------------------------------------- the filter with --calibration
@@ -348,7 +357,7 @@ def _filtered(out) -> tuple[list[dict], list[dict]]:
 
 
 def _filter(argv, capsys):
-    return _run(filter_cli.main, [*argv, "--no_report"], capsys)
+    return _run(filter_command.main, [*argv, "--no_report"], capsys)
 
 
 def test_filter_applies_the_per_group_thresholds(tmp_path, run_dir, capsys):
@@ -442,7 +451,7 @@ def test_filter_calibration_mistakes(tmp_path, run_dir, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lpips-pipe-filter: error: ") and needle in lines[0], lines
     with pytest.raises(SystemExit) as raised:  # one rule only
-        filter_cli.main(["--scores", run_dir, "--output", str(tmp_path / "f"), "--threshold", "0.1",
+        filter_command.main(["--scores", run_dir, "--output", str(tmp_path / "f"), "--threshold", "0.1",
                          "--calibration", calibration])
     assert raised.value.code == 2
 
@@ -502,20 +511,24 @@ def test_section_on_the_runs_report_page_is_idempotent(tmp_path, run_dir, capsys
     page = os.path.join(report, layout.REPORT_HTML)
     open(page, "w", encoding="utf-8").write(PAGE)
     for _ in range(2):
-        code, stdout, err, data, _ = _calibrate_csv(tmp_path, run_dir, capsys)
+        code, stdout, err, data, out = _calibrate_csv(tmp_path, run_dir, capsys)
         assert code == 0, err
     text = open(page, encoding="utf-8").read()
-    assert text.count(calibrate.SECTION_BEGIN) == 1 and text.count(calibrate.SECTION_END) == 1
-    assert text.index(calibrate.SECTION_END) < text.index("</body>") and text.startswith(PAGE.split("\n</body>")[0])
-    assert "Calibration against labels" in text and 'src="pr-curve-blur.png"' in text
+    assert text.count(section.SECTION_BEGIN) == 1 and text.count(section.SECTION_END) == 1
+    assert text.count("<h2>Calibration against labels") == 1  # the same calibration again replaces its own
+    assert text.index(section.SECTION_END) < text.index("</body>") and text.startswith(PAGE.split("\n</body>")[0])
+    key = section.calibration_key(out)
+    folder = os.path.join(report, layout.REPORT_CALIBRATIONS_DIR, key)
+    assert "Calibration against labels: cal" in text
+    assert f'src="{layout.REPORT_CALIBRATIONS_DIR}/{key}/pr-curve-blur.png"' in text
     for entry in [data["overall"], *data["groups"].values()]:
-        assert os.path.isfile(os.path.join(report, entry["curve_png"]))
-    assert json.load(open(os.path.join(report, layout.REPORT_CALIBRATION_JSON)))["groups"].keys() == {"blur",
+        assert os.path.isfile(os.path.join(folder, entry["curve_png"]))
+    assert json.load(open(os.path.join(folder, layout.REPORT_CALIBRATION_JSON)))["groups"].keys() == {"blur",
                                                                                                       "recolor"}
     # what a re-rendered page can show again: the same fragment, from report/calibration.json
-    saved = calibrate.saved_report_section(report)
+    saved = section.saved_report_section(report)
     assert saved and saved in text
-    assert calibrate.saved_report_section(str(tmp_path)) == ""
+    assert section.saved_report_section(str(tmp_path)) == ""
     # --no_report leaves the page alone
     open(page, "w", encoding="utf-8").write(PAGE)
     _calibrate_csv(tmp_path, run_dir, capsys, extra=["--no_report"])
@@ -529,28 +542,95 @@ def test_report_section_escapes_and_never_links_a_path_from_data():
                                                         "curve_png": "../../secret.png"},
                           "ok": {"threshold": 0.2, "curve_png": "pr-curve-ok.png\" onerror=\"x"}},
                "warnings": ["<b>w</b>"]}
-    html = calibrate.report_section(hostile)
+    html = section.report_section(hostile)
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;i&gt;edit&lt;/i&gt;" in html
     assert "secret" not in html and "onerror" not in html and 'src="pr-curve-overall.png"' in html
     assert "&lt;b&gt;w&lt;/b&gt;" in html and "a &amp; b" in html
-    assert html.startswith(calibrate.SECTION_BEGIN) and html.endswith(calibrate.SECTION_END)
-    assert calibrate.report_section({}).startswith(calibrate.SECTION_BEGIN)  # any dict: no exception
-    page = calibrate.insert_section("<body>x</body>", html)
-    assert calibrate.insert_section(page, calibrate.report_section({})).count(calibrate.SECTION_BEGIN) == 1
+    assert html.startswith(section.SECTION_BEGIN) and html.endswith(section.SECTION_END)
+    assert section.report_section({}).startswith(section.SECTION_BEGIN)  # any dict: no exception
+    page = section.insert_section("<body>x</body>", html)
+    assert section.insert_section(page, section.report_section({})).count(section.SECTION_BEGIN) == 1
 
 
 def test_rerendering_the_report_keeps_the_calibration_section(tmp_path):
     """The section survives `lpips-pipe-report` rewriting the page (from the copy of calibration.json)."""
-    from lpips_pipe.pipeline import calibrate as calibrate_cli
-    from lpips_pipe.pipeline import report as report_cli
-    from lpips_pipe.transforms import layout as contract
+    from lpips_pipe.pipeline.report import writer
+    from lpips_pipe.transforms.outputs import layout as contract
 
     run = write_run(str(tmp_path / "run"), _scores())
-    assert report_cli.main([run, "--report_k", "0"]) == 0
+    assert writer.main([run, "--report_k", "0"]) == 0
     labels = tmp_path / "labels.csv"
     labels.write_text("id,label\n" + "".join(f"{ident},{'keep' if good else 'reject'}\n" for ident, good in _labels()))
-    assert calibrate_cli.main(["--scores", run, "--labels", str(labels), "--output", str(tmp_path / "cal")]) == 0
+    assert calibrate_command.main(["--scores", run, "--labels", str(labels), "--output", str(tmp_path / "cal")]) == 0
     page = os.path.join(contract.report_dir(run), contract.REPORT_HTML)
-    assert calibrate_cli.SECTION_BEGIN in open(page, encoding="utf-8").read()
-    assert report_cli.main([run, "--report_k", "0"]) == 0
-    assert open(page, encoding="utf-8").read().count(calibrate_cli.SECTION_BEGIN) == 1
+    assert section.SECTION_BEGIN in open(page, encoding="utf-8").read()
+    assert writer.main([run, "--report_k", "0"]) == 0
+    assert open(page, encoding="utf-8").read().count(section.SECTION_BEGIN) == 1
+
+
+def test_an_existing_calibration_is_refused_without_overwrite(tmp_path, run_dir, capsys):
+    code, _, err, first, out = _calibrate_csv(tmp_path, run_dir, capsys)
+    assert code == 0, err
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    code, stdout, err, _, _ = _calibrate_csv(tmp_path, run_dir, capsys, rows=_labels()[:60], overwrite=False)
+    assert code == 2 and not stdout
+    _one_error_line(err, "already holds a calibration", "--overwrite")
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before  # untouched
+    code, _, err, data, _ = _calibrate_csv(tmp_path, run_dir, capsys, rows=_labels()[:60])  # --overwrite
+    assert code == 0, err and data["counts"]["labels"] == 60 != first["counts"]["labels"]
+
+
+def test_the_page_shows_every_calibration_named_and_no_empty_chart(tmp_path, run_dir, capsys):
+    """Two calibrations of one run (per edit, and overall only), one with a group without a threshold: the
+    page shows both, each named by its folder, and draws a chart only where there is a threshold."""
+    report = layout.report_dir(run_dir)
+    os.makedirs(report)
+    page = os.path.join(report, layout.REPORT_HTML)
+    open(page, "w", encoding="utf-8").write(PAGE)
+    labels = _csv(tmp_path / "labels.csv", _labels()[:40] + _labels()[65:75])  # recolor: 10 labels, no threshold
+    common = ["--scores", run_dir, "--labels", labels, "--id_column", "pair", "--label_column", "verdict"]
+    written = {}
+    for name, extra in (("by_edit", ["--group_column", "edit"]), ("overall_only", [])):
+        out = str(tmp_path / name)
+        code, _, err = _calibrate([*common, "--output", out, *extra], capsys)
+        assert code == 0, err
+        written[name] = (out, json.load(open(os.path.join(out, layout.CALIBRATION_JSON))))
+    by_edit = written["by_edit"][1]
+    assert by_edit["groups"]["recolor"]["threshold"] is None and by_edit["groups"]["blur"]["threshold"] is not None
+    text = open(page, encoding="utf-8").read()
+    assert text.count(section.SECTION_BEGIN) == 1
+    for name, (out, data) in written.items():
+        assert f"<h2>Calibration against labels: {name}</h2>" in text
+        prefix = f"{layout.REPORT_CALIBRATIONS_DIR}/{section.calibration_key(out)}/"
+        charted = [entry for entry in [data["overall"], *data["groups"].values()]
+                   if entry["threshold"] is not None or entry is data["overall"]]
+        for entry in charted:
+            assert f'src="{prefix}{entry["curve_png"]}"' in text
+            assert os.path.isfile(os.path.join(report, prefix, entry["curve_png"]))
+    images = text.count("<img ")
+    assert images == sum(1 + sum(entry["threshold"] is not None for entry in data["groups"].values())
+                         for _, data in written.values())
+    assert "No chart for recolor" in text
+    # the page written again (lpips-pipe-report) shows both again
+    assert section.saved_report_section(report).count("<h2>Calibration against labels") == 2
+
+
+def test_rows_that_measured_nothing_are_left_out_of_the_labels(tmp_path, capsys):
+    """Labels of rows that measured nothing (LPIPS 0.0 there says nothing) do not move the thresholds: they are
+    left out with a counted warning, as the filter never keeps those rows."""
+    nothing = [f"n{i}" for i in range(6)]
+    table = _scores(extra_rows=[(ident, 0.0, "blur") for ident in nothing])
+    flags = [["nothing_measured"] if ident in nothing else [] for ident in table.column("id").to_pylist()]
+    fractions = [0.0 if ident in nothing else 0.75 for ident in table.column("id").to_pylist()]
+    run = write_run(str(tmp_path / "run"), scores_table(table.column("id").to_pylist(),
+                                                        table.column("lpips").to_pylist(), box_flags=flags,
+                                                        measured_fraction=fractions,
+                                                        extra={"edit": table.column("edit")}))
+    rows = _labels() + [(ident, False) for ident in nothing]  # rejects at 0.0 would wreck blur's precision
+    code, _, err, data, _ = _calibrate_csv(tmp_path, run, capsys, rows)
+    assert code == 0, err
+    assert data["counts"]["labels_nothing_measured"] == len(nothing)
+    assert data["counts"]["labels_used"] == len(_labels())
+    assert data["groups"]["blur"]["threshold"] == pytest.approx(EXPECTED["blur"])
+    assert data["groups"]["blur"]["n_labels"] == len(BLUR)
+    assert any("measured nothing" in text for text in data["warnings"]) and "measured nothing" in err

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lpips_pipe.transforms import calibration as cal
-from lpips_pipe.transforms import filtering
+from lpips_pipe.transforms.rules import calibration as cal
+from lpips_pipe.transforms.rules import filtering
 
 
 def brute_force(scores, good, target):

@@ -16,12 +16,12 @@ import pytest
 
 from lpips_pipe.pipeline import cli
 from lpips_pipe.pipeline import job as pjob
-from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline.report import writer
 from tests.data_helpers import small_pairs
-from lpips_pipe.transforms import layout
-from lpips_pipe.transforms.records import PreparedPair
-from lpips_pipe.transforms.schemas import RowFormat
-from lpips_pipe.transforms.scoring import ScoredPair, ToScoreRow
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.records.pairs import PreparedPair
+from lpips_pipe.transforms.outputs.schemas import RowFormat
+from lpips_pipe.transforms.beam.scoring import ScoredPair, ToScoreRow
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def test_job_level_mistakes_are_one_line_exit_2_before_anything_runs(case, pairs
         argv += ["--device", "cuda"]
         expected = "cuda"
     elif case == "input_is_folder":
-        argv[1], expected = str(tmp_path), "is a directory"
+        (tmp_path / "empty").mkdir()  # a folder means its input files: one without any is refused
+        argv[1], expected = str(tmp_path / "empty"), "no Parquet, JSON Lines or tar file"
     elif case == "csv_in_glob":
         (tmp_path / "zz.parquet").write_text("id,ref_image\n1,a.png\n")
         argv[1], expected = str(tmp_path / "*.parquet"), "zz.parquet"
@@ -154,7 +155,7 @@ def test_a_report_failure_keeps_the_run_and_says_the_outputs_are_complete(pairs,
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(run_report, "write_report", broken)
+    monkeypatch.setattr(writer, "write_report", broken)
     out = str(tmp_path / "out")
     code, _, err = _run(capsys, "--input", pairs, "--output", out)
     assert code == 0

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from tests.record_helpers import record_error
-from lpips_pipe.transforms.coords import coords_type_supported, parse_coords
+from lpips_pipe.transforms.records.coords import coords_type_supported, parse_coords
 
 
 # ----------------------------------------------------------------------------- parse_coords

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from tests.record_helpers import crafted_png, data_path, encode, photo, pil_rgb, record_error
-from lpips_pipe.transforms import decode
-from lpips_pipe.transforms.decode import decode_image, read_image_bytes
+from lpips_pipe.transforms.records import config as record_config
+from lpips_pipe.transforms.records.decode import decode_image, read_image_bytes
 
-LIMIT = decode.DEFAULT_MAX_IMAGE_PIXELS
+LIMIT = record_config.DEFAULT_MAX_IMAGE_PIXELS
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ from PIL import Image, ImageOps
 
 from lpips_pipe import ScoreLPIPS, masked_lpips
 from tests.data_helpers import EDITS, centre_box, encode, photo, small_pairs
-from lpips_pipe.transforms import layout, score_math
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
-from lpips_pipe.transforms.scoring import CPU_BATCH_PIXELS, REUSE_CPU_BATCH_FACTOR, LpipsModelHandler, pair_pixels
-from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.records import score_math
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
+from lpips_pipe.transforms.beam.scoring import CPU_BATCH_PIXELS, REUSE_CPU_BATCH_FACTOR, LpipsModelHandler, pair_pixels
+from lpips_pipe.transforms.model.weights import ModelConfig
 
 # map.mean() against the raw score (= score * measured_fraction): measured on the demo photos at 64x64, 200x200
 # and full size (up to max_side 160), every edit, scopes unedit_area/edit_area/full: at most 8.2e-4 relative.

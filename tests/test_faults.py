@@ -35,8 +35,8 @@ import pytest
 from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import demo_table
 from tests.seed_reference import open_image
-from lpips_pipe.transforms import stage
-from lpips_pipe.transforms.scoring import ScorePairs
+from lpips_pipe.transforms.beam import stage
+from lpips_pipe.transforms.beam.scoring import ScorePairs
 
 MULTI = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 RUN_DEADLINE_S = 150  # a run here takes ~10 s; a runner that hung on a dead worker must fail the test, not stall it

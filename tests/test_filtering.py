@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lpips_pipe.transforms import filtering
-from lpips_pipe.transforms.filtering import GroupedStats, GroupStats, TierConfigError, parse_tier_config
+from lpips_pipe.transforms.rules import filtering
+from lpips_pipe.transforms.rules.filtering import GroupedStats, GroupStats, TierConfigError, parse_tier_config
 
 CONFIG = parse_tier_config({"tiers": {"A": -0.5, "B": 0.5, "C": 1.5}, "keep": ["A", "B"]})
 scores = st.integers(0, 5000).map(lambda milli: milli / 1000)  # LPIPS-like values, 3 decimals

@@ -21,11 +21,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from lpips_pipe.transforms import decode, messages, uri_io
-from lpips_pipe.transforms.coords import parse_coords
-from lpips_pipe.transforms.decode import load_image, read_image_bytes
+from lpips_pipe.transforms.records import config as record_config
+from lpips_pipe.transforms import messages, uri_io
+from lpips_pipe.transforms.records import decode
+from lpips_pipe.transforms.records.coords import parse_coords
+from lpips_pipe.transforms.records.decode import load_image, read_image_bytes
 from lpips_pipe.transforms.messages import RecordError
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 from lpips_pipe.transforms.uri_io import resolve_path, unsupported_uri_scheme
 
 DEADLINE_S = 20.0
@@ -155,7 +157,7 @@ def test_the_default_byte_cap_is_one_value_everywhere_and_it_caps(tmp_path):
     """The cap is declared once: the command line, ScoreLPIPS and RecordConfig all start from the documented
     256 MiB, and a file one byte over it is refused from its size with the defaults (nothing read)."""
     from lpips_pipe.pipeline.options import LpipsPipeOptions, config_of, parse_options
-    from lpips_pipe.transforms.stage import ScoreLPIPS
+    from lpips_pipe.transforms.beam.stage import ScoreLPIPS
 
     documented = 256 * 1024 * 1024  # README: --max_image_bytes 268,435,456
     command_line = config_of(RecordConfig, parse_options(["--input", "x", "--output", "y"]).view_as(LpipsPipeOptions))
@@ -184,7 +186,7 @@ def test_eps_bytes_are_refused_and_ghostscript_never_runs(monkeypatch):
     assert "EPS" in error.message and "ref_image" in error.message
     # a DOS EPS binary header too
     dos_eps = b"\xc5\xd0\xd3\xc6" + bytes(28) + EPS
-    error = record_error_within(decode.decode_image, dos_eps, "edited_image", decode.DEFAULT_MAX_IMAGE_PIXELS)
+    error = record_error_within(decode.decode_image, dos_eps, "edited_image", record_config.DEFAULT_MAX_IMAGE_PIXELS)
     assert error.error_type == "UnsupportedFormat"
 
 
@@ -199,12 +201,12 @@ def test_safe_formats_still_decode_exactly():
     for fmt, options in (("PNG", {}), ("BMP", {}), ("TIFF", {}), ("PPM", {}), ("WEBP", {"lossless": True}),
                          ("TGA", {})):
         data = encode(PHOTO, fmt, **options)
-        image = decode.decode_image(data, "ref_image", decode.DEFAULT_MAX_IMAGE_PIXELS)
+        image = decode.decode_image(data, "ref_image", record_config.DEFAULT_MAX_IMAGE_PIXELS)
         np.testing.assert_array_equal(np.asarray(image), PHOTO, err_msg=fmt)
     jpeg = encode(PHOTO, "JPEG", quality=90)
     with Image.open(io.BytesIO(jpeg)) as reference:
         expected = np.asarray(reference.convert("RGB"))
-    np.testing.assert_array_equal(np.asarray(decode.decode_image(jpeg, "c", decode.DEFAULT_MAX_IMAGE_PIXELS)),
+    np.testing.assert_array_equal(np.asarray(decode.decode_image(jpeg, "c", record_config.DEFAULT_MAX_IMAGE_PIXELS)),
                                   expected)
     # garbage stays what it was: Pillow's UnidentifiedImageError, stage decode
     error = record_error_within(decode.decode_image, b"not an image at all", "c", 10 ** 6)
@@ -270,7 +272,7 @@ def test_pil_image_values_decode_like_bytes():
         data = encode(image, "TIFF" if mode == "CMYK" else "PNG")
         np.testing.assert_array_equal(
             np.asarray(load_image(image, "ref_image", FULL)),
-            np.asarray(decode.decode_image(data, "ref_image", decode.DEFAULT_MAX_IMAGE_PIXELS)), err_msg=mode)
+            np.asarray(decode.decode_image(data, "ref_image", record_config.DEFAULT_MAX_IMAGE_PIXELS)), err_msg=mode)
 
 
 def test_pil_image_value_is_not_changed_and_obeys_the_pixel_limit():

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lpips_pipe.transforms import ids as record_ids
-from lpips_pipe.transforms import layout
-from lpips_pipe.transforms.parquet_io import InputError, ReadParquetSplit, plan_file
+from lpips_pipe.transforms.inputs import ids as record_ids
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.inputs.split import InputError
+from lpips_pipe.transforms.inputs.files import ReadInputSplit, plan_file
 
 UTC = datetime.timezone.utc
 
@@ -85,7 +86,7 @@ def test_duplicate_ids_of_every_type_are_counted(tmp_path, name):
     _, splits = plan_file(path)
     repeated = table.column("id")[0].as_py()
     with TestPipeline(runner="FnApiRunner") as pipeline:
-        rows = pipeline | beam.Create(splits) | beam.ParDo(ReadParquetSplit("id"))
+        rows = pipeline | beam.Create(splits) | beam.ParDo(ReadInputSplit("id"))
         counts = rows | record_ids.CountDuplicateIds()
         assert_that(counts, equal_to([(record_ids.id_key(repeated), 2)]))
 
@@ -105,7 +106,7 @@ def test_resume_skips_ids_of_every_type(tmp_path, name):
     _, splits = plan_file(path, split_rows=2)
     planned, skipped = record_ids.plan_skips(splits, "id", found)
     assert skipped == 2 and not unreadable
-    emitted = [row["n"] for split in planned for _, row in ReadParquetSplit("id").process(split)]
+    emitted = [row["n"] for split in planned for _, row in ReadInputSplit("id").process(split)]
     assert emitted == [1, 3]
 
 
@@ -117,10 +118,10 @@ def test_resume_of_a_jsonl_input(tmp_path):
     _, splits = plan_file(str(path), split_rows=5)
     planned, skipped = record_ids.plan_skips(splits, "id", pa.chunked_array([pa.array(["r0", "r5", "r6", "r11"])]))
     assert skipped == 4
-    emitted = [row["n"] for split in planned for _, row in ReadParquetSplit("id").process(split)]
+    emitted = [row["n"] for split in planned for _, row in ReadInputSplit("id").process(split)]
     assert emitted == [1, 2, 3, 4, 7, 8, 9, 10]
     by_position, _ = record_ids.plan_skips(splits, None, pa.chunked_array([pa.array([f"{path}:3"])]))
-    assert [record_id for split in by_position for record_id, _ in ReadParquetSplit(None).process(split)] == \
+    assert [record_id for split in by_position for record_id, _ in ReadInputSplit(None).process(split)] == \
         [f"{path}:{i}" for i in range(12) if i != 3]
 
 

@@ -12,13 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lpips_pipe.transforms import parquet_io
-from lpips_pipe.transforms.parquet_io import (InputError, ReadInputSplit, ReadParquetSplit, common_schema, match_inputs,
-                                   plan_file, plan_splits, read_footer)
+from lpips_pipe.transforms.inputs import files, jsonl
+from lpips_pipe.transforms.inputs import split as input_split
+from lpips_pipe.transforms.inputs.split import InputError, common_schema
+from lpips_pipe.transforms.inputs.files import ReadInputSplit, match_inputs, plan_file, plan_splits, read_footer
 
 
 def _rows(split, id_column=None, **kwargs):
-    return list(ReadParquetSplit(id_column, **kwargs).process(split))
+    return list(ReadInputSplit(id_column, **kwargs).process(split))
 
 
 def _all_rows(splits, id_column=None, **kwargs):
@@ -45,12 +46,32 @@ def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
     assert match_inputs(str(tmp_path / "nothing-*.parquet")) == []
 
 
-def test_a_directory_as_input_is_refused_with_a_glob_suggestion(tmp_path):
-    pq.write_table(pa.table({"x": [1]}), str(tmp_path / "rows.parquet"))
+def test_a_folder_as_input_means_its_input_files_at_any_depth(tmp_path):
+    """A Hugging Face dataset folder: Parquet under data/, metadata beside it, a cache to leave alone."""
+    folder = tmp_path / "ds_hf"
+    for name in ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "extra/more.jsonl",
+                 "shards/a.tar", "top.parquet"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    for name in ("README.md", "dataset_info.json", ".cache/huggingface/x.parquet", "_temporary/y.parquet",
+                 "data/.part.parquet", "notes.txt"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    expected = sorted(str(folder / name) for name in ("data/train-00000-of-00002.parquet",
+                                                      "data/train-00001-of-00002.parquet", "extra/more.jsonl",
+                                                      "shards/a.tar", "top.parquet"))
+    assert match_inputs(str(folder)) == expected
+    assert match_inputs(str(folder) + "/") == expected
+
+
+def test_a_folder_without_input_files_is_refused(tmp_path):
+    (tmp_path / "README.md").write_text("no data")
+    (tmp_path / ".cache").mkdir()
+    pq.write_table(pa.table({"x": [1]}), str(tmp_path / ".cache" / "rows.parquet"))
     with pytest.raises(InputError) as error:
         match_inputs(str(tmp_path))
     message = _one_line_naming(error, tmp_path)
-    assert os.path.join(str(tmp_path), "*.parquet") in message
+    assert "no Parquet, JSON Lines or tar file" in message
 
 
 # --- 2. unreadable files are InputErrors, found from the footer / a stat ------------------------------
@@ -173,8 +194,8 @@ def test_jsonl_splits_are_byte_ranges_of_whole_lines(tmp_path, monkeypatch):
     rows = _manifest_rows(500)
     path = tmp_path / "big.jsonl"
     _write_jsonl(path, rows, blank_every=7)
-    monkeypatch.setattr(parquet_io, "_SCAN_BLOCK", 1000)  # many planning blocks, lines across their edges
-    monkeypatch.setattr(parquet_io, "SPLIT_BYTES", 2000)
+    monkeypatch.setattr(jsonl, "_SCAN_BLOCK", 1000)  # many planning blocks, lines across their edges
+    monkeypatch.setattr(files, "SPLIT_BYTES", 2000)
     schema, splits = plan_file(str(path), split_rows=40)
     data = path.read_bytes()
     assert splits[0].byte_start == 0 and splits[-1].byte_stop == len(data.rstrip(b" \n")) + 1
@@ -188,7 +209,7 @@ def test_jsonl_splits_are_byte_ranges_of_whole_lines(tmp_path, monkeypatch):
 
 
 def test_jsonl_types_promote_across_lines_and_every_row_gets_the_planned_schema(tmp_path, monkeypatch):
-    monkeypatch.setattr(parquet_io, "_SCAN_BLOCK", 64)
+    monkeypatch.setattr(jsonl, "_SCAN_BLOCK", 64)
     path = tmp_path / "mixed.jsonl"
     lines = [{"id": 1, "v": 1, "note": None}, {"id": 2, "v": 2.5, "note": "x"}, {"id": 3, "v": 3, "extra": True}]
     _write_jsonl(path, lines * 5)
@@ -217,13 +238,13 @@ def test_a_line_that_is_not_one_object_is_refused_at_planning_with_its_line_numb
 
 
 def test_a_column_changing_type_is_refused_naming_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(parquet_io, "_SCAN_BLOCK", 64)  # the change falls in a later block
+    monkeypatch.setattr(jsonl, "_SCAN_BLOCK", 64)  # the change falls in a later block
     path = tmp_path / "manifest.jsonl"
     _write_jsonl(path, [{"id": i, "x": 1} for i in range(10)] + [{"id": "eleven", "x": 1}])
     with pytest.raises(InputError, match="'id'") as error:
         plan_file(str(path))
     _one_line_naming(error, path)
-    monkeypatch.setattr(parquet_io, "_SCAN_BLOCK", 1 << 20)  # in the same block: pyarrow's own message
+    monkeypatch.setattr(jsonl, "_SCAN_BLOCK", 1 << 20)  # in the same block: pyarrow's own message
     with pytest.raises(InputError, match="line 11") as error:
         plan_file(str(path))
     _one_line_naming(error, path)
@@ -344,9 +365,9 @@ def test_a_big_row_group_is_one_streamed_split_read_once(tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
-    read = ReadParquetSplit("id").process(splits[0])
+    read = ReadInputSplit("id").process(splits[0])
     first = [next(read) for _ in range(3)]  # streamed: the first rows come before the group is decoded
-    assert sum(decoded) <= parquet_io.READ_BATCH_ROWS and [record_id for record_id, _ in first] == [0, 1, 2]
+    assert sum(decoded) <= input_split.READ_BATCH_ROWS and [record_id for record_id, _ in first] == [0, 1, 2]
     rest = list(read)
     assert [record_id for record_id, _ in first + rest] == list(range(count))
     assert sum(decoded) == count  # every row decoded exactly once
@@ -355,5 +376,30 @@ def test_a_big_row_group_is_one_streamed_split_read_once(tmp_path, monkeypatch):
 def test_hand_made_splits_inside_a_group_still_read_their_rows(tmp_path):
     path = str(tmp_path / "rows.parquet")
     pq.write_table(pa.table({"id": list(range(50))}), path, row_group_size=20)
-    split = parquet_io.ParquetSplit(path, 1, 5, 15, 25)
+    split = input_split.InputSplit(path, 1, 5, 15, 25)
     assert [record_id for record_id, _ in _rows(split, "id")] == list(range(25, 35))
+
+
+def test_the_job_scores_a_dataset_folder(tmp_path):
+    """``--input ds_hf/``: the Parquet files under its data/ are the input, every row scored once."""
+    import contextlib
+    import io
+
+    from lpips_pipe.pipeline import cli as job
+    from tests.data_helpers import read_kind, small_pairs
+
+    table = small_pairs(6, size=32)
+    folder = tmp_path / "ds_hf"
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(table.slice(0, 4), str(folder / "data" / "train-00000-of-00002.parquet"))
+    pq.write_table(table.slice(4), str(folder / "data" / "train-00001-of-00002.parquet"))
+    (folder / "README.md").write_text("---\nconfigs: []\n---\n")
+    (folder / "dataset_info.json").write_text("{}")
+    out = str(tmp_path / "out")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert job.main(["--input", str(folder), "--output", out, "--num_shards", "1", "--no_report",
+                         "--device", "cpu"]) == 0
+    scores = read_kind(out, "scores")
+    assert sorted(scores.column("id").to_pylist()) == sorted(table.column("id").to_pylist())
+    assert {os.path.basename(path) for path in scores.column("source_file").to_pylist()} == {
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"}

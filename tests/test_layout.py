@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.data_helpers import scores_table, write_run
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.outputs import layout
 
 
 def test_names_and_folders_of_a_run(tmp_path):
@@ -40,12 +41,12 @@ def test_literal_paths_with_glob_characters(tmp_path):
     folder.mkdir()
     (folder / "x.parquet").write_bytes(b"x")
     (tmp_path / "a1 decoy.parquet").write_bytes(b"y")
-    assert layout.match(str(folder / "x.parquet")) == [str(folder / "x.parquet")]
-    assert layout.match(os.path.join(layout.escape_glob(str(folder)), "*.parquet")) == [str(folder / "x.parquet")]
+    assert paths.match(str(folder / "x.parquet")) == [str(folder / "x.parquet")]
+    assert paths.match(os.path.join(paths.escape_glob(str(folder)), "*.parquet")) == [str(folder / "x.parquet")]
     with layout.glob_free(str(folder)) as linked:
-        assert not layout.has_glob(linked) and os.path.samefile(linked, folder)
+        assert not paths.has_glob(linked) and os.path.samefile(linked, folder)
     assert not os.path.exists(linked)  # the link is gone
-    layout.delete([str(folder)])
+    paths.delete([str(folder)])
     assert not folder.exists() and (tmp_path / "a1 decoy.parquet").exists()
 
 

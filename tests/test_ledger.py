@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lpips_pipe.transforms import layout, ledger
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import layout
 
 
 @given(st.lists(st.integers(0, 300), max_size=80))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lpips_pipe.transforms import scorer as lpips_scorer
-from lpips_pipe.transforms import weights as lpips_weights
-from lpips_pipe.transforms.scorer import LpipsScorer
-from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.model import scorer as lpips_scorer
+from lpips_pipe.transforms.model import weights as lpips_weights
+from lpips_pipe.transforms.model.scorer import LpipsScorer
+from lpips_pipe.transforms.model.weights import ModelConfig
 
 # ../shared/validation/README.md: published official values (alex/vgg v0.1).
 PERCEPTUAL_SIMILARITY = {
@@ -183,7 +183,7 @@ def test_cpu_lanes_share_out_the_threads():
 
 def _demo_pairs(count: int, size: int):
     from tests.data_helpers import small_pairs
-    from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+    from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 
     return [prepare_pair(row["id"], row, RecordConfig()) for row in small_pairs(count, size=size).to_pylist()]
 

@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -122,14 +123,49 @@ def _third_party_imports() -> dict[str, set[str]]:
     return found
 
 
+def _with_their_extras(requirements: list[Requirement]) -> set[str]:
+    """The distributions ``requirements`` name, and those their extras bring with what they need in turn
+    (``apache-beam[aws]``: boto3, and boto3's botocore)."""
+    names = set()
+    brought: list[str] = []
+    for req in requirements:
+        names.add(canonicalize_name(req.name))
+        for extra in req.extras:
+            try:
+                requires = importlib.metadata.requires(req.name) or []
+            except importlib.metadata.PackageNotFoundError:
+                requires = []
+            for line in requires:
+                dependency = Requirement(line)
+                if dependency.marker is not None and dependency.marker.evaluate({"extra": extra}):
+                    brought.append(dependency.name)
+    while brought:
+        name = brought.pop()
+        if canonicalize_name(name) in names:
+            continue
+        names.add(canonicalize_name(name))
+        try:
+            lines = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:  # an extra's package not installed here (gcs)
+            lines = []
+        for line in lines:
+            dependency = Requirement(line)
+            if dependency.marker is None or dependency.marker.evaluate({"extra": ""}):
+                brought.append(dependency.name)
+    return names
+
+
 def test_requirements_cover_every_third_party_import(sdist: pathlib.Path) -> None:
     required, extras = _requirements(sdist)
-    declared = {canonicalize_name(req.name) for req in required}
-    optional = {canonicalize_name(req.name) for reqs in extras.values() for req in reqs}
+    declared = _with_their_extras(required)
+    optional = _with_their_extras([req for reqs in extras.values() for req in reqs])
     distributions = importlib.metadata.packages_distributions()
     imports = _third_party_imports()
     assert {"apache_beam", "torch", "lpips", "numpy", "pyarrow", "PIL"} <= set(imports)
     for module, files in sorted(imports.items()):
+        if module in ("google", "requests"):  # the gcs extra's clients (and their HTTP session), in the GCS path only
+            assert "gcs" in extras and files == {"transforms/paths.py"}, files
+            continue
         names = {canonicalize_name(dist) for dist in distributions.get(module, [])}
         assert names, f"{module} (imported by {sorted(files)}) is not installed in the venv"
         if names & declared:
@@ -220,7 +256,7 @@ def test_dockerfile_is_pinned_and_lint_clean() -> None:
 
 
 def test_dockerfile_bakes_the_weights_where_the_model_looks() -> None:
-    from lpips_pipe.transforms.weights import WEIGHTS_DIR_ENV
+    from lpips_pipe.transforms.model.weights import WEIGHTS_DIR_ENV
 
     instructions = _dockerfile()
     env = " ".join(arguments for keyword, arguments in instructions if keyword == "ENV")
@@ -251,7 +287,7 @@ def _verify_step() -> str:
 
 def test_dockerfile_weights_check_runs(tmp_path: pathlib.Path) -> None:
     """The image's last RUN, run here: it accepts the exported file and refuses one for another net."""
-    from lpips_pipe.transforms.weights import ModelConfig, export_weights
+    from lpips_pipe.transforms.model.weights import ModelConfig, export_weights
 
     baked = tmp_path / "weights"
     baked.mkdir()
@@ -313,3 +349,36 @@ def test_running_doc_warns_off_dask() -> None:
     assert "DaskRunner" in text and "finish_bundle" in text and "0 rows" in text
     assert "--runner DaskRunner" not in text and "--runner=DaskRunner" not in text
     assert "docker build" in text and "--build-arg WEIGHTS_FILE=" in text
+
+
+def test_installed_the_package_is_lpips_pipe_alone_and_a_users_files_do_not_shadow_it(tmp_path: pathlib.Path) -> None:
+    """A wheel of the project holds one top-level package, ``lpips_pipe``; installed, it works from a folder
+    holding a user's own ``transforms.py`` and ``pipeline.py`` (which shadowed it when it installed top-level
+    ``transforms`` and ``pipeline`` modules)."""
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the repository
+    for name in ("lpips_pipe", "pipeline", "transforms"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir",
+          str(wheels), str(source)], cwd=tmp_path, timeout_s=300)
+    (wheel,) = wheels.glob("lpips_pipe-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert tops == {"lpips_pipe"}, tops
+    target = tmp_path / "site"
+    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(wheel)],
+         cwd=tmp_path, timeout_s=300)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "transforms.py").write_text("BRIGHTNESS = 1.2\n")
+    (user / "pipeline.py").write_text("STEPS = []\n")
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = _run([sys.executable, "-c", "import lpips_pipe, transforms; from lpips_pipe import masked_lpips; "
+                "print(lpips_pipe.__file__, transforms.BRIGHTNESS, masked_lpips.__module__)"], cwd=user, env=env)
+    assert str(target) in out and "1.2" in out and "lpips_pipe.transforms.model.masked" in out, out
+    help_text = _run([sys.executable, "-m", "lpips_pipe", "--help"], cwd=user, env=env)
+    assert "--input" in help_text and "--output" in help_text, help_text

@@ -19,10 +19,10 @@ from apache_beam.testing.util import assert_that, equal_to
 from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import PAIRS_SCHEMA, demo_table
 from tests.seed_reference import open_image
-from lpips_pipe.transforms.weights import ModelConfig
-from lpips_pipe.transforms.records import RecordConfig
-from lpips_pipe.transforms.schemas import build_output_schemas
-from lpips_pipe.transforms.scoring import LpipsModelHandler, PreparePairs, ScorePairs
+from lpips_pipe.transforms.model.weights import ModelConfig
+from lpips_pipe.transforms.records.pairs import RecordConfig
+from lpips_pipe.transforms.outputs.schemas import build_output_schemas
+from lpips_pipe.transforms.beam.scoring import LpipsModelHandler, PreparePairs, ScorePairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_ROWS = {  # id -> (column overrides, expected error_type)
@@ -89,7 +89,7 @@ def test_score_pairs_transform_routes_every_row(good_table, seed_scores, decode_
 
 
 def test_decode_threads_are_sized_from_the_workers_cores():
-    from lpips_pipe.transforms.scoring import auto_decode_threads
+    from lpips_pipe.transforms.beam.scoring import auto_decode_threads
 
     assert [auto_decode_threads("cpu", cores) for cores in (1, 2, 64)] == [1, 1, 1]
     assert [auto_decode_threads("cuda", cores) for cores in (1, 2, 8, 64)] == [1, 1, 7, 16]
@@ -118,7 +118,7 @@ def test_decoding_runs_a_model_batch_ahead_and_keeps_the_order(good_table, monke
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import Timestamp
 
-    import lpips_pipe.transforms.scoring as scoring
+    import lpips_pipe.transforms.beam.scoring as scoring
 
     rows = good_table.to_pylist()
     real_prepare = scoring.prepare_pair
@@ -308,8 +308,8 @@ def test_help_lists_our_options(capsys):
 
 def test_a_failing_forward_is_retried_pair_by_pair(good_table, monkeypatch):
     """A forward that fails for one pair of a same-size chunk: the others are still scored."""
-    from lpips_pipe.transforms.scorer import LpipsScorer
-    from lpips_pipe.transforms.records import prepare_pair
+    from lpips_pipe.transforms.model.scorer import LpipsScorer
+    from lpips_pipe.transforms.records.pairs import prepare_pair
 
     pairs = [prepare_pair(row["id"], row, RecordConfig()) for row in good_table.slice(0, 3).to_pylist()]
     poisoned = pairs[1].filled  # the three rows share a reference photo, not an edit

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.record_helpers import crafted_png, data_path, encode, photo, record_error
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -16,10 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline.report import facts
+from lpips_pipe.pipeline.report import histogram
+from lpips_pipe.pipeline.report import markdown
+from lpips_pipe.pipeline.report import writer
 from lpips_pipe.pipeline import cli as job
 from tests.data_helpers import demo_table, read_kind
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.outputs import layout
 
 
 def _report_file(out: str, name: str) -> str:
@@ -109,7 +112,7 @@ def test_histogram_is_a_readable_png(finished):
         pixels = np.asarray(image.convert("L"))
     assert (pixels < 128).mean() > 0.01  # bars, axes and labels drawn, not a blank canvas
     assert "![LPIPS and measured fraction histograms](histogram.png)" in finished["markdown"]
-    empty = _decode(run_report.render_histogram(pa.table({})))
+    empty = _decode(histogram.render_histogram(pa.table({})))
     with Image.open(path) as image:
         assert not np.array_equal(np.asarray(image.convert("RGB")), empty)  # the run's bars, not an empty frame
 
@@ -117,7 +120,7 @@ def test_histogram_is_a_readable_png(finished):
 def _decode(png: bytes) -> np.ndarray:
     """``png`` as an RGB array, after checking it is a PNG of the report's size."""
     with Image.open(io.BytesIO(png)) as image:
-        assert image.format == "PNG" and image.size == run_report.HISTOGRAM_SIZE == (1100, 420)
+        assert image.format == "PNG" and image.size == histogram.HISTOGRAM_SIZE == (1100, 420)
         return np.asarray(image.convert("RGB"))
 
 
@@ -128,25 +131,25 @@ def _pixels_of(pixels: np.ndarray, color: str) -> int:
 def test_histogram_draws_each_series_and_the_fractions():
     """Series in tab10 order (largest first, the rest as "other") on the left, gray fraction bars on the right."""
     rng = np.random.default_rng(0)
-    groups = [f"g{index}" for index in range(run_report.MAX_HISTOGRAM_SERIES + 2) for _ in range(30 - index)]
+    groups = [f"g{index}" for index in range(histogram.MAX_HISTOGRAM_SERIES + 2) for _ in range(30 - index)]
     scores = pa.table({"lpips": rng.uniform(0.0, 0.5, len(groups)), "measured_fraction": rng.uniform(0, 1, len(groups)),
                        "mask_mode": ["outer"] * len(groups), "group": groups})
-    pixels = _decode(run_report.render_histogram(scores, "group"))
-    empty = _decode(run_report.render_histogram(pa.table({})))
+    pixels = _decode(histogram.render_histogram(scores, "group"))
+    empty = _decode(histogram.render_histogram(pa.table({})))
     left, right = slice(0, 700), slice(700, None)
-    for color in run_report.SERIES_COLORS[:run_report.MAX_HISTOGRAM_SERIES + 1]:  # 8 groups + "other"
+    for color in histogram.SERIES_COLORS[:histogram.MAX_HISTOGRAM_SERIES + 1]:  # 8 groups + "other"
         assert _pixels_of(pixels[:, left], color) > 100, color
-    assert _pixels_of(pixels[:, left], run_report.SERIES_COLORS[run_report.MAX_HISTOGRAM_SERIES + 1]) == 0
+    assert _pixels_of(pixels[:, left], histogram.SERIES_COLORS[histogram.MAX_HISTOGRAM_SERIES + 1]) == 0
     assert _pixels_of(pixels[:, right], "#7f7f7f") > 5000 and _pixels_of(empty[:, right], "#7f7f7f") < 100
-    assert _pixels_of(empty, run_report.SERIES_COLORS[0]) == 0
-    by_mode = _decode(run_report.render_histogram(scores))  # no group column: one series, mask_mode "outer"
-    assert _pixels_of(by_mode[:, left], run_report.SERIES_COLORS[0]) > 1000
-    assert _pixels_of(by_mode[:, left], run_report.SERIES_COLORS[1]) == 0
+    assert _pixels_of(empty, histogram.SERIES_COLORS[0]) == 0
+    by_mode = _decode(histogram.render_histogram(scores))  # no group column: one series, mask_mode "outer"
+    assert _pixels_of(by_mode[:, left], histogram.SERIES_COLORS[0]) > 1000
+    assert _pixels_of(by_mode[:, left], histogram.SERIES_COLORS[1]) == 0
 
 
 def test_histogram_does_not_import_matplotlib():
-    code = ("import sys, pyarrow as pa; from pipeline import report; "
-            "png = report.render_histogram(pa.table({'lpips': [0.1, 0.2, float('nan')], "
+    code = ("import sys, pyarrow as pa; from lpips_pipe.pipeline.report import histogram; "
+            "png = histogram.render_histogram(pa.table({'lpips': [0.1, 0.2, float('nan')], "
             "'measured_fraction': [0.5, 1.0, 0.2], 'mask_mode': ['outer', 'inner', 'outer']})); "
             "assert png.startswith(b'\\x89PNG'), png[:8]; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'")
@@ -160,12 +163,12 @@ def test_report_command_rerenders_with_the_runs_counters(finished, tmp_path, cap
     shutil.copytree(finished["out"], out)
     os.remove(_report_file(out, "report.md"))
     os.remove(_report_file(out, "histogram.png"))
-    assert run_report.main([out, "--group_column", "edit"]) == 0
+    assert writer.main([out, "--group_column", "edit"]) == 0
     markdown = open(_report_file(out, "report.md"), encoding="utf-8").read()
     assert "| input rows | 10 |" in markdown and "| model loads | 1 |" in markdown  # from the earlier report.json
     assert "Slowest stage:" in markdown and os.path.getsize(_report_file(out, "histogram.png")) > 5000
     assert "mask mode" in capsys.readouterr().out
-    assert run_report.main([str(tmp_path / "empty")]) == 2
+    assert writer.main([str(tmp_path / "empty")]) == 2
     assert "no such directory" in capsys.readouterr().err
 
 
@@ -176,7 +179,7 @@ def test_build_report_from_outputs_alone():
                        "measured_fraction": fractions,
                        "mask_mode": ["inner", "outer", "outer", "outer", "outer", "none", "none"]})
     errors = pa.table({"id": ["b", "g"], "error_stage": ["decode", "decode"], "error_type": ["OSError", "OSError"]})
-    report = run_report.build_report("mem", scores, errors, group_column="prompt")
+    report = facts.build_report("mem", scores, errors, group_column="prompt")
     assert report.counts["input_rows"] == 9 and report.counts["scored"] == 7 and report.counts["errors"] == 2
     assert (report.counts["duplicate_ids"], report.counts["duplicate_id_rows"]) == (2, 4)  # a x2, b x2
     assert report.duplicate_examples == [("a", 2), ("b", 2)]
@@ -186,14 +189,14 @@ def test_build_report_from_outputs_alone():
     assert modes["none"].quantiles["median"] == pytest.approx(0.55)
     assert report.errors_by_type == [("decode", "OSError", 2)]
     assert report.notes == ["group column 'prompt' is not in the scores; no per-group table"]
-    assert "| ids on more than one row (each row kept) | 2 id(s), 4 rows |" in run_report.render_markdown(report)
+    assert "| ids on more than one row (each row kept) | 2 id(s), 4 rows |" in markdown.render_markdown(report)
 
 
 def test_no_scores_still_renders():
-    report = run_report.build_report("mem", pa.table({}), pa.table({}))
+    report = facts.build_report("mem", pa.table({}), pa.table({}))
     assert report.counts["scored"] == 0 and report.by_mask_mode[0].count == 0
-    assert "No errors." in run_report.render_markdown(report)
-    pixels = _decode(run_report.render_histogram(pa.table({})))
+    assert "No errors." in markdown.render_markdown(report)
+    pixels = _decode(histogram.render_histogram(pa.table({})))
     assert (pixels.min(axis=-1) < 128).mean() > 0.002  # frames, ticks, labels and "no scored pairs" drawn
 
 

@@ -17,10 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lpips_pipe.pipeline import filter as filter_cli
-from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline.filter import command
+from lpips_pipe.pipeline.filter import run
+from lpips_pipe.pipeline.filter import source as filter_source
+from lpips_pipe.pipeline.report import facts
+from lpips_pipe.pipeline.report import markdown as report_markdown
+from lpips_pipe.pipeline.report import writer
 from tests.data_helpers import errors_table, scores_table, small_pairs, write_kind, write_run
-from lpips_pipe.transforms import filtering, layout
+from lpips_pipe.transforms.rules import filtering
+from lpips_pipe.transforms.outputs import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +55,12 @@ def test_report_reads_the_folders_and_old_flat_files_and_writes_into_report_dir(
     out = str(tmp_path / "run")
     write_run(out, scores_table(["a", "b"], [0.1, 0.3]), errors_table(["c"]))
     write_kind(out, layout.SCORES, [scores_table(["d"], [0.2])], legacy=True)  # an older release's flat file
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     markdown, summary = _report(out)
     assert summary["counts"]["scored"] == 3 and summary["counts"]["errors"] == 1
     assert summary["counts"]["input_rows"] == 4
-    assert run_report.report_paths(out) == layout.report_paths(out)
-    assert all(os.path.exists(path) for path in run_report.report_paths(out))
+    assert writer.report_paths(out) == layout.report_paths(out)
+    assert all(os.path.exists(path) for path in writer.report_paths(out))
     assert not os.path.exists(os.path.join(out, "report.md"))  # not beside the outputs any more
     assert "`scores/`, `errors/`" in markdown
     assert "report/report.md" in capsys.readouterr().out
@@ -68,7 +73,7 @@ def test_non_finite_scores_are_counted_apart_and_non_finite_errors_listed(tmp_pa
     errors = errors_table(["f", "g", "h"], stage=["model", "model", "decode"],
                           error_type=["NonFiniteScore", "NonFiniteScore", "OSError"])
     write_run(out, scores, errors)
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     printed = capsys.readouterr().out
     markdown, summary = _report(out)
     counts = summary["counts"]
@@ -94,7 +99,7 @@ def test_odd_id_and_group_types_do_not_break_the_report(tmp_path, capsys, id_typ
     group = pa.array(ids, id_type)
     write_run(out, scores_table(ids, [0.1, 0.2, 0.3], id_type=id_type, extra={"when": group}),
               errors_table(ids[:1], id_type=id_type))
-    assert run_report.main([out, "--group_column", "when"]) == 0
+    assert writer.main([out, "--group_column", "when"]) == 0
     markdown, summary = _report(out)
     assert summary["counts"]["duplicate_ids"] == 1 and summary["counts"]["duplicate_id_rows"] == 3
     (example, rows), = summary["duplicate_examples"]
@@ -107,7 +112,7 @@ def test_odd_id_and_group_types_do_not_break_the_report(tmp_path, capsys, id_typ
 def test_ids_typed_differently_in_scores_and_errors(tmp_path):
     out = str(tmp_path / "run")
     write_run(out, scores_table(["1", "2"], [0.1, 0.2]), errors_table([1, 1], id_type=pa.int64()))
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     _, summary = _report(out)
     assert summary["counts"]["errors"] == 2 and summary["counts"]["duplicate_ids"] >= 1
 
@@ -116,11 +121,11 @@ def test_nan_and_null_group_keys_form_one_group(tmp_path):
     out = str(tmp_path / "run")
     keys = pa.array([float("nan"), float("nan"), None, 1.0, float("nan")], pa.float64())
     write_run(out, scores_table(list("abcde"), [0.1, 0.2, 0.3, 0.4, 0.5], extra={"strength": keys}))
-    assert run_report.main([out, "--group_column", "strength"]) == 0
+    assert writer.main([out, "--group_column", "strength"]) == 0
     _, summary = _report(out)
     groups = {item["label"]: item["count"] for item in summary["by_group"]}
     assert groups == {"null/NaN": 4, "1.0": 1}
-    report = run_report.build_report("mem", pa.table({"lpips": [0.1, 0.2], "mask_mode": [None, None]}), pa.table({}))
+    report = facts.build_report("mem", pa.table({"lpips": [0.1, 0.2], "mask_mode": [None, None]}), pa.table({}))
     assert [(item.label, item.count) for item in report.by_mask_mode] == [("all", 2), ("null/NaN", 2)]
 
 
@@ -140,7 +145,7 @@ def test_wrong_shape_report_json_warns_and_rebuilds_without_counters(tmp_path, c
     with open(layout.report_paths(out)[1], "w", encoding="utf-8") as handle:
         json.dump(earlier, handle)
     with caplog.at_level(logging.WARNING, logger="lpips_pipe.report"):
-        assert run_report.main([out]) == 0
+        assert writer.main([out]) == 0
     assert any("ignoring" in record.getMessage() for record in caplog.records)
     _, summary = _report(out)
     assert summary["counters"] == {} and summary["counts"]["input_rows"] == 2
@@ -153,11 +158,11 @@ def test_report_json_missing_keys_or_not_json_is_no_traceback(tmp_path, caplog):
     path = layout.report_paths(out)[1]
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"something": "else"}, handle)  # no counters: nothing to reuse, no error
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     with open(path, "wb") as handle:
         handle.write(b"\xff\xfe{not json")
     with caplog.at_level(logging.WARNING, logger="lpips_pipe.report"):
-        assert run_report.main([out]) == 0
+        assert writer.main([out]) == 0
     assert any("ignoring" in record.getMessage() for record in caplog.records)
 
 
@@ -167,7 +172,7 @@ def test_old_flat_report_json_counters_are_reused(tmp_path):
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as handle:
         json.dump({"counters": {"rows_read": 5, "model_loads": 2}, "stage_seconds": [["Score", 1.5]], "wall_s": 3.0},
                   handle)
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     markdown, summary = _report(out)
     assert summary["counts"]["input_rows"] == 5 and "| model loads | 2 |" in markdown
     assert "Slowest stage: **Score**" in markdown
@@ -184,7 +189,7 @@ def test_report_command_mistakes_exit_2_with_one_line(tmp_path, capsys):
     cases = [(tmp_path / "missing", "no such directory"), (a_file, "is a file"), (empty, "no scores in"),
              (junk_only, "part-00000-of-00001.parquet")]
     for path, message in cases:
-        assert run_report.main([str(path)]) == 2, path
+        assert writer.main([str(path)]) == 2, path
         line = _one_line_error(capsys.readouterr().err, "lpips-pipe-report")
         assert message in line, line
         assert not os.path.exists(layout.report_dir(str(path)))
@@ -192,7 +197,7 @@ def test_report_command_mistakes_exit_2_with_one_line(tmp_path, capsys):
     write_run(blocked, scores_table(["a"], [0.1]))
     with open(layout.report_dir(blocked), "w", encoding="utf-8") as handle:
         handle.write("someone's notes")
-    assert run_report.main([blocked]) == 2
+    assert writer.main([blocked]) == 2
     assert "report is written into a folder" in _one_line_error(capsys.readouterr().err, "lpips-pipe-report")
 
 
@@ -210,7 +215,7 @@ def test_junk_and_lpips_less_files_among_scores_are_left_out_with_a_note(tmp_pat
         handle.write(b"PAR1 garbage")
     pq.write_table(pa.table({"id": ["z"], "other": [1]}), os.path.join(layout.kind_dir(out, layout.SCORES),
                                                                         "part-nolpips.parquet"))
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     markdown, summary = _report(out)
     assert summary["counts"]["scored"] == 2
     assert any("part-junk.parquet" in note for note in summary["notes"])
@@ -220,21 +225,21 @@ def test_junk_and_lpips_less_files_among_scores_are_left_out_with_a_note(tmp_pat
 
 def test_unknown_scope_counters_are_shown(tmp_path, capsys):
     counters = {"rows_read": 4, "unknown_scope_rows": 3, "unknown_scope.unedit-area": 2, "unknown_scope.edits": 1}
-    report = run_report.build_report("mem", scores_table(["a", "b", "c"], [0.1, 0.2, 0.3], mask_mode="none"),
+    report = facts.build_report("mem", scores_table(["a", "b", "c"], [0.1, 0.2, 0.3], mask_mode="none"),
                                      pa.table({}), counters)
     line = "3 rows had a scope other than unedit_area/edit_area and were scored as full image: values"
-    markdown = run_report.render_markdown(report)
+    markdown = report_markdown.render_markdown(report)
     assert line in markdown and "'unedit-area' (2)" in markdown and "'edits' (1)" in markdown
-    assert line in run_report.format_table(report)
-    quiet = run_report.build_report("mem", scores_table(["a"], [0.1]), pa.table({}), {"rows_read": 1})
-    assert "scope other than" not in run_report.render_markdown(quiet) and quiet.unknown_scope == {}
+    assert line in report_markdown.format_table(report)
+    quiet = facts.build_report("mem", scores_table(["a"], [0.1]), pa.table({}), {"rows_read": 1})
+    assert "scope other than" not in report_markdown.render_markdown(quiet) and quiet.unknown_scope == {}
     # re-rendered later from the counters report.json kept
     out = str(tmp_path / "run")
     write_run(out, scores_table(["a", "b", "c"], [0.1, 0.2, 0.3]))
     os.makedirs(layout.report_dir(out))
     with open(layout.report_paths(out)[1], "w", encoding="utf-8") as handle:
         json.dump({"counters": {"unknown_scope_rows": 25, "unknown_scope.x": 20}}, handle)
-    assert run_report.main([out]) == 0
+    assert writer.main([out]) == 0
     markdown, _ = _report(out)
     assert "25 rows had a scope other than unedit_area/edit_area" in markdown and "and others" in markdown
     assert "25 rows had a scope" in capsys.readouterr().out
@@ -244,7 +249,7 @@ def test_list_and_struct_group_columns_render_as_text(tmp_path):
     out = str(tmp_path / "run")
     tags = pa.array([["a", "b"], ["a", "b"], None])
     write_run(out, scores_table(list("xyz"), [0.1, 0.2, 0.3], extra={"tags": tags}))
-    assert run_report.main([out, "--group_column", "tags"]) == 0
+    assert writer.main([out, "--group_column", "tags"]) == 0
     _, summary = _report(out)
     assert {item["label"]: item["count"] for item in summary["by_group"]} == {"['a', 'b']": 2, "null/NaN": 1}
 
@@ -264,7 +269,7 @@ def run_dir(tmp_path) -> str:
 
 
 def _filter(argv) -> int:
-    return filter_cli.main([str(item) for item in argv])
+    return command.main([str(item) for item in argv])
 
 
 def _kept_rejected(out) -> tuple[list, list]:
@@ -418,7 +423,7 @@ def test_provenance_check_reads_only_provenance_columns(run_dir, monkeypatch):
 
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
     files = layout.kind_files(run_dir, layout.SCORES)
-    found = filter_cli.check_provenance(files, None, allow_mixed=False)
+    found = run.check_provenance(files, None, allow_mixed=False)
     assert all(columns is not None and set(columns) <= set(layout.PROVENANCE_FIELDS) for columns in read), read
     assert found["net"] == ["alex"]
 
@@ -438,7 +443,7 @@ def source_dir(tmp_path) -> tuple[str, pa.Table]:
 
 
 def test_source_rows_are_split_by_id_with_every_column(run_dir, source_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(filter_cli, "SOURCE_BATCH_ROWS", 2)  # several batches per file: streamed
+    monkeypatch.setattr(filter_source, "SOURCE_BATCH_ROWS", 2)  # several batches per file: streamed
     directory, table = source_dir
     out = tmp_path / "filtered"
     assert _filter(["--scores", run_dir, "--output", out, "--threshold", "0.18", "--source", directory]) == 0
@@ -446,7 +451,7 @@ def test_source_rows_are_split_by_id_with_every_column(run_dir, source_dir, tmp_
     assert sorted(_ids(out / "kept_source")) == sorted(kept) == ["s0", "s1", "s4", "s6"]
     assert sorted(_ids(out / "rejected_source")) == sorted(rejected) == ["s2", "s3", "s5", "s7"]
     assert _ids(out / "unscored_source") == ["bad", "lost", None]
-    for name in filter_cli.SOURCE_OUTPUTS:  # one file per source file, all columns, images unchanged
+    for name in filter_source.SOURCE_OUTPUTS:  # one file per source file, all columns, images unchanged
         paths = sorted((out / name).glob("*.parquet"))
         assert [path.name for path in paths] == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
         original = {row["id"]: row for row in table.to_pylist()}
@@ -474,7 +479,7 @@ def test_source_id_with_a_kept_and_a_rejected_score_row_is_rejected(tmp_path):
     assert _filter(["--scores", run, "--output", out, "--threshold", "0.5", "--source", source,
                     "--source_id_column", "key"]) == 0
     read = {name: pq.read_table(out / name / "part-00000-of-00001.parquet").column("key").to_pylist()
-            for name in filter_cli.SOURCE_OUTPUTS}
+            for name in filter_source.SOURCE_OUTPUTS}
     assert read == {"kept_source": ["ok"], "rejected_source": ["dup"], "unscored_source": ["gone"]}
 
 
@@ -505,10 +510,10 @@ def test_filter_subprocess_junk_file_has_no_traceback_and_help_documents_source(
                           timeout=120)
     assert done.returncode == 2
     assert "junk.parquet" in _one_line_error(done.stderr, "lpips-pipe-filter")
-    help_text = filter_cli.parser().format_help()
+    help_text = command.parser().format_help()
     for word in ("--source", "--source_id_column", "kept_source", "unscored_source", "--allow_mixed"):
         assert word in help_text
-    assert "unscored_source" in (filter_cli.__doc__ or "")
+    assert "unscored_source" in (command.__doc__ or "")
 
 
 def test_filtering_nan_key_is_one_group_and_pickles():

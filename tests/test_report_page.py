@@ -18,11 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lpips_pipe.pipeline import cli, gallery, source_rows, tiles
-from lpips_pipe.pipeline import filter as run_filter
-from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline import cli
+from lpips_pipe.pipeline.report import source_rows
+from lpips_pipe.pipeline.report import tiles
+from lpips_pipe.pipeline.report import gallery
+from lpips_pipe.pipeline.filter import command
+from lpips_pipe.pipeline.render import text
+from lpips_pipe.pipeline.report import writer
 from tests.data_helpers import demo_table, encode, photo, read_kind
-from lpips_pipe.transforms import layout
+from lpips_pipe.transforms.outputs import layout
 
 THRESHOLD = 0.1
 K = 12
@@ -97,7 +101,7 @@ def _run_job(argv: list[str]) -> tuple[int, str]:
 
 def _report(out: str, *argv: str) -> int:
     with contextlib.redirect_stdout(io.StringIO()):
-        return run_report.main([out, *argv])
+        return writer.main([out, *argv])
 
 
 # --------------------------------------------------------------------------- the demo run
@@ -179,7 +183,7 @@ def test_galleries_have_min_k_available_tiles_and_match_report_json(demo):
         shown = page.galleries[item["name"]]
         assert item["k"] == K and int(shown["data-k"]) == K
         assert len(item["tiles"]) == min(K, item["available"]) == len(shown["ids"]), item["name"]
-        assert [run_report.label(tile["id"]) for tile in item["tiles"]] == shown["ids"]
+        assert [text.label(tile["id"]) for tile in item["tiles"]] == shown["ids"]
         for tile in item["tiles"]:
             assert set(tile) >= {"id", "source_file", "source_row", "notes", "images"}
         if item["kind"] == gallery.SCORES:
@@ -282,7 +286,7 @@ def test_report_options_are_checked(demo, capsys):
                           (["--report_threshold", "nan"], "--report_threshold"),
                           (["--report_seed", "1.5"], "--report_seed")):
         with pytest.raises(SystemExit) as stop:
-            run_report.main([demo["out"], *argv])
+            writer.main([demo["out"], *argv])
         assert stop.value.code == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
@@ -460,7 +464,7 @@ def _filter_gallery(output: str, name: str) -> list[str]:
 def test_filter_page_threshold_shows_nearest_each_side(demo, tmp_path):
     output = str(tmp_path / "filtered")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert run_filter.main(["--scores", demo["out"], "--output", output, "--threshold", str(THRESHOLD),
+        assert command.main(["--scores", demo["out"], "--output", output, "--threshold", str(THRESHOLD),
                                 "--report_k", "3"]) == 0
     lpips, ids = _finite(demo["scores"])
     by_id = dict(zip(ids, lpips))
@@ -476,7 +480,7 @@ def test_filter_page_tiers_show_nearest_each_cut_off(demo, tmp_path):
     config.write_text(json.dumps({"tiers": {"A": -0.5, "B": 0.5}, "keep": ["A", "B"]}))
     output = str(tmp_path / "tiered")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert run_filter.main(["--scores", demo["out"], "--output", output, "--tiers", str(config),
+        assert command.main(["--scores", demo["out"], "--output", output, "--tiers", str(config),
                                 "--group_column", "edit", "--report_k", "4"]) == 0
     rows = pa.concat_tables([pq.read_table(path) for path in gallery.filter_files(output)])
     z = dict(zip(rows.column(layout.ID_FIELD).to_pylist(), rows.column(layout.Z_FIELD).to_pylist()))
@@ -492,7 +496,7 @@ def test_filter_page_tiers_show_nearest_each_cut_off(demo, tmp_path):
 def test_filter_page_calibration_shows_nearest_each_group_threshold(demo, tmp_path):
     output = str(tmp_path / "calibrated")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert run_filter.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1",
+        assert command.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1",
                                 "--no_report"]) == 0
     summary_path = os.path.join(output, layout.FILTER_SUMMARY)
     with open(summary_path, encoding="utf-8") as handle:
@@ -505,7 +509,7 @@ def test_filter_page_calibration_shows_nearest_each_group_threshold(demo, tmp_pa
                     "calibration_thresholds": limits})
     with open(summary_path, "w", encoding="utf-8") as handle:
         json.dump(summary, handle)
-    run_filter.write_page(output, 2)
+    command.write_page(output, 2)
     by_id = _by_id(scores)
     edit_of = dict(zip(scores.column(layout.ID_FIELD).to_pylist(), edits))
     for edit, limit in limits.items():
@@ -518,11 +522,11 @@ def test_filter_page_calibration_shows_nearest_each_group_threshold(demo, tmp_pa
 def test_filter_no_report_and_k_0(demo, tmp_path):
     output = str(tmp_path / "none")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert run_filter.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1", "--no_report"]) == 0
+        assert command.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1", "--no_report"]) == 0
     assert not os.path.exists(layout.report_dir(output))
     output = str(tmp_path / "zero")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert run_filter.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1",
+        assert command.main(["--scores", demo["out"], "--output", output, "--threshold", "0.1",
                                 "--report_k", "0"]) == 0
     page, _ = read_page(os.path.join(layout.report_dir(output), layout.REPORT_HTML))
     assert not page.galleries and int(page.counts["kept"]) + int(page.counts["rejected"]) == demo["scores"].num_rows
@@ -583,3 +587,68 @@ def test_fetch_rows_reads_only_the_row_groups_and_lines_asked_for(tmp_path, monk
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"not parquet")
     assert "cannot read" in source_rows.fetch_rows([(str(junk), 0)], ["id"])[(str(junk), 0)]
+
+
+# --------------------------------------------------------------------------- where to cut
+
+
+def _cut_table(path: str) -> list[list[str]]:
+    """The rows of the "Where to cut" table (cells as text)."""
+    class Cells(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.rows, self.cell = False, [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "h2":
+                self.inside = dict(attrs).get("id") == "cut"
+            if self.inside and tag == "tr":
+                self.rows.append([])
+            if self.inside and tag == "td":
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if self.inside and tag == "td":
+                self.rows[-1].append(self.cell)
+                self.cell = None
+            if self.inside and tag == "table":
+                self.inside = False
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Cells()
+    with open(path, encoding="utf-8") as handle:
+        parser.feed(handle.read())
+    return [row for row in parser.rows if row]
+
+
+def test_where_to_cut_counts_what_each_threshold_keeps(tmp_path):
+    """Clean edits tie at exactly 0 and two rows measured nothing: each suggested --threshold's share is what
+    lpips-pipe-filter keeps with it, not the quantile's label."""
+    from tests.data_helpers import scores_table, write_run
+
+    lpips = [0.0] * 8 + [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] + [0.0, 0.0]
+    flags = [[] for _ in range(16)] + [["nothing_measured"], ["nothing_measured"]]
+    fractions = [0.75] * 16 + [0.0, 0.0]
+    out = write_run(str(tmp_path / "run"), scores_table([f"r{i:02d}" for i in range(len(lpips))], lpips,
+                                                        box_flags=flags, measured_fraction=fractions))
+    assert _report(out, "--report_k", "0") == 0
+    rows = _cut_table(_page_path(out))
+    assert [row[0] for row in rows] == ["p25", "median", "p75", "p95"]
+    total = len(lpips)
+    labels_differ = False
+    for name, _, keeps, removes, option in rows:
+        threshold = option.split()[-1]
+        filtered = str(tmp_path / f"filtered-{name}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert command.main(["--scores", out, "--output", filtered, "--threshold", threshold, "--no_report"]) == 0
+        kept = sum(pq.read_table(os.path.join(filtered, name)).num_rows for name in os.listdir(filtered)
+                   if name.startswith("kept-"))
+        assert keeps == f"{100 * kept / total:.0f}% ({kept} rows)", (name, keeps, kept)
+        assert removes == f"{100 * (total - kept) / total:.0f}% ({total - kept} rows)"
+        labels_differ |= keeps.split("%")[0] != {"p25": "25", "median": "50", "p75": "75", "p95": "95"}[name]
+    assert labels_differ  # the ties at 0 make p25 keep more than 25%
+    cuts = _json(out)["cuts"]
+    assert [cut["keeps"] for cut in cuts] == [int(row[2].split("(")[1].split()[0]) for row in rows]

@@ -31,7 +31,10 @@ import pytest
 
 from lpips_pipe.pipeline import cli, runners
 from tests.data_helpers import demo_table, wait_for
-from lpips_pipe.transforms import layout, ledger, paths, sink
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import sink
+from lpips_pipe.transforms.outputs import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = 3
@@ -261,7 +264,9 @@ def test_ctrl_c_mid_run_exits_130_keeps_every_finished_row_then_the_same_command
 STREAM_LAUNCHER = r"""
 import inspect, os, sys
 step, argv = sys.argv[1], sys.argv[2:]
-from lpips_pipe.transforms import ledger, paths, sink
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import sink
 
 def die_at(owner, name, call, before=True):
     original = getattr(owner, name)

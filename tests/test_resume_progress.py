@@ -14,12 +14,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from lpips_pipe.pipeline import cli as job
 from lpips_pipe.pipeline import job as job_plan
-from lpips_pipe.pipeline import report as run_report
+from lpips_pipe.pipeline.report import writer
 from tests.data_helpers import demo_table
 from lpips_pipe.pipeline.options import LpipsPipeOptions
-from lpips_pipe.transforms import ids as record_ids
-from lpips_pipe.transforms import progress
-from lpips_pipe.transforms.parquet_io import ReadParquetSplit, plan_splits, read_footer
+from lpips_pipe.transforms.inputs import ids as record_ids
+from lpips_pipe.transforms.beam import progress
+from lpips_pipe.transforms.inputs.files import ReadInputSplit, plan_splits, read_footer
 
 SUMMARY = "lpips-pipe: read {read} rows, scored {scored}, errors {errors}, skipped {skipped}"
 
@@ -105,7 +105,7 @@ def test_resume_without_id_column_skips_everything_already_done(rows, tmp_path, 
     assert outcome.counters.get("pairs_scored", 0) == 0 and outcome.counters.get("errors", 0) == 0
     assert _read(os.path.join(second, "scores", "*.parquet")).num_rows == 0  # both outputs exist, empty
     assert _read(os.path.join(second, "errors", "*.parquet")).num_rows == 0
-    assert run_report.write_report(second, outcome.counters).counts["skipped"] == 3
+    assert writer.write_report(second, outcome.counters).counts["skipped"] == 3
 
 
 def _options(*argv: str) -> LpipsPipeOptions:
@@ -160,12 +160,12 @@ def test_read_split_skips_marked_rows_without_opening_fully_skipped_splits(tmp_p
     done = pa.chunked_array([pa.array(["r1", "r4", "r5", "r6", "r7", "r9"])])
     splits, skipped = record_ids.plan_skips(plan_splits(path, row_group_rows, split_rows=3), "id", done)
     assert skipped == 6
-    emitted = [record_id for split in splits for record_id, _ in ReadParquetSplit("id").process(split)]
+    emitted = [record_id for split in splits for record_id, _ in ReadInputSplit("id").process(split)]
     assert emitted == ["r0", "r2", "r3", "r8"]
     whole = [split for split in splits if split.skip is not None and split.skip_mask().all()]
     assert [(split.first_row, split.num_rows) for split in whole] == [(4, 4)]  # r4..r7, one row group
     missing = whole[0]._replace(path=str(tmp_path / "gone.parquet"))
-    assert list(ReadParquetSplit("id").process(missing)) == []  # never opened
+    assert list(ReadInputSplit("id").process(missing)) == []  # never opened
 
 
 def test_progress_line_rate_and_eta():
@@ -173,7 +173,7 @@ def test_progress_line_rate_and_eta():
         "lpips-pipe progress: 50 rows done at 5.0 rows/s; 150 of 200 left, ETA 30s"
     two = progress.progress_line(50, 10.0, 200, workers=2)
     assert "(this worker; 2 workers, ~100 rows job-wide)" in two and "100 of 200 left, ETA 10s" in two
-    assert progress.progress_line(0, 0.0, 10).endswith("10 of 10 left")
+    assert progress.progress_line(0, 0.0, 10).endswith("10 of 10 left, ETA unknown yet")
     assert [progress.format_duration(s) for s in (5, 65, 3 * 3600 + 125)] == ["5s", "1m05s", "3h02m"]
 
 
@@ -187,7 +187,7 @@ def test_progress_log_waits_for_its_interval(monkeypatch, caplog):
     lines = [record.getMessage() for record in caplog.records]
     # the clock starts at the first row (t=100), with a line then (no rate yet); lines at t=105 (3 rows) and
     # t=111 (5 rows)
-    assert lines == ["lpips-pipe progress: 1 rows done at 0.0 rows/s; 19 of 20 left",
+    assert lines == ["lpips-pipe progress: 1 rows done at 0.0 rows/s; 19 of 20 left, ETA unknown yet",
                      "lpips-pipe progress: 3 rows done at 0.6 rows/s; 17 of 20 left, ETA 28s",
                      "lpips-pipe progress: 5 rows done at 0.5 rows/s; 15 of 20 left, ETA 33s"]  # 5/11 rows/s
     with pytest.raises(ValueError):

@@ -23,9 +23,10 @@ from apache_beam.testing.util import assert_that
 from lpips_pipe.pipeline.options import LpipsPipeOptions, parse_options
 from tests.data_helpers import demo_table
 from lpips_pipe.transforms.cache import BoundedCache
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
-from lpips_pipe.transforms.scoring import DEFAULT_REFERENCE_CACHE_MB, reference_cache_bytes, reference_group_key
-from lpips_pipe.transforms.stage import ScoreLPIPS
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
+from lpips_pipe.transforms.beam.config import DEFAULT_REFERENCE_CACHE_MB
+from lpips_pipe.transforms.beam.scoring import reference_cache_bytes, reference_group_key
+from lpips_pipe.transforms.beam.stage import ScoreLPIPS
 
 
 # --------------------------------------------------------------------------- the cache budget (the cache itself: test_cache.py)

@@ -411,7 +411,8 @@ def test_portable_runner_external_worker_pool(workspace: Workspace, baseline: Ru
 def test_baked_weights_dir_is_an_offline_source(workspace: Workspace, monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: pathlib.Path) -> None:
     """$LPIPS_PIPE_WEIGHTS_DIR/lpips-<net>.pt comes after --weights and before the other offline sources."""
-    from lpips_pipe.transforms.weights import WEIGHTS_DIR_ENV, ModelConfig, resolve_weights, state_dict_sha256, weights_source
+    from lpips_pipe.transforms.model.weights import (WEIGHTS_DIR_ENV, ModelConfig, resolve_weights, state_dict_sha256,
+                                                     weights_source)
 
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(workspace.weights_path.parent))
     assert weights_source(ModelConfig(net="alex")) == f"file:{workspace.weights_path}"
@@ -427,7 +428,7 @@ def test_weights_file_is_checked_against_its_recorded_sha256(workspace: Workspac
     """A weights file altered after export (e.g. corrupted in staging) is refused, not scored with."""
     import torch
 
-    from lpips_pipe.transforms.weights import ModelConfig, resolve_weights
+    from lpips_pipe.transforms.model.weights import ModelConfig, resolve_weights
 
     bundle = torch.load(workspace.weights_path, map_location="cpu", weights_only=True)
     key = next(k for k in bundle["state_dict"] if k.startswith("net."))

@@ -24,10 +24,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lpips_pipe.pipeline import calibrate, cli, job
+from lpips_pipe.pipeline import cli, job, runners
+from lpips_pipe.pipeline.calibrate import command as calibrate_command
 from lpips_pipe.pipeline import export_weights as export_cli
-from lpips_pipe.pipeline import filter as filter_cli
-from lpips_pipe.transforms import layout, paths, tar_io
+from lpips_pipe.pipeline.filter import command as filter_command
+from lpips_pipe.transforms import paths
+from lpips_pipe.transforms.inputs import webdataset
+from lpips_pipe.transforms.outputs import layout
 from tests.data_helpers import demo_table, small_pairs, wait_for
 from tests.s3_server import BUCKET, free_port
 
@@ -129,8 +132,8 @@ def _image_uri_inputs(server, table: pa.Table, kind: str) -> str:
     root = f"s3://{BUCKET}/inputs-{kind}"
     rows = table.to_pylist()
     if kind == "tar":
-        tar_io.write_shard(f"{root}/shard-000.tar", rows[:3])
-        tar_io.write_shard(f"{root}/shard-001.tar", rows[3:])
+        webdataset.write_shard(f"{root}/shard-000.tar", rows[:3])
+        webdataset.write_shard(f"{root}/shard-001.tar", rows[3:])
         return f"{root}/shard-*.tar"
     for index, row in enumerate(rows):
         server.put(f"{root}/images/ref-{index}.png", row["ref_image"])
@@ -165,7 +168,7 @@ def test_image_uris_relative_paths_and_shards_on_s3_with_weights_on_s3(kind, s3_
 
 def test_filter_and_calibrate_read_and_write_s3(s3_server, s3_run, table, capsys):
     kept = f"s3://{BUCKET}/filtered"
-    code = filter_cli.main(["--scores", s3_run, "--output", kept, "--threshold", "0.2",
+    code = filter_command.main(["--scores", s3_run, "--output", kept, "--threshold", "0.2",
                             "--source", f"s3://{BUCKET}/run/in/pairs.parquet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -176,7 +179,7 @@ def test_filter_and_calibrate_read_and_write_s3(s3_server, s3_run, table, capsys
                                        for key, value in sorted(scored.items())]) + "\n"
     s3_server.put(f"s3://{BUCKET}/labels/labels.csv", labels.encode())
     calibrated = f"s3://{BUCKET}/calibration"
-    code = calibrate.main(["--scores", s3_run, "--labels", f"s3://{BUCKET}/labels/labels.csv", "--output", calibrated,
+    code = calibrate_command.main(["--scores", s3_run, "--labels", f"s3://{BUCKET}/labels/labels.csv", "--output", calibrated,
                            "--min_labels", "1", "--bootstrap", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -187,9 +190,9 @@ def test_filter_and_calibrate_read_and_write_s3(s3_server, s3_run, table, capsys
 def test_sigkill_half_way_then_the_same_command_on_s3(s3_server, tmp_path):
     """A real SIGKILL after the first commit on S3, then the same command (credentials from the environment):
     every row once, the committed rows kept and not scored again."""
-    base = demo_table(size=160, with_bad_rows=True)
+    base = demo_table(size=256, with_bad_rows=True)  # 340 rows: two splits, scored for long enough to be cut
     tables = []
-    for index in range(6):
+    for index in range(10):
         ids = pa.array([f"f{index}/{value}" for value in base.column("id").to_pylist()])
         tables.append(base.set_column(base.schema.get_field_index("id"), "id", ids))
     table = pa.concat_tables(tables)
@@ -204,7 +207,7 @@ def test_sigkill_half_way_then_the_same_command_on_s3(s3_server, tmp_path):
     assert process.poll() is None, "the run ended before it could be killed: " + process.communicate()[0][-2000:]
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=30)
-    from lpips_pipe.transforms import ledger
+    from lpips_pipe.transforms.outputs import ledger
 
     committed = ledger.read_state(out).done_rows
     assert 0 < committed < table.num_rows
@@ -295,7 +298,7 @@ def test_a_store_that_cannot_be_used_is_one_line_and_exit_2_naming_the_path(flag
 def test_filter_source_on_an_unreachable_store_is_one_line(s3_server, s3_run, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
     source = f"s3://{BUCKET}/run/in/pairs.parquet"
-    code = filter_cli.main(["--scores", s3_run, "--output", f"s3://{BUCKET}/nowhere", "--threshold", "0.2",
+    code = filter_command.main(["--scores", s3_run, "--output", f"s3://{BUCKET}/nowhere", "--threshold", "0.2",
                             "--source", source])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) == 1, err
@@ -324,3 +327,125 @@ def test_an_image_on_an_unreachable_store_is_an_error_row_in_bounded_time(s3_ser
     assert errors.num_rows == 2
     assert all(f"s3://{BUCKET}/images/" in message for message in errors.column("error_message").to_pylist())
     assert elapsed < 120, f"{elapsed:.0f} s"
+
+
+# --------------------------------------------------------------------------- a stream, and Flink, on S3
+
+PRISM_MISSING = runners.prism_binary() is None and runners.flink_job_server_jar() is None
+FLINK_MISSING = runners.flink_job_server_jar() is None
+
+
+def _s3_ids(server, folder: str) -> list:
+    files = [key for key in server.keys(folder.rstrip("/") + "/") if key.endswith(".parquet")]
+    return [value for key in files for value in pq.read_table(io.BytesIO(server.get(key))).column("id").to_pylist()]
+
+
+def _prefixed(table: pa.Table, prefix: str) -> pa.Table:
+    ids = pa.array([f"{prefix}/{value}" for value in table.column("id").to_pylist()])
+    return table.set_column(table.schema.get_field_index("id"), "id", ids)
+
+
+def _only_flags_environment(server) -> dict:
+    """This process's environment without the AWS variables: only Beam's --s3_* flags say where S3 is, so a
+    worker that did not get the job's options could not reach it."""
+    return {name: value for name, value in os.environ.items() if name not in server.env()}
+
+
+def _stream(server, root: str, stop_after: int, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "lpips_pipe", "--streaming", "--input", f"{root}/in/*.parquet", "--output",
+               f"{root}/out", "--watch_interval", "2", "--watch_stop_after", str(stop_after), "--no_report",
+               *server.flags()]
+    return subprocess.Popen(command, cwd=cwd, env=_only_flags_environment(server), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.skip(reason="known bug, open in issue #28: a stream watching an S3 prefix sometimes reads a landed file "
+                         "again in a later window (seen 2 of 4 runs on Prism; never on local disk)")
+@pytest.mark.skipif(PRISM_MISSING, reason="no streaming runner is built here (bash scripts/setup_runners.sh)")
+def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, table, tmp_path):
+    """``--streaming --input 's3://.../in/*.parquet' --output s3://.../out``: files that land in the prefix while the
+    job runs are scored, every row once, outputs on S3; the same command later reads only the new file."""
+    root = f"s3://{BUCKET}/stream"
+    first, second, third = _prefixed(table, "a"), _prefixed(table, "b"), _prefixed(table, "c")
+    s3_server.put(f"{root}/in/a.parquet", _parquet_bytes(first))
+    s3_server.put(f"{root}/in/notes.txt", b"not an input")  # not matched by the glob
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    process = _stream(s3_server, root, 45, cwd)
+    try:
+        assert wait_for(lambda: process.poll() is not None
+                        or len(_s3_ids(s3_server, f"{root}/out/{layout.SCORES}")) >= 1, 90, every=0.5), \
+            "nothing was written while the stream ran"
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        s3_server.put(f"{root}/in/b.parquet", _parquet_bytes(second))
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    written = _s3_ids(s3_server, f"{root}/out/{layout.SCORES}") + _s3_ids(s3_server, f"{root}/out/{layout.ERRORS}")
+    expected = first.column("id").to_pylist() + second.column("id").to_pylist()
+    assert sorted(written) == sorted(expected), output[-4000:]  # every row exactly once
+    assert "model loads 1" in output and "streaming stopped by itself" in output, output[-4000:]
+    assert not list(cwd.iterdir())  # nothing local
+    # the same command continues the stream: the files already written are not read again
+    s3_server.put(f"{root}/in/c.parquet", _parquet_bytes(third))
+    process = _stream(s3_server, root, 15, cwd)
+    try:
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    written = _s3_ids(s3_server, f"{root}/out/{layout.SCORES}") + _s3_ids(s3_server, f"{root}/out/{layout.ERRORS}")
+    assert sorted(written) == sorted(expected + third.column("id").to_pylist()), output[-4000:]
+
+
+@pytest.fixture(scope="module")
+def flink_table() -> pa.Table:
+    """Ten pairs and two broken rows (no image; bytes that are no image), in row groups of four."""
+    table = small_pairs(10, size=48)
+    broken = table.slice(0, 2).to_pylist()
+    for index, row in enumerate(broken):
+        row.update(id=f"broken/{index}", ref_image=b"not an image" if index else None)
+    return pa.concat_tables([table, pa.Table.from_pylist(broken, schema=table.schema)])
+
+
+@pytest.mark.skipif(FLINK_MISSING, reason="the Flink job server is not built here (bash scripts/setup_runners.sh)")
+def test_flink_with_inputs_outputs_and_weights_only_on_s3_gives_the_local_runners_rows(s3_server, s3_weights,
+                                                                                        flink_table, tmp_path):
+    """FlinkRunner (embedded, ``--parallelism 2``, LOOPBACK workers), everything on S3, only Beam's --s3_* flags
+    (no AWS variables: the workers reach S3 only if the job's options reached them) gives the local runner's
+    rows, every column but where a row came from, the lpips values to the bit; no local path is touched."""
+    local = tmp_path / "local"
+    local.mkdir()
+    pq.write_table(flink_table, str(local / "pairs.parquet"), row_group_size=4)
+    assert cli.main(["--input", str(local / "pairs.parquet"), "--output", str(local / "out"), "--no_report"]) == 0
+    root = f"s3://{BUCKET}/flink"
+    s3_server.put(f"{root}/in/pairs.parquet", _parquet_bytes(flink_table, row_group_size=4))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    command = [sys.executable, "-m", "lpips_pipe", "--input", f"{root}/in/*.parquet", "--output", f"{root}/out",
+               "--weights", s3_weights, "--no_report", "--runner", "FlinkRunner", "--flink_master=[local]",
+               "--parallelism", "2", "--environment_type=LOOPBACK", *s3_server.flags()]
+    process = subprocess.Popen(command, cwd=cwd, env=_only_flags_environment(s3_server), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-4000:]
+    assert f"weights from file:{s3_weights}" in output, output[-4000:]
+    for kind in (layout.SCORES, layout.ERRORS):
+        got = _read_s3(s3_server, f"{root}/out/{kind}")
+        want = pq.read_table(os.path.join(local / "out", kind))
+        assert set(got.column(layout.SOURCE_FILE_FIELD).to_pylist()) == {f"{root}/in/pairs.parquet"}
+
+        def rows(result: pa.Table) -> list:
+            return sorted(result.drop_columns([layout.SOURCE_FILE_FIELD]).to_pylist(), key=lambda row: row["id"])
+
+        assert rows(got) == rows(want), kind  # every other column equal, lpips to the bit
+    assert pq.read_table(os.path.join(local / "out", layout.ERRORS)).num_rows == 2
+    assert not s3_server.keys(f"{root}/out/{layout.STAGING}/")
+    assert not list(cwd.iterdir())  # nothing written where the job was started

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lpips_pipe.transforms import score_math
-from lpips_pipe.transforms.score_math import BoxError
+from lpips_pipe.transforms.records import config as record_config
+from lpips_pipe.transforms.records import score_math
+from lpips_pipe.transforms.records.score_math import BoxError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=300, deadline=None)
@@ -106,10 +107,10 @@ def check_mask_shape(mask, width, height):
 
 
 def test_scope_mapping_exact_strings():
-    assert score_math.mask_mode_for_scope("unedit_area") == "outer"
-    assert score_math.mask_mode_for_scope("edit_area") == "inner"
-    assert score_math.mask_mode_for_scope("full") == "none"
-    assert score_math.mask_mode_for_scope(None) == "none"
+    assert record_config.mask_mode_for_scope("unedit_area") == "outer"
+    assert record_config.mask_mode_for_scope("edit_area") == "inner"
+    assert record_config.mask_mode_for_scope("full") == "none"
+    assert record_config.mask_mode_for_scope(None) == "none"
 
 
 @FAST
@@ -122,7 +123,7 @@ def test_scope_mapping_exact_strings():
 @example(["edit_area"])
 def test_scope_mapping_anything_else_is_none(scope):
     assume(scope not in ("unedit_area", "edit_area") if isinstance(scope, str) else True)
-    assert score_math.mask_mode_for_scope(scope) == "none"
+    assert record_config.mask_mode_for_scope(scope) == "none"
 
 
 # ----------------------------------------------------------------------------- to_pixel_box
@@ -212,7 +213,7 @@ BAD_BOXES = [
 
 
 @pytest.mark.parametrize("raw", BAD_BOXES, ids=[repr(b)[:30] for b in BAD_BOXES])
-@pytest.mark.parametrize("scale", score_math.COORDS_SCALES)
+@pytest.mark.parametrize("scale", record_config.COORDS_SCALES)
 def test_bad_boxes_raise_box_error(raw, scale):
     with pytest.raises(BoxError) as info:
         score_math.to_pixel_box(raw, 100, 80, scale)
@@ -450,7 +451,7 @@ def test_composite_all_and_nothing():
 
 @SETTINGS
 @given(image_pair_and_mask(), st.lists(st.tuples(*[st.integers(-40, 60)] * 4), max_size=4),
-       st.sampled_from(score_math.MASK_MODES))
+       st.sampled_from(record_config.MASK_MODES))
 def test_composite_boxes_equals_composite_through_the_mask(args, raw_boxes, mode):
     """Boxes past the edges, negative, empty, reversed or overlapping: the region copies give the pixels the
     mask gives, and leave the inputs alone."""

@@ -8,8 +8,8 @@ from PIL import Image, ImageFilter, ImageOps
 
 from tests.data_helpers import EDITS, centre_box, encode, photo
 from tests.seed_reference import open_image
-from lpips_pipe.transforms import score_math
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
+from lpips_pipe.transforms.records import score_math
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
 

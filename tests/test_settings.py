@@ -10,13 +10,14 @@ from typing import Optional
 
 import pytest
 
-from lpips_pipe.pipeline.options import CONFIGS, LpipsPipeOptions, config_of, parse_options
+from lpips_pipe.pipeline.flags import CONFIGS
+from lpips_pipe.pipeline.options import LpipsPipeOptions, config_of, parse_options
 from lpips_pipe.transforms import settings
-from lpips_pipe.transforms.masked import masked_lpips
-from lpips_pipe.transforms.records import RecordConfig
-from lpips_pipe.transforms.scoring import ScoringConfig
-from lpips_pipe.transforms.stage import ScoreLPIPS
-from lpips_pipe.transforms.weights import ModelConfig
+from lpips_pipe.transforms.model.masked import masked_lpips
+from lpips_pipe.transforms.records.pairs import RecordConfig
+from lpips_pipe.transforms.beam.scoring import ScoringConfig
+from lpips_pipe.transforms.beam.stage import ScoreLPIPS
+from lpips_pipe.transforms.model.weights import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lpips_pipe.pipeline import cli, runners
-from lpips_pipe.pipeline import filter as filter_cli
+from lpips_pipe.pipeline.filter import command
 from tests.shard_helpers import build_shard_set, shard_members
-from lpips_pipe.transforms import ids as record_ids
-from lpips_pipe.transforms import layout, ledger, tar_io
+from lpips_pipe.transforms.inputs import ids as record_ids
+from lpips_pipe.transforms.inputs import webdataset
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import layout
 
 SCORE_COLUMNS = ("lpips", "measured_fraction", "mask_mode", "width", "height", "net", "lpips_version",
                  "weights_sha256")
@@ -112,7 +114,7 @@ def test_the_filter_splits_shards_into_kept_rejected_and_unscored_shards(runs, t
     scores = _by_id(_read(runs["out"], layout.SCORES))
     threshold = sorted(row["lpips"] for row in scores.values())[len(scores) // 2]
     out = tmp_path / "filtered"
-    assert filter_cli.main(["--scores", str(runs["out"]), "--output", str(out), "--threshold", str(threshold),
+    assert command.main(["--scores", str(runs["out"]), "--output", str(out), "--threshold", str(threshold),
                             "--source", str(shards.folder), "--no_report"]) == 0
     assert "source rows: kept" in capsys.readouterr().out
     files = sorted(path.name for path in shards.folder.iterdir())
@@ -125,7 +127,7 @@ def test_the_filter_splits_shards_into_kept_rejected_and_unscored_shards(runs, t
             part = out / name / layout.shard_name(index, len(files), suffix=layout.TAR_SUFFIX)
             assert part.is_file(), part
             try:
-                plan = tar_io.plan_shard(str(part))
+                plan = webdataset.plan_shard(str(part))
             except ValueError:  # no sample went there: an empty archive
                 assert not shard_members(part)
                 continue
@@ -228,9 +230,9 @@ def test_a_stream_of_shards_scores_each_sample_once_and_waits_for_half_written_o
     incoming.mkdir()
     shutil.copy(shards.folder / "a-000.tar", incoming / "a.tar")
     whole = tmp_path / "b.full"
-    tar_io.write_shard(str(whole), shards.good[10:13], keys=["b/0", "b/1", "b/2"])
+    webdataset.write_shard(str(whole), shards.good[10:13], keys=["b/0", "b/1", "b/2"])
     staged = tmp_path / "c.tar.gz"
-    tar_io.write_shard(str(staged), shards.good[13:16], keys=["c/0", "c/1", "c/2"])
+    webdataset.write_shard(str(staged), shards.good[13:16], keys=["c/0", "c/1", "c/2"])
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipeline", "--streaming", "--input", str(incoming / "*.tar*"), "--output",
                str(out), "--watch_interval", "2", "--no_report", "--watch_stop_after", "50"]

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from lpips_pipe.transforms import layout, ledger, sink
+from lpips_pipe.transforms.outputs import ledger
+from lpips_pipe.transforms.outputs import sink
+from lpips_pipe.transforms.outputs import layout
 
 SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field(layout.LPIPS_FIELD, pa.float64()),
                     *layout.SOURCE_FIELDS])

@@ -18,9 +18,9 @@ import lpips_pipe
 from lpips_pipe import ReadPairs, ScoreLPIPS, WriteScores, masked_lpips
 from tests.data_helpers import small_pairs
 from tests.seed_reference import open_image
-from lpips_pipe.transforms import layout
-from lpips_pipe.transforms.records import RecordError
-from lpips_pipe.transforms.schemas import build_output_schemas
+from lpips_pipe.transforms.outputs import layout
+from lpips_pipe.transforms.records.pairs import RecordError
+from lpips_pipe.transforms.outputs.schemas import build_output_schemas
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,8 @@ def test_bad_constructor_arguments_fail_when_the_pipeline_is_built():
     with pytest.raises(ValueError, match="net"):
         ScoreLPIPS(net="resnet")
     with pytest.raises(ValueError, match="fp16"):
-        from lpips_pipe.transforms.scorer import check_device
-        from lpips_pipe.transforms.weights import ModelConfig
+        from lpips_pipe.transforms.model.scorer import check_device
+        from lpips_pipe.transforms.model.weights import ModelConfig
 
         check_device(ModelConfig(device="cpu", precision="fp16"))
 
@@ -162,3 +162,35 @@ def test_readme_use_it_in_your_own_pipeline_blocks_run(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+
+
+def test_read_pairs_resolves_relative_paths_in_the_columns_score_lpips_reads(tmp_path, monkeypatch):
+    """A user's ReadPairs(path) | ScoreLPIPS(ref_column=..., edited_column=...) on a file naming its images by
+    paths relative to it, run from another folder, without ReadPairs(image_columns=...): every row scores,
+    to the same bits as the images given as bytes."""
+    table = small_pairs(4, size=48)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    source, edited = [], []
+    for index, row in enumerate(table.to_pylist()):
+        for kind, names, value in (("ref", source, row["ref_image"]), ("edited", edited, row["edited_image"])):
+            (data / "images" / f"{index}-{kind}.png").write_bytes(value)
+            names.append(f"images/{index}-{kind}.png")
+    pq.write_table(table.drop_columns(["ref_image", "edited_image"]).append_column("source_path", [source])
+                   .append_column("edited_path", [edited]), data / "pairs.parquet")
+    pq.write_table(table, data / "bytes.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # relative to the file, not to the working directory
+    got = {}
+    for name, options in (("pairs.parquet", {"ref_column": "source_path", "edited_column": "edited_path"}),
+                          ("bytes.parquet", {})):
+        out = str(tmp_path / f"out-{name}")
+        with beam.Pipeline(runner="FnApiRunner") as pipeline:
+            _ = (pipeline | ReadPairs(str(data / name), id_column="id")
+                 | ScoreLPIPS(device="cpu", **options) | WriteScores(out, num_shards=1))
+        errors = pq.read_table(layout.kind_dir(out, layout.ERRORS))
+        assert errors.num_rows == 0, errors.column("error_message").to_pylist()
+        scores = pq.read_table(layout.kind_dir(out, layout.SCORES))
+        got[name] = dict(zip(scores.column("id").to_pylist(), scores.column("lpips").to_pylist()))
+    assert got["pairs.parquet"] == got["bytes.parquet"] and len(got["bytes.parquet"]) == 4

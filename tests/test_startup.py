@@ -19,7 +19,7 @@ def _fresh(code: str) -> dict:
 def test_the_scoring_step_does_not_import_beams_model_manager_and_scipy():
     seen = _fresh(
         "import json, sys\n"
-        "import pipeline.cli, transforms.scoring\n"
+        "import lpips_pipe.pipeline.cli, lpips_pipe.transforms.beam.scoring\n"
         "base = sys.modules['apache_beam.ml.inference.base']\n"
         "print(json.dumps({'scipy': 'scipy.optimize' in sys.modules,\n"
         "                  'manager': 'apache_beam.ml.inference.model_manager' in sys.modules,\n"
@@ -31,7 +31,7 @@ def test_the_scoring_step_does_not_import_beams_model_manager_and_scipy():
 def test_beams_model_manager_still_imports_afterwards():
     seen = _fresh(
         "import json, sys\n"
-        "import transforms.scoring\n"
+        "import lpips_pipe.transforms.beam.scoring\n"
         "from apache_beam.ml.inference.model_manager import ModelManager\n"
         "print(json.dumps({'name': ModelManager.__name__, 'scipy': 'scipy.optimize' in sys.modules}))\n")
     assert seen == {"name": "ModelManager", "scipy": True}
@@ -46,4 +46,17 @@ def test_the_console_entry_returns_mains_code_and_skips_the_last_collection():
         "print(json.dumps({'code': code, 'frozen': gc.get_freeze_count() > 0}))\n")
     assert seen == {"code": 0, "frozen": True}
     entry = [line for line in (ROOT / "setup.py").read_text().splitlines() if '"lpips-pipe=' in line]
-    assert entry and "pipeline.cli:console_main" in entry[0]
+    assert entry and "pipeline.launch:console_main" in entry[0]  # --help at once, else cli.console_main
+
+
+def test_help_imports_neither_beam_nor_torch_nor_numpy():
+    """``lpips-pipe --help`` answers from the declarations alone (benchmarks/help_time.py times it)."""
+    seen = _fresh(
+        "import contextlib, io, json, sys\n"
+        "from lpips_pipe.pipeline import launch\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    code = launch.console_main(['--help'])\n"
+        "heavy = sorted(name for name in ('torch', 'apache_beam', 'numpy', 'PIL', 'pyarrow') if name in sys.modules)\n"
+        "print(json.dumps({'code': code, 'heavy': heavy, 'exit130': '130' in out.getvalue(),\n"
+        "                  'boxes': 'x1, y1, x2, y2' in out.getvalue()}))\n")
+    assert seen == {"code": 0, "heavy": [], "exit130": True, "boxes": True}

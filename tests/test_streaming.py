@@ -13,11 +13,11 @@ from apache_beam.transforms import window
 
 from lpips_pipe.pipeline import runners
 from tests.data_helpers import PAIRS_SCHEMA, demo_table
-from lpips_pipe.transforms import score_math
-from lpips_pipe.transforms.weights import ModelConfig
-from lpips_pipe.transforms.records import RecordConfig, prepare_pair
-from lpips_pipe.transforms.schemas import build_output_schemas
-from lpips_pipe.transforms.scoring import LpipsModelHandler, ScorePairs
+from lpips_pipe.transforms.records import score_math
+from lpips_pipe.transforms.model.weights import ModelConfig
+from lpips_pipe.transforms.records.pairs import RecordConfig, prepare_pair
+from lpips_pipe.transforms.outputs.schemas import build_output_schemas
+from lpips_pipe.transforms.beam.scoring import LpipsModelHandler, ScorePairs
 
 WINDOW_SECONDS = 10
 

@@ -11,7 +11,7 @@ import pytest
 
 from lpips_pipe.pipeline import cli
 from tests.data_helpers import small_pairs
-from lpips_pipe.transforms import scorer
+from lpips_pipe.transforms.model import scorer
 
 
 @pytest.fixture

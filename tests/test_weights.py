@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from lpips_pipe.pipeline import export_weights as export_cli
-from lpips_pipe.transforms import scorer as lpips_scorer
-from lpips_pipe.transforms import weights as lpips_weights
-from lpips_pipe.transforms.weights import BadWeightsFile, ModelConfig, UnsafeWeightsFile, WeightsUnavailable, check_weights
+from lpips_pipe.transforms.model import scorer as lpips_scorer
+from lpips_pipe.transforms.model import weights as lpips_weights
+from lpips_pipe.transforms.model.weights import (BadWeightsFile, ModelConfig, UnsafeWeightsFile, WeightsUnavailable,
+                                                 check_weights)
 
 DEADLINE_S = 60.0
 

@@ -304,6 +304,7 @@ def describe_error(error: BaseException) -> str:
 _S3_LOCK = threading.Lock()
 _S3_CLIENTS: dict[tuple, Any] = {}
 _S3_REQUESTS = [0]
+_S3_REQUEST_HOOKS: list = []
 
 
 def s3_requests() -> int:
@@ -311,8 +312,16 @@ def s3_requests() -> int:
     return _S3_REQUESTS[0]
 
 
-def _count_request(**_: Any) -> None:
+def add_s3_request_hook(hook: Any) -> None:
+    """Call ``hook(operation, url)`` for every S3 request this process sends from now on (every attempt;
+    ``operation`` is S3's name for it, e.g. ``PutObject``): the benchmark counts requests per kind of file."""
+    _S3_REQUEST_HOOKS.append(hook)
+
+
+def _count_request(event_name: str = "", request: Any = None, **_: Any) -> None:
     _S3_REQUESTS[0] += 1
+    for hook in _S3_REQUEST_HOOKS:
+        hook(event_name.rsplit(".", 1)[-1], getattr(request, "url", ""))
 
 
 def _s3_settings(options: Any) -> dict:
@@ -469,6 +478,114 @@ class _QuietBeamS3(logging.Filter):
                     and str(record.msg).startswith("HTTP error while"))
 
 
+# --------------------------------------------------------------------------- Beam's GCS client, once per process
+
+# gs:// (apache-beam[gcp]) bounded in time like S3. Beam as it is, with no route to Google: ~40 s finding
+# credentials (google.auth.default tried 5 times with back-off, each pinging the GCE metadata server), then
+# google-api-core's retry of every connection error for 120 s, per call: one image row hangs a job for minutes.
+GCS_CONNECT_TIMEOUT_S = 5.0
+GCS_READ_TIMEOUT_S = 60.0
+GCS_CONNECT_ATTEMPTS = 3  # a connection that cannot be made: tried this many times, then unreachable
+GCS_RETRY_DEADLINE_S = 60.0  # google-api-core's retry of answers that say "again" (429, 5xx): at most this long
+_GCS_CLIENTS: dict[tuple, Any] = {}
+
+
+class StoreUnreachableError(OSError):
+    """An object store that gives no answer at all (no route, no name, nothing listening, no answer within the
+    timeouts), after this module's own bounded attempts; not retried again by the filesystem's back-off."""
+
+
+def _gcs_settings_key(options: Any) -> tuple:
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+    if isinstance(options, dict):
+        options = PipelineOptions.from_dictionary(options)
+    if not isinstance(options, PipelineOptions):
+        options = PipelineOptions([])
+    view = options.view_as(GoogleCloudOptions)
+    names = ("project", "impersonate_service_account", "gcp_oauth_scopes", "job_name", "gcs_custom_audit_entries")
+    values = tuple(repr(getattr(view, name, None)) for name in names)
+    return values + tuple(os.environ.get(name) for name in ("GOOGLE_APPLICATION_CREDENTIALS",
+                                                               "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CONFIG"))
+
+
+def _bounded_session(session: Any) -> Any:
+    """``session`` (the storage client's ``AuthorizedSession``) with every request's timeouts capped and a
+    connection that cannot be made tried :data:`GCS_CONNECT_ATTEMPTS` times, then :class:`StoreUnreachableError`
+    (which google-api-core's retry does not retry)."""
+    import time
+
+    import requests
+
+    original = session.request
+
+    def request(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+        timeout = kwargs.get("timeout")
+        read = timeout[1] if isinstance(timeout, tuple) else timeout
+        kwargs["timeout"] = (GCS_CONNECT_TIMEOUT_S, min(read or GCS_READ_TIMEOUT_S, GCS_READ_TIMEOUT_S))
+        replayable = kwargs.get("data") is None or isinstance(kwargs.get("data"), (bytes, str))
+        for attempt in range(GCS_CONNECT_ATTEMPTS):
+            try:
+                return original(method, url, *args, **kwargs)
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+                last = error
+                if not replayable or (isinstance(error, requests.exceptions.ReadTimeout)):
+                    break
+                time.sleep(0.5 * 2 ** attempt)
+        host = url.split("://", 1)[-1].split("/", 1)[0]
+        raise StoreUnreachableError(f"{host} cannot be reached ({type(last).__name__}: "
+                                    f"{one_line(str(last), 160)})") from last
+
+    session.request = request
+    return session
+
+
+def _install_gcs_client_cache() -> None:
+    """Beam's GCS filesystem (``apache-beam[gcp]``) in bounded time, with one storage client per process and
+    set of options (Beam's ``GCSFileSystem`` builds a ``GcsIO``, hence a storage client and an HTTP session, for
+    every call): credentials are looked up once, without Beam's 5 tries with back-off (``google.auth`` pings the
+    metadata server with its own short timeouts; none found: anonymous, as Beam does); the client's requests
+    get :data:`GCS_CONNECT_TIMEOUT_S`/:data:`GCS_READ_TIMEOUT_S` and :func:`_bounded_session`; google-api-core's
+    retry of 429/5xx answers stops after :data:`GCS_RETRY_DEADLINE_S` (120 s by default). Without
+    ``apache-beam[gcp]`` nothing happens (a ``gs://`` path is then an error naming the package)."""
+    try:
+        from apache_beam.internal.gcp import auth
+        from apache_beam.io.gcp import gcsio, gcsio_retry
+    except ImportError:
+        return
+    if getattr(gcsio, "_lpips_pipe_shared", False):
+        return
+    original_client, original_retry = gcsio.create_storage_client, gcsio_retry.get_retry
+
+    def credentials_once(pipeline_options: Any) -> Any:  # Beam retries this 4 times with back-off
+        import google.auth
+        from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+        return google.auth.default(scopes=pipeline_options.view_as(GoogleCloudOptions).gcp_oauth_scopes)[0]
+
+    def create_storage_client(pipeline_options: Any, use_credentials: bool = True) -> Any:
+        key = (use_credentials,) + _gcs_settings_key(pipeline_options)
+        with _S3_LOCK:
+            client = _GCS_CLIENTS.get(key)
+            if client is None:
+                client = original_client(pipeline_options, use_credentials)
+                _bounded_session(client._http)  # pylint: disable=protected-access  # made here, once
+                _GCS_CLIENTS[key] = client
+            return client
+
+    def get_retry(pipeline_options: Any) -> Any:
+        retry = original_retry(pipeline_options)
+        bound = getattr(retry, "with_timeout", None) or retry.with_deadline
+        return bound(GCS_RETRY_DEADLINE_S)
+
+    if hasattr(auth, "_Credentials") and hasattr(auth._Credentials, "_get_credentials_with_retrys"):  # pylint: disable=protected-access
+        auth._Credentials._get_credentials_with_retrys = staticmethod(credentials_once)  # pylint: disable=protected-access
+    gcsio.create_storage_client = create_storage_client
+    gcsio_retry.get_retry = get_retry
+    gcsio._lpips_pipe_shared = True  # pylint: disable=protected-access
+
+
 _install_s3_client_cache()
+_install_gcs_client_cache()
 if not any(isinstance(item, _QuietBeamS3) for item in logging.getLogger().filters):
     logging.getLogger().addFilter(_QuietBeamS3())

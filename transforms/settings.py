@@ -149,16 +149,18 @@ def _argparse_type(field: dataclasses.Field) -> Callable[[str], Any]:
     return read
 
 
-def add_arguments(group: Any, *configs: type, only: Optional[Sequence[str]] = None, aliases: bool = False) -> None:
+def add_arguments(group: Any, *configs: type, only: Optional[Sequence[str]] = None, aliases: bool = False,
+                  helped: Optional[Callable[[dataclasses.Field], str]] = None) -> None:
     """``--<name>`` on ``group`` (an argparse parser or group) for every command-line option of ``configs``
     (or the ``only`` ones): type, default, choices and help from the declaration; with ``aliases``, their
-    other spellings too."""
+    other spellings too; ``helped(field)``, when given, writes each help text (e.g. with its default)."""
     for config in configs:
         for field in options_of(config):
             if not field.metadata["cli"] or (only is not None and field.name not in only):
                 continue
             flags = (f"--{field.name}", *(field.metadata["aliases"] if aliases else ()))
-            common = {"dest": field.name, "default": field.default, "help": field.metadata["help"]}
+            common = {"dest": field.name, "default": field.default,
+                      "help": helped(field).replace("%", "%%") if helped else field.metadata["help"]}
             rule: Rule = field.metadata["rule"]
             if rule.parse is bool:
                 group.add_argument(*flags, action="store_true", **common)

@@ -1,0 +1,1 @@
+"""lpips-pipe-calibrate: human labels to per-group thresholds at a target precision, their curves, the report page's section, and the drift check. labels, join (labels with scores), curves, section (Markdown and HTML), drift (--check), command (the command line)."""

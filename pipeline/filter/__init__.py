@@ -1,0 +1,1 @@
+"""lpips-pipe-filter: scores to kept / rejected files (threshold, tiers, calibration), the source rows split alike, and its page. run (the filter itself), source (--source rows and shards), command (the command line)."""

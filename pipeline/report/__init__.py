@@ -1,0 +1,1 @@
+"""The run report: OUT/report/ (report.md, report.json, histogram.png) and its page index.html with galleries of real pairs; lpips-pipe-report. config (its options), facts (counts and quantiles read from the outputs), markdown, histogram, page, gallery, tiles, source_rows (a shown row read back), writer (writes it all; the command)."""

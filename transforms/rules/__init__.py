@@ -1,0 +1,1 @@
+"""Rules on finished scores, no Beam: filter thresholds and tiers (filtering), calibration from human labels (calibration)."""
