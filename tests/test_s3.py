@@ -335,6 +335,11 @@ PRISM_MISSING = runners.prism_binary() is None and runners.flink_job_server_jar(
 FLINK_MISSING = runners.flink_job_server_jar() is None
 
 
+def _written_ids(s3_server, out: str) -> list:
+    """The ids of every score and error row under ``out`` on the S3 server."""
+    return _s3_ids(s3_server, f"{out}/{layout.SCORES}") + _s3_ids(s3_server, f"{out}/{layout.ERRORS}")
+
+
 def _s3_ids(server, folder: str) -> list:
     files = [key for key in server.keys(folder.rstrip("/") + "/") if key.endswith(".parquet")]
     return [value for key in files for value in pq.read_table(io.BytesIO(server.get(key))).column("id").to_pylist()]
@@ -383,7 +388,7 @@ def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, 
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-4000:]
-    written = _s3_ids(s3_server, f"{root}/out/{layout.SCORES}") + _s3_ids(s3_server, f"{root}/out/{layout.ERRORS}")
+    written = _written_ids(s3_server, f"{root}/out")
     expected = first.column("id").to_pylist() + second.column("id").to_pylist()
     assert sorted(written) == sorted(expected), output[-4000:]  # every row exactly once
     assert "model loads 1" in output and "streaming stopped by itself" in output, output[-4000:]
@@ -397,7 +402,7 @@ def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, 
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-4000:]
-    written = _s3_ids(s3_server, f"{root}/out/{layout.SCORES}") + _s3_ids(s3_server, f"{root}/out/{layout.ERRORS}")
+    written = _written_ids(s3_server, f"{root}/out")
     assert sorted(written) == sorted(expected + third.column("id").to_pylist()), output[-4000:]
 
 

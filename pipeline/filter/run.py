@@ -86,13 +86,6 @@ def _keys(batch: pa.RecordBatch, group_column: Optional[str]) -> Optional[list[A
     return batch.column(group_column).to_pylist() if group_column else None
 
 
-MEASURED_COLUMNS = (layout.MEASURED_FRACTION_FIELD, MASK_MODE, layout.BOX_FLAGS_FIELD)  # what the refusals read
-
-
-def _is_number_type(kind: pa.DataType) -> bool:
-    return pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)
-
-
 def _refusals(batch: pa.RecordBatch, min_measured_fraction: float, keep_nothing_measured: bool) -> np.ndarray:
     """:func:`transforms.rules.measured.refusals` of a batch, from the columns of it that exist."""
     return measured.refusals(batch, min_measured_fraction, keep_nothing_measured)
@@ -153,7 +146,7 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
     schema = _check_schema(files, group_column)
     if not (isinstance(min_measured_fraction, (int, float)) and 0 <= min_measured_fraction <= 1):
         raise FilterError(f"--min_measured_fraction must be between 0 and 1, got {min_measured_fraction!r}")
-    if min_measured_fraction > 0 and (layout.MEASURED_FRACTION_FIELD not in schema.names or not _is_number_type(
+    if min_measured_fraction > 0 and (layout.MEASURED_FRACTION_FIELD not in schema.names or not measured.is_number_type(
             schema.field(layout.MEASURED_FRACTION_FIELD).type)):
         raise FilterError(f"--min_measured_fraction needs a numeric {layout.MEASURED_FRACTION_FIELD!r} column; the "
                           f"scores have none ({files[0]})")
@@ -172,7 +165,7 @@ def run_filter(scores: str, output: str, threshold: Optional[float] = None,
 
     stats = filtering.GroupedStats()  # pass 1: per-group statistics of the rows not refused for what they measured
     stat_columns = [SCORE_COLUMN] + ([group_column] if group_column and group_column != SCORE_COLUMN else [])
-    stat_columns += [name for name in MEASURED_COLUMNS if name in schema.names and name not in stat_columns]
+    stat_columns += [name for name in measured.MEASURED_COLUMNS if name in schema.names and name not in stat_columns]
     for path in files:
         for batch in _batches(path, stat_columns):
             values = _scores(batch).copy()

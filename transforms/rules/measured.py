@@ -17,7 +17,8 @@ from lpips_pipe.transforms.rules import filtering
 MEASURED_COLUMNS = (layout.MEASURED_FRACTION_FIELD, layout.MASK_MODE_FIELD, layout.BOX_FLAGS_FIELD)
 
 
-def _is_number_type(kind: pa.DataType) -> bool:
+def is_number_type(kind: pa.DataType) -> bool:
+    """Whether a column of this type can hold a measured fraction (a number, or all nulls)."""
     return pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_null(kind)
 
 
@@ -33,7 +34,7 @@ def refusals(table: Any, min_measured_fraction: float = 0.0, keep_nothing_measur
     names = table.schema.names
     rows = table.num_rows
     fractions = modes = flags = None
-    if layout.MEASURED_FRACTION_FIELD in names and _is_number_type(table.schema.field(
+    if layout.MEASURED_FRACTION_FIELD in names and is_number_type(table.schema.field(
             layout.MEASURED_FRACTION_FIELD).type):
         column = _column(table, layout.MEASURED_FRACTION_FIELD)
         fractions = (np.full(len(column), np.nan) if pa.types.is_null(column.type)
