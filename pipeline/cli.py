@@ -125,6 +125,8 @@ def describe_written(output: str) -> str:
     elif paths.match(FileSystems.join(paths.escape_glob(staging), f"{layout.SCORES}-*", "*")):  # older releases
         parts.append(f"rows it finished are in {staging}: pass '{FileSystems.join(staging, 'scores-*', '*')}' to "
                      "--skip_existing when rerunning into a new --output")
+    elif state is not None and not state.published:
+        parts.append("no rows were committed before it stopped: run the same command again to start over")
     return "; ".join(parts)
 
 

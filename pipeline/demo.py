@@ -43,8 +43,10 @@ def photo(name: str) -> Image.Image:
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """``image`` as PNG (lossless; zlib level 1: the pixels are what matter, and level 6 took most of the
+    demo's set-up time on large photographs) or another Pillow format with its defaults."""
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
     return buffer.getvalue()
 
 
@@ -88,11 +90,12 @@ def demo_table(size: Optional[int] = None, repeat: int = 1, with_bad_rows: bool 
             if size is not None:
                 image = ImageOps.fit(image, (size, size))
             box = centre_box(image)
+            reference = encode(image)
             for edit, apply in EDITS.items():
                 rows.append({
                     "id": f"{name}/{edit}/{copy}",
                     "edit": edit,
-                    "ref_image": encode(image),
+                    "ref_image": reference,
                     "edited_image": encode(apply(image, box)),
                     "coords": [list(map(float, box))],
                 })

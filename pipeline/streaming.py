@@ -103,17 +103,30 @@ class NewFiles(beam.DoFn):
     """Poll ticks -> paths of files to read, each once (the rule in the module docstring).
 
     The state (one key): ``{path: (status, size, mtime)}`` with status ``pending`` (seen, waiting for a
-    stable size), ``read`` or ``changed``.
+    stable size), ``read`` or ``changed``. The files this worker process has emitted for the run are also kept
+    in memory (:attr:`_EMITTED`, by run id): a poll that finds the runner's state older than that (state lost,
+    or a poll replayed after a retried bundle) does not emit a file twice.
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
+    _EMITTED: dict[str, dict[str, tuple[str, int, float]]] = {}  # run id -> {path: state entry when emitted}
+    _EMITTED_LOCK = threading.Lock()
 
-    def __init__(self, pattern: str, done: frozenset = frozenset()) -> None:
+    def __init__(self, pattern: str, done: frozenset = frozenset(), run: str = "") -> None:
         self._pattern = pattern
         self._done = frozenset(done)  # files an earlier run of this stream finished (restart): not read again
+        self._run = run or f"unnamed-{id(self)}"
 
     def process(self, tick: tuple[str, Any], seen: Any = beam.DoFn.StateParam(SEEN)) -> Iterator[str]:
         known: dict[str, tuple[str, int, float]] = seen.read() or {}
+        with self._EMITTED_LOCK:
+            emitted = self._EMITTED.setdefault(self._run, {})
+            stale = {path: entry for path, entry in emitted.items()
+                     if known.get(path, ("new",))[0] in ("new", "pending")}
+        if stale:
+            _LOGGER.warning("streaming: the runner's state of the polls is older than this worker's (%d file(s) "
+                            "already read, e.g. %s); they are not read again", len(stale), next(iter(stale)))
+            known.update(stale)
         try:
             metadata = beam.io.filesystems.FileSystems.match([self._pattern])[0].metadata_list
         except Exception as error:  # a transient listing failure: try again at the next tick
@@ -128,6 +141,8 @@ class NewFiles(beam.DoFn):
             elif status in ("new", "pending"):
                 if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
+                    with self._EMITTED_LOCK:
+                        self._EMITTED[self._run][meta.path] = known[meta.path]
                     counter(CounterName.FILES_READ).inc()
                     yield meta.path
                 else:
@@ -181,7 +196,7 @@ def build_stream(pipeline: beam.Pipeline, plan: StreamPlan, started_wall: float,
         | "Poll" >> PeriodicImpulse(start_timestamp=Timestamp.of(started_wall), stop_timestamp=stop,
                                     fire_interval=plan.interval_s)
         | "Key" >> beam.Map(lambda tick: (POLL_KEY, tick))
-        | "NewFiles" >> beam.ParDo(NewFiles(first.options.input, done_files(first)))
+        | "NewFiles" >> beam.ParDo(NewFiles(first.options.input, done_files(first), first.run))
         | "FileSplits" >> beam.ParDo(FileSplits(first.files[0], first.input_schema))
         | "ReadPairs" >> ReadSplits(first.schemas.id_column, first.records.image_columns,
                                               first.records.max_image_bytes)

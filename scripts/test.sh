@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Set up (or update) .venv and everything the tests use, then run the test suite (pytest's arguments pass
 # through: `bash scripts/test.sh -m "not slow"` is the fast tier).
-#   scripts/bootstrap.sh       the pinned Python install (all the demo needs)
+#   scripts/bootstrap.sh --tests   the pinned Python install (all the demo needs) and the tests' packages
 #   scripts/setup_runners.sh   Prism, the Flink job server and distribution, versitygw (pinned, cached; a runner
 #                              that cannot be built only makes its tests skip, with one line saying why)
 #   scripts/setup_browser.sh   Debian's Chromium for the browser checks (never fails the set-up)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --tests
 bash scripts/setup_runners.sh
 bash scripts/setup_browser.sh
-.venv/bin/python -m pytest "$@"
+# Several worker processes (pytest-xdist): most of the suite's time is runners starting and streams waiting, which
+# overlap well even on 2 cores. LPIPS_PIPE_TEST_WORKERS=0 (or `-n 0` among the arguments) runs it in one process.
+.venv/bin/python -m pytest -n "${LPIPS_PIPE_TEST_WORKERS:-4}" --dist load --maxschedchunk 1 "$@"

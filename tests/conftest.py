@@ -56,7 +56,19 @@ FAST_MODULES = frozenset({
 })
 
 
+# Modules whose tests run longest (runners starting, streams waiting for their windows, kills and restarts): they
+# are handed out first, so that with several workers (scripts/test.sh runs `-n 4`) the long ones overlap with the
+# many short ones instead of ending the run alone.
+LONGEST_FIRST = ("test_restart", "test_flink_cli", "test_streaming_cli", "test_shards_cli", "test_s3", "test_faults",
+                 "test_runners")
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    def order(item) -> int:
+        module = item.module.__name__.rpartition(".")[2]
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST) + (module in FAST_MODULES)
+
     for item in items:
         if item.module.__name__.rpartition(".")[2] not in FAST_MODULES:
             item.add_marker(pytest.mark.slow)
+    items.sort(key=order)  # stable: within a module, the file's order

@@ -25,7 +25,10 @@ def test_one_line_first_line_is_the_first_non_empty_line_stripped():
 
 
 def test_quote_value_and_record_error_stay_short():
-    assert quote_value("x" * 500).endswith("... (500 chars)")
+    assert quote_value("x" * 500).endswith("xxx' (500 chars)") and len(quote_value("x" * 500)) < 100
+    for long_path in ("/data/" + "deep/" * 40 + "frame-0001.png", "/data/" + "d" * 61 + "/pipe.png"):  # 214, 76
+        shown = quote_value(long_path, 72)  # the start and the file name stay, and the closing quote
+        assert shown.startswith("'/data/d") and shown.endswith(f"{long_path[-8:]}' ({len(long_path)} chars)"), shown
     assert quote_value(b"b" * 100).endswith("... (100 bytes)")
     assert quote_value([1, 2]) == "[1, 2]"
     error = RecordError("read", "X", "m" * 100_000)

@@ -364,8 +364,6 @@ def _stream(server, root: str, stop_after: int, cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-@pytest.mark.skip(reason="known bug, open in issue #28: a stream watching an S3 prefix sometimes reads a landed file "
-                         "again in a later window (seen 2 of 4 runs on Prism; never on local disk)")
 @pytest.mark.skipif(PRISM_MISSING, reason="no streaming runner is built here (bash scripts/setup_runners.sh)")
 def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, table, tmp_path):
     """``--streaming --input 's3://.../in/*.parquet' --output s3://.../out``: files that land in the prefix while the

@@ -4,6 +4,8 @@ loses a row on the local DirectRunner only: strict xfail)."""
 
 from __future__ import annotations
 
+import logging
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -76,3 +78,44 @@ def test_rows_are_scored_once_in_their_windows_late_rows_included(rows, alex_sco
         errors = outputs["errors"] | "ErrorWindows" >> beam.Map(
             lambda row, w=beam.DoFn.WindowParam: (row["id"], w.start.micros // 10 ** 6, row["error_type"]))
         assert_that(errors, equal_to([("late/bad_box", 0, "BadBox")]), label="Errors")
+
+
+class _State:
+    """A ReadModifyWriteState as the runner hands it to a DoFn: what was last written."""
+
+    def __init__(self, value=None) -> None:
+        self.value = value
+
+    def read(self):
+        return self.value
+
+    def write(self, value) -> None:
+        self.value = value
+
+
+def test_new_files_reads_a_file_once_even_when_the_runners_state_is_lost(tmp_path, caplog):
+    """A file is emitted at the second poll that finds it unchanged and complete; a poll that then gets an empty
+    (lost) or an older state from the runner does not emit it again, and says so; another run (another run id)
+    in the same process starts afresh."""
+    import pyarrow.parquet as pq
+
+    from lpips_pipe.pipeline.streaming import NewFiles
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(demo_table(size=16), str(path))
+    fn = NewFiles(str(tmp_path / "*.parquet"), run="run-1")
+    state = _State()
+    assert list(fn.process(("poll", 1), state)) == []  # seen: pending
+    before = dict(state.value)
+    assert list(fn.process(("poll", 2), state)) == [str(path)]  # unchanged and complete: read
+    assert state.value[str(path)][0] == "read"
+    assert list(fn.process(("poll", 3), state)) == []
+    for lost in (_State(), _State(before)):  # no state at all; the state from before the file was read
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lpips_pipe"):
+            assert list(fn.process(("poll", 4), lost)) == [] and list(fn.process(("poll", 5), lost)) == []
+        assert lost.value[str(path)][0] == "read"
+        assert "not read again" in caplog.text and str(path) in caplog.text
+    other = NewFiles(str(tmp_path / "*.parquet"), run="run-2")
+    fresh = _State()
+    assert list(other.process(("poll", 1), fresh)) == [] and list(other.process(("poll", 2), fresh)) == [str(path)]

@@ -16,13 +16,18 @@ MAX_MESSAGE_CHARS = 1000
 
 
 def quote_value(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """``repr(value)`` for a message, cut to ``limit`` characters plus ``... (N chars)`` when longer."""
-    if isinstance(value, (str, bytes, bytearray)) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} {'chars' if isinstance(value, str) else 'bytes'})"
+    """``repr(value)`` for a message, cut to ``limit`` characters plus ``... (N chars)`` when longer. A long
+    string keeps its start and its end (``'/data/in/...0001.png' (N chars)``): a path's file name is the part a
+    reader needs."""
+    if isinstance(value, (bytes, bytearray)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} bytes)"
     text = repr(value)
-    if len(text) > limit:
-        return f"{text[:limit]}... ({len(text)} chars)"
-    return text
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str):
+        tail = limit // 2
+        return f"{text[:limit - tail]}...{text[-tail:]} ({len(value)} chars)"
+    return f"{text[:limit]}... ({len(text)} chars)"
 
 
 def one_line(text: Any, limit: Optional[int] = None, *, first_line: bool = False,
