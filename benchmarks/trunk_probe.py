@@ -19,10 +19,11 @@ The variants are measured round-robin, ``--reps`` times (median kept), each meas
 long, so load from other jobs hits all of them alike. GFLOP/s counts the conv FLOPs analytically (2 x MACs);
 the FMA peak is ``cores x MHz x 2 FMA units x 8 fp32 lanes (AVX2) x 2``, the MHz from lscpu (max, else current,
 else /proc/cpuinfo). Prints: machine facts and load averages, max relative differences of ORT's feature maps
-and scores against torch, a Markdown table (size, variant, ms/call, core-ms/call, GFLOP/s, % of peak, x torch
-best of its kind), and the end-to-end ceiling 1/((1-f) + f/s) per size, where f is the forward's share of a
-pair's core-seconds (decode+composite by ``prepare_pair`` vs the torch lanes forward, both measured here, one
-edit per reference) and s the full network's speed-up. Not a test: figures only.
+and scores against torch, a Markdown table (size, variant, ms/call (median), best ms (least of the reps),
+core-ms/call, GFLOP/s, % of peak, x torch best of its kind), and the end-to-end ceiling 1/((1-f) + f/s) per
+size, where f is the forward's share of a pair's core-seconds (decode+composite by ``prepare_pair`` vs the
+torch lanes forward, both measured here, one edit per reference) and s the full network's speed-up.
+Not a test: figures only.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ def probe_size(size, scorer, dynamic, pools, args, notes):
     gflop = conv_gflop(net_cl, size)
     rows = []
     for (name, kind, _), sample in zip(variants, samples):
-        rows.append((name, kind, statistics.median(s[0] for s in sample), statistics.median(s[1] for s in sample), gflop))
+        rows.append((name, kind, statistics.median(s[0] for s in sample), statistics.median(s[1] for s in sample), gflop,
+                     min(s[0] for s in sample)))
     return rows, decode_core_ms(row)
 
 
@@ -280,16 +282,15 @@ def main() -> None:
     print(f"\nalex, fp32, 2 images a call, median of {args.reps} round-robin reps; load average at start "
           f"{' '.join(f'{v:.2f}' for v in load_start)}, at end {' '.join(f'{v:.2f}' for v in load_end)}; "
           f"peak {peak:.0f} GFLOP/s assumed")
-    print("\n| size | kind | variant | ms/call | core-ms/call | GFLOP/s | % of peak | × torch best |")
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| size | kind | variant | ms/call | best ms | core-ms/call | GFLOP/s | % of peak | × torch best |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     ceilings = []
     for size in sizes:
         rows = results[size]
-        best = {kind: min(ms for name, k, ms, _, _ in rows if k == kind and name.startswith("torch"))
-                for kind in ("trunk", "full")}
-        for name, kind, ms, core, gflop in rows:
+        best = {kind: min(r[2] for r in rows if r[1] == kind and r[0].startswith("torch")) for kind in ("trunk", "full")}
+        for name, kind, ms, core, gflop, least in rows:
             rate = gflop / ms * 1e3
-            print(f"| {size} | {kind} | {name} | {ms:.1f} | {core:.1f} | {rate:.0f} | {rate / peak:.0%} | "
+            print(f"| {size} | {kind} | {name} | {ms:.1f} | {least:.1f} | {core:.1f} | {rate:.0f} | {rate / peak:.0%} | "
                   f"{best[kind] / ms:.2f} |")
         full = [r for r in rows if r[1] == "full"]
         torch_row = min((r for r in full if r[0].startswith("torch")), key=lambda r: r[2])

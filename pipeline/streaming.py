@@ -105,7 +105,8 @@ class NewFiles(beam.DoFn):
     The state (one key): ``{path: (status, size, mtime)}`` with status ``pending`` (seen, waiting for a
     stable size), ``read`` or ``changed``. The files this worker process has emitted for the run are also kept
     in memory (:attr:`_EMITTED`, by run id): a poll that finds the runner's state older than that (state lost,
-    or a poll replayed after a retried bundle) does not emit a file twice.
+    or a poll replayed after a retried bundle), or that runs at the same time as another, does not emit a file
+    twice.
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
@@ -141,8 +142,12 @@ class NewFiles(beam.DoFn):
             elif status in ("new", "pending"):
                 if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
-                    with self._EMITTED_LOCK:
-                        self._EMITTED[self._run][meta.path] = known[meta.path]
+                    with self._EMITTED_LOCK:  # checked and set at once: two polls at the same time emit it once
+                        first = self._EMITTED[self._run].setdefault(meta.path, known[meta.path]) is known[meta.path]
+                    if not first:
+                        _LOGGER.warning("streaming: %s was already read by another poll running at the same time; "
+                                        "it is not read again", meta.path)
+                        continue
                     counter(CounterName.FILES_READ).inc()
                     yield meta.path
                 else:

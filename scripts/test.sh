@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --tests
 bash scripts/setup_runners.sh
 bash scripts/setup_browser.sh
-# Several worker processes (pytest-xdist): most of the suite's time is runners starting and streams waiting, which
-# overlap well even on 2 cores. LPIPS_PIPE_TEST_WORKERS=0 (or `-n 0` among the arguments) runs it in one process.
-.venv/bin/python -m pytest -n "${LPIPS_PIPE_TEST_WORKERS:-4}" --dist load --maxschedchunk 1 "$@"
+# Four worker processes (pytest-xdist), each test module one unit of work but for a few whose tests are each long
+# (tests/conftest.py says which, and in what order). LPIPS_PIPE_TEST_WORKERS=0 (or `-n 0`) runs it in one process.
+.venv/bin/python -m pytest -n "${LPIPS_PIPE_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder "$@"

@@ -123,11 +123,32 @@ def standalone_flink(port: Optional[int] = None, slots: int = 2, startup_timeout
                                  "(standalone cluster)")
     if shutil.which("java") is None:
         raise runners.RunnerUnavailable("no `java` on PATH: a standalone Flink cluster needs Java 11 or 17")
-    rest_port = port or free_port()
-    rpc_port = free_port()
-    conf_dir = tempfile.mkdtemp(prefix="lpips-pipe-flink-conf-")
     logs = Path(log_dir or tempfile.mkdtemp(prefix="lpips-pipe-flink-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1 if port else 3):  # a free port can be taken by another process before Flink binds it
+        try:
+            processes, cluster = _start_cluster(home, logs, port or free_port(), free_port(), slots, startup_timeout)
+            break
+        except PortTaken:
+            if port or attempt == 2:
+                raise
+    try:
+        yield cluster
+    finally:
+        for process in reversed(processes):
+            stop_group(process)
+        shutil.rmtree(cluster.conf_dir, ignore_errors=True)
+
+
+class PortTaken(RuntimeError):
+    """A Flink process could not bind its port (``java.net.BindException`` in its log)."""
+
+
+def _start_cluster(home: str, logs: Path, rest_port: int, rpc_port: int, slots: int,
+                   startup_timeout: float) -> tuple[list[subprocess.Popen], FlinkCluster]:
+    """Start the JobManager and the TaskManager and wait until a slot is available; on any failure both are
+    stopped and their configuration removed (:class:`PortTaken` when a port was taken meanwhile)."""
+    conf_dir = tempfile.mkdtemp(prefix="lpips-pipe-flink-conf-")
     for name in os.listdir(Path(home) / "conf"):
         if name.startswith(("log4j", "logback")):
             shutil.copy(Path(home) / "conf" / name, conf_dir)
@@ -148,19 +169,21 @@ def standalone_flink(port: Optional[int] = None, slots: int = 2, startup_timeout
         while True:
             for role, process in zip(("jobmanager", "taskmanager"), processes):
                 if process.poll() is not None:
-                    raise RuntimeError(f"Flink {role} exited with {process.returncode} while starting: "
-                                       f"{_tail(logs / f'{role}.out')}")
+                    log = (logs / f"{role}.out").read_text(errors="replace")
+                    error = PortTaken if "java.net.BindException" in log else RuntimeError
+                    raise error(f"Flink {role} exited with {process.returncode} while starting: "
+                                f"{_tail(logs / f'{role}.out')}")
             with contextlib.suppress(OSError, ValueError):
                 if cluster.overview().get("slots-available", 0) >= 1:
-                    break
+                    return processes, cluster
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Flink cluster not ready after {startup_timeout:.0f}s; logs in {logs}")
             time.sleep(0.5)
-        yield cluster
-    finally:
+    except BaseException:
         for process in reversed(processes):
             stop_group(process)
         shutil.rmtree(conf_dir, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager

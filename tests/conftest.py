@@ -56,17 +56,39 @@ FAST_MODULES = frozenset({
 })
 
 
-# Modules whose tests run longest (runners starting, streams waiting for their windows, kills and restarts): they
-# are handed out first, so that with several workers (scripts/test.sh runs `-n 4`) the long ones overlap with the
-# many short ones instead of ending the run alone.
-LONGEST_FIRST = ("test_restart", "test_flink_cli", "test_streaming_cli", "test_shards_cli", "test_s3", "test_faults",
-                 "test_runners")
+# How the suite runs in several processes (scripts/test.sh: pytest-xdist, `-n 4 --dist loadscope
+# --no-loadscope-reorder`). Most of its time is runners starting and streams waiting, which overlap well even on 2
+# cores, but the CPU is the bound: a module's fixtures (module scope: jobs run once for all its tests) would run
+# again in every process that takes one of its tests, so each module is one unit of work (ModuleUnits below),
+# except the modules in SPREAD, whose tests are each long and whose fixtures are cheap: their tests are handed out
+# one by one. Units are handed out in this order: HEAVY_FIRST (longest first), then the others, the fast tier
+# last, so that the long ones overlap with the many short ones instead of ending the run alone.
+HEAVY_FIRST = ("test_restart", "test_flink_cli", "test_s3", "test_faults", "test_streaming_cli", "test_shards_cli",
+               "test_runners", "test_determinism", "test_reuse", "test_pipeline", "test_user_trips", "test_box_health",
+               "test_filter_cli", "test_packaging")
+SPREAD = frozenset({"test_restart", "test_s3", "test_faults", "test_streaming_cli"})
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist; without it (`-p no:xdist`) nothing asks for it
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope``: one unit of work per module, one per test in the SPREAD modules (pytest-xdist's
+    ``xdist_group`` marks do not reach its scheduler with pytest 9's node ids)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if pathlib.PurePath(module).stem in SPREAD else module
+
+    return ModuleUnits(config, log)
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001
     def order(item) -> int:
         module = item.module.__name__.rpartition(".")[2]
-        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST) + (module in FAST_MODULES)
+        return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST) + (module in FAST_MODULES)
 
     for item in items:
         if item.module.__name__.rpartition(".")[2] not in FAST_MODULES:

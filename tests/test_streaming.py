@@ -119,3 +119,9 @@ def test_new_files_reads_a_file_once_even_when_the_runners_state_is_lost(tmp_pat
     other = NewFiles(str(tmp_path / "*.parquet"), run="run-2")
     fresh = _State()
     assert list(other.process(("poll", 1), fresh)) == [] and list(other.process(("poll", 2), fresh)) == [str(path)]
+    # two polls of one run at the same time, in two instances, each given the state from before the read
+    first, second = (NewFiles(str(tmp_path / "*.parquet"), run="run-3") for _ in range(2))
+    seen = _State()
+    assert list(first.process(("poll", 1), seen)) == []
+    both = [poll.process(("poll", 2), _State(dict(seen.value))) for poll in (first, second)]
+    assert [path for poll in both for path in poll] == [str(path)]
