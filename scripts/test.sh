@@ -10,6 +10,6 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh --tests
 bash scripts/setup_runners.sh
 bash scripts/setup_browser.sh
-# Four worker processes (pytest-xdist), each test module one unit of work but for a few whose tests are each long
+# Three worker processes (pytest-xdist), each test module one unit of work but for a few whose tests are each long
 # (tests/conftest.py says which, and in what order). LPIPS_PIPE_TEST_WORKERS=0 (or `-n 0`) runs it in one process.
-.venv/bin/python -m pytest -n "${LPIPS_PIPE_TEST_WORKERS:-4}" --dist loadscope --no-loadscope-reorder "$@"
+.venv/bin/python -m pytest -n "${LPIPS_PIPE_TEST_WORKERS:-3}" --dist loadscope --no-loadscope-reorder "$@"

@@ -56,7 +56,7 @@ FAST_MODULES = frozenset({
 })
 
 
-# How the suite runs in several processes (scripts/test.sh: pytest-xdist, `-n 4 --dist loadscope
+# How the suite runs in several processes (scripts/test.sh: pytest-xdist, `-n 3 --dist loadscope
 # --no-loadscope-reorder`). Most of its time is runners starting and streams waiting, which overlap well even on 2
 # cores, but the CPU is the bound: a module's fixtures (module scope: jobs run once for all its tests) would run
 # again in every process that takes one of its tests, so each module is one unit of work (ModuleUnits below),
