@@ -104,9 +104,9 @@ class NewFiles(beam.DoFn):
 
     The state (one key): ``{path: (status, size, mtime)}`` with status ``pending`` (seen, waiting for a
     stable size), ``read`` or ``changed``. The files this worker process has emitted for the run are also kept
-    in memory (:attr:`_EMITTED`, by run id): a poll that finds the runner's state older than that (state lost,
-    or a poll replayed after a retried bundle), or that runs at the same time as another, does not emit a file
-    twice.
+    in memory (:attr:`_EMITTED`, by run id), checked and set at once when a file is due: a poll whose runner
+    state is older (state lost, a poll replayed after a retried bundle), or that runs at the same time as
+    another, does not emit a file twice.
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", PickleCoder())
@@ -120,14 +120,6 @@ class NewFiles(beam.DoFn):
 
     def process(self, tick: tuple[str, Any], seen: Any = beam.DoFn.StateParam(SEEN)) -> Iterator[str]:
         known: dict[str, tuple[str, int, float]] = seen.read() or {}
-        with self._EMITTED_LOCK:
-            emitted = self._EMITTED.setdefault(self._run, {})
-            stale = {path: entry for path, entry in emitted.items()
-                     if known.get(path, ("new",))[0] in ("new", "pending")}
-        if stale:
-            _LOGGER.warning("streaming: the runner's state of the polls is older than this worker's (%d file(s) "
-                            "already read, e.g. %s); they are not read again", len(stale), next(iter(stale)))
-            known.update(stale)
         try:
             metadata = beam.io.filesystems.FileSystems.match([self._pattern])[0].metadata_list
         except Exception as error:  # a transient listing failure: try again at the next tick
@@ -143,10 +135,11 @@ class NewFiles(beam.DoFn):
                 if status == "pending" and tuple(before) == now and self.complete(meta.path):
                     known[meta.path] = ("read", *now)
                     with self._EMITTED_LOCK:  # checked and set at once: two polls at the same time emit it once
-                        first = self._EMITTED[self._run].setdefault(meta.path, known[meta.path]) is known[meta.path]
+                        emitted = self._EMITTED.setdefault(self._run, {})
+                        first = emitted.setdefault(meta.path, known[meta.path]) is known[meta.path]
                     if not first:
-                        _LOGGER.warning("streaming: %s was already read by another poll running at the same time; "
-                                        "it is not read again", meta.path)
+                        _LOGGER.warning("streaming: %s was already read by this run (the runner's state of the polls "
+                                        "was behind, or two polls ran at once); it is not read again", meta.path)
                         continue
                     counter(CounterName.FILES_READ).inc()
                     yield meta.path

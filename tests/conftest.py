@@ -86,11 +86,14 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    def module(item) -> str:
+        return item.module.__name__.rpartition(".")[2]
+
     def order(item) -> int:
-        module = item.module.__name__.rpartition(".")[2]
-        return HEAVY_FIRST.index(module) if module in HEAVY_FIRST else len(HEAVY_FIRST) + (module in FAST_MODULES)
+        name = module(item)
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST) + (name in FAST_MODULES)
 
     for item in items:
-        if item.module.__name__.rpartition(".")[2] not in FAST_MODULES:
+        if module(item) not in FAST_MODULES:
             item.add_marker(pytest.mark.slow)
     items.sort(key=order)  # stable: within a module, the file's order

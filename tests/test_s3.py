@@ -10,6 +10,7 @@ the other commands (and the SIGKILL test's job) the standard AWS environment.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -356,6 +358,16 @@ def _only_flags_environment(server) -> dict:
     return {name: value for name, value in os.environ.items() if name not in server.env()}
 
 
+@contextlib.contextmanager
+def _killed_if_left(process: subprocess.Popen) -> Iterator[None]:
+    """The launcher's process group is killed on the way out if it is still running (a failed check, a timeout)."""
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def _stream(server, root: str, stop_after: int, cwd: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "lpips_pipe", "--streaming", "--input", f"{root}/in/*.parquet", "--output",
                f"{root}/out", "--watch_interval", "2", "--watch_stop_after", str(stop_after), "--no_report",
@@ -378,16 +390,13 @@ def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, 
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     process = _stream(s3_server, root, 45, cwd)
-    try:
+    with _killed_if_left(process):
         assert wait_for(lambda: process.poll() is not None
                         or len(_s3_ids(s3_server, f"{root}/out/{layout.SCORES}")) >= 1, 90, every=0.5), \
             "nothing was written while the stream ran"
         assert process.poll() is None, process.communicate()[0][-3000:]
         s3_server.put(f"{root}/in/b.parquet", _parquet_bytes(second))
         output, _ = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-4000:]
     written = _written_ids(s3_server, f"{root}/out")
     expected = first.column("id").to_pylist() + second.column("id").to_pylist()
@@ -397,11 +406,8 @@ def test_a_stream_watching_an_s3_prefix_scores_each_landed_file_once(s3_server, 
     # the same command continues the stream: the files already written are not read again
     s3_server.put(f"{root}/in/c.parquet", _parquet_bytes(third))
     process = _stream(s3_server, root, 15, cwd)
-    try:
+    with _killed_if_left(process):
         output, _ = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-4000:]
     written = _written_ids(s3_server, f"{root}/out")
     assert sorted(written) == sorted(expected + third.column("id").to_pylist()), output[-4000:]
@@ -436,11 +442,8 @@ def test_flink_with_inputs_outputs_and_weights_only_on_s3_gives_the_local_runner
                "--parallelism", "2", "--environment_type=LOOPBACK", *s3_server.flags()]
     process = subprocess.Popen(command, cwd=cwd, env=_only_flags_environment(s3_server), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    with _killed_if_left(process):
         output, _ = process.communicate(timeout=400)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, output[-4000:]
     assert f"weights from file:{s3_weights}" in output, output[-4000:]
     for kind in (layout.SCORES, layout.ERRORS):
